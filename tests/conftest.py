@@ -1,0 +1,37 @@
+"""Test setup. TRITON_INTERPRET must be set before triton is imported anywhere, so that the
+triton backend runs on this CPU through the interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fastrnn  # noqa: E402
+
+# CI sets FASTRNN_REQUIRE_BACKENDS=cpp,numba,triton so that a backend that silently failed to
+# build or import fails the run instead of dropping out of the parametrisation.
+_required = [b for b in os.environ.get("FASTRNN_REQUIRE_BACKENDS", "").split(",") if b]
+
+
+def rnn_backends():
+    """Every backend usable on CPU (including triton under the interpreter)."""
+    return fastrnn.available_backends("cpu", "rnn")
+
+
+def pytest_sessionstart(session):
+    missing = {b: fastrnn.backends.unavailable_reason(b, "cpu", "rnn") for b in _required}
+    missing = {b: r for b, r in missing.items() if r is not None}
+    if missing:
+        raise pytest.UsageError(f"required backends unavailable: {missing}")
+
+
+def pytest_report_header(config):
+    status = fastrnn.backend_status("cpu", "rnn")
+    return "fastrnn backends (cpu, rnn): " + ", ".join(
+        f"{k}={'ok' if v is None else 'unavailable'}" for k, v in status.items())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
