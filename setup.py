@@ -2,7 +2,8 @@
 
 Install with ``pip install --no-build-isolation -e .`` (torch must already be installed: an
 isolated build would compile against a different torch than the one that runs the code).
-``FASTRNN_SKIP_CPP_BUILD=1`` skips the extensions; a failed build only warns, and the ``cpp``
+``FASTRNN_SKIP_CPP_BUILD=1`` skips the extensions, ``FASTRNN_EXTENSIONS=rnn`` (comma list)
+builds only those; a failed build only warns, and the ``cpp``
 backend then reports itself unavailable with the reason.
 """
 import os
@@ -41,8 +42,11 @@ def _extensions():
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     if torch.backends.mkl.is_available():
         cxx.append("-DFASTRNN_MKL")  # libtorch_cpu exports MKL's (packed) GEMM entry points
-    exts = [CppExtension(name, [src], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-            for name, src in EXTENSIONS.items() if os.path.exists(src)]
+    only = [o for o in os.environ.get("FASTRNN_EXTENSIONS", "").split(",") if o]
+    exts = [CppExtension(name, [src], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                         depends=["csrc/vec_math.h"])
+            for name, src in EXTENSIONS.items()
+            if os.path.exists(src) and (not only or name.rsplit("_", 1)[-1] in only)]
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
