@@ -39,7 +39,7 @@ def _extensions():
 
     # -fopenmp: at::parallel_for is an OpenMP template in the headers; torch ships libgomp.so.1,
     # so the extension shares torch's OpenMP runtime (same soname) rather than loading a second.
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
     if torch.backends.mkl.is_available():
         cxx.append("-DFASTRNN_MKL")  # libtorch_cpu exports MKL's (packed) GEMM entry points
     only = [o for o in os.environ.get("FASTRNN_EXTENSIONS", "").split(",") if o]

@@ -171,7 +171,8 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
             dh[:m] = dh_t * z + grad_hw[t, :m] @ w_hh
         else:
             h_t = h_seq[t, :m]
-            d = dh_t * (1 - h_t * h_t) if cell == "rnn_tanh" else dh_t * (h_t > 0).to(dh_t.dtype)
+            # relu: where(), not a 0/1 product, so a NaN gradient stays out of inactive units (as torch)
+            d = dh_t * (1 - h_t * h_t) if cell == "rnn_tanh" else torch.where(h_t > 0, dh_t, 0.0)
             grad_xw[t, :m] = d
             dh[:m] = d @ w_hh
 

@@ -1,0 +1,59 @@
+// Branch-free elementwise math that GCC auto-vectorises, plus runtime ISA dispatch.
+//
+// The default extension flags target baseline x86-64 (SSE2), so at::vec and libm calls run
+// scalar. Functions marked FASTRNN_CLONES are compiled once per ISA (AVX-512, AVX2+FMA,
+// baseline) and the loader picks the best at run time (GCC target_clones / ifunc).
+// Everything here propagates NaN like libm (no -ffast-math: comparisons keep NaN operands).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTRNN_CLONES
+#endif
+#define FASTRNN_INLINE inline __attribute__((always_inline))
+
+namespace fastrnn {
+namespace vm {
+
+// exp for float: Cody-Waite range reduction to r in [-ln2/2, ln2/2], degree-6 polynomial
+// (Cephes expf coefficients), scale by 2^n built in the exponent bits. Max error ~2 ulp.
+// Inputs are clamped to [-87.3, 88.7] so 2^n stays a normal float; exp(-87.3) ~ 1e-38
+// stands in for smaller results, which only ever feed sigmoid/tanh here.
+FASTRNN_INLINE float exp(float x) {
+  x = x < -87.3f ? -87.3f : x;  // written as compares so a NaN x passes through unchanged
+  x = x > 88.7f ? 88.7f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2)
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+FASTRNN_INLINE double exp(double x) { return std::exp(x); }
+
+template <typename T>
+FASTRNN_INLINE T sigmoid(T x) {
+  return T(1) / (T(1) + vm::exp(-x));
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|) <= 1: no overflow for any x.
+FASTRNN_INLINE float tanh(float x) {
+  const float e = vm::exp(-2.f * std::fabs(x));
+  return std::copysign((1.f - e) / (1.f + e), x);
+}
+
+FASTRNN_INLINE double tanh(double x) { return std::tanh(x); }
+
+}  // namespace vm
+}  // namespace fastrnn

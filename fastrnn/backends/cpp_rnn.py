@@ -1,0 +1,54 @@
+"""C++ backend ``"cpp"`` for the recurrence: thin wrapper over ``fastrnn._C_rnn`` (csrc/rnn.cpp).
+
+Same contract and same saved tensors as the reference (see ``reference_rnn``). The time loop,
+the per-step GEMM (MKL packed weights) and the fused gate math run in C++; this file only makes
+tensors contiguous and turns the C++ result lists into the contract's tuples.
+"""
+from __future__ import annotations
+
+import torch
+
+name = "cpp"
+
+try:
+    from .. import _C_rnn as _C
+    _IMPORT_ERROR = None
+except ImportError as exc:  # not built (FASTRNN_SKIP_CPP_BUILD, failed compile, no compiler)
+    _C, _IMPORT_ERROR = None, exc
+
+_CELL = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+
+
+def availability(device_type: str) -> str | None:
+    if _C is None:
+        return (f"C++ extension fastrnn._C_rnn is not built ({_IMPORT_ERROR}); reinstall with "
+                "`pip install --no-build-isolation -e .` and read the build log")
+    if device_type != "cpu":
+        return f"the cpp backend runs on CPU only, not {device_type}"
+    return None
+
+
+def info() -> dict:
+    return {"blas": getattr(_C, "blas", None) if _C is not None else None,
+            "threads": torch.get_num_threads()}
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training):
+    out = _C.rnn_forward(_CELL[cell], xw.contiguous(), _c(w_hh), _c(b_hh), _c(h0), _c(c0), _c(w_hr),
+                         _c(batch_sizes), reverse, training)
+    return out[0], out[1], (out[2] if cell == "lstm" else None), tuple(out[3:])
+
+
+def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved):
+    grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj = _C.rnn_backward(
+        _CELL[cell], _c(grad_h_seq), _c(grad_h_T), _c(grad_c_T), _c(w_hh), _c(w_hr), _c(h0), _c(c0),
+        _c(batch_sizes), reverse, list(saved))
+    grad_w_hr = None
+    if w_hr is not None:
+        T, B, Hr = grad_hproj.shape
+        grad_w_hr = grad_hproj.reshape(T * B, Hr).t() @ saved[3].reshape(T * B, -1)
+    return grad_xw, grad_hw, grad_h0, (grad_c0 if cell == "lstm" else None), grad_w_hr
