@@ -1,0 +1,131 @@
+"""Fused scaled-dot-product attention: a drop-in for ``F.scaled_dot_product_attention``, and a
+Luong-style ``Attention`` module for RNN sequence-to-sequence decoders.
+
+The user function validates like torch, then flattens torch's broadcasting into the backend
+contract (``fastrnn/backends/reference_sdpa.py``):
+
+- leading dims of q, k, v broadcast to one batch shape and are flattened to ``N`` (query) and
+  ``Nk`` (key/value) rows. With ``enable_gqa`` and key/value heads dividing the query heads the
+  grouping stays implicit (``N = G * Nk``, no copy of k, v); other broadcasts are materialised
+  with ``expand().reshape()`` (autograd sums their gradients back).
+- a bool mask becomes an additive one (True -> 0, False -> -inf) in the compute dtype; its own
+  batch dims are flattened to ``Nm`` rows and ``rows[n]`` says which one each query row uses, so
+  a key-padding mask ``[B, 1, 1, S]`` or a shared ``[L, S]`` mask is never copied per head.
+- dtypes the backend does not compute in (float16 / bfloat16 on CPU) run in float32 and are cast
+  back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import backends
+from .ops.attention import SdpaMask, sdpa
+
+
+def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal):
+    """The checks torch 2.13 makes, with the same exception types."""
+    if not (query.dtype == key.dtype == value.dtype):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same dtype, but got query.dtype: "
+            f"{query.dtype} key.dtype: {key.dtype} and value.dtype: {value.dtype} instead.")
+    if not (query.device == key.device == value.device):
+        raise RuntimeError(
+            "Expected query, key, and value to have the same device type, but got query.device: "
+            f"{query.device} key.device: {key.device} and value.device: {value.device} instead.")
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise RuntimeError(
+            "Expected query, key, and value to all be at least 2 dimensional, but got query.dim: "
+            f"{query.dim()} key.dim: {key.dim()} and value.dim: {value.dim()} instead.")
+    if not query.is_floating_point():
+        raise RuntimeError(f"expected scalar type Float but found {query.dtype}")
+    if attn_mask is not None:
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise RuntimeError(
+                "Expected attn_mask dtype to be bool or float or to match query dtype, but got "
+                f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+        if is_causal:
+            raise RuntimeError(
+                "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
+    if dropout_p > 1:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    if key.shape[-1] != query.shape[-1]:
+        raise RuntimeError(f"fastrnn sdpa: query has E={query.shape[-1]} but key has E={key.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise RuntimeError(f"fastrnn sdpa: key has S={key.shape[-2]} but value has S={value.shape[-2]}")
+
+
+def _flatten_kv(query, key, value, enable_gqa):
+    """Broadcast batch shape, and k, v as [Nk, S, *] with the implicit GQA group G = N // Nk."""
+    qb, kb, vb = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    if enable_gqa:
+        Hq, Hk, Hv = query.size(-3), key.size(-3), value.size(-3)  # IndexError below 3-D, as torch
+        if Hq % Hk or Hq % Hv:
+            raise RuntimeError("Number of heads in key and value must divide the number of heads in query")
+        kb, vb = kb[:-1] + (Hq,), vb[:-1] + (Hq,)
+    batch = torch.broadcast_shapes(qb, kb, vb)
+    S = key.shape[-2]
+    if enable_gqa and Hk == Hv and Hk < Hq and all(
+            t.shape[:-3] == batch[:-1] for t in (key, value)):
+        # grouped heads stay implicit: query head h uses key head h // G (torch's repeat_interleave)
+        Nk = math.prod(batch[:-1]) * Hk
+        return batch, key.reshape(Nk, S, key.shape[-1]), value.reshape(Nk, S, value.shape[-1])
+    if enable_gqa:
+        key = key.repeat_interleave(Hq // Hk, -3)
+        value = value.repeat_interleave(Hq // Hv, -3)
+    N = math.prod(batch)
+    key = key.expand(batch + key.shape[-2:]).reshape(N, S, key.shape[-1])
+    value = value.expand(batch + value.shape[-2:]).reshape(N, S, value.shape[-1])
+    return batch, key, value
+
+
+def _flatten_mask(attn_mask, batch, L, S, dtype):
+    """attn_mask broadcastable to batch + [L, S] -> SdpaMask(bias [Nm, L, S], rows [N])."""
+    target = batch + (L, S)
+    if attn_mask.dim() > len(target) or torch.broadcast_shapes(attn_mask.shape, target) != target:
+        raise RuntimeError(f"fastrnn sdpa: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                           f"broadcast to the attention shape {target}")
+    m = attn_mask.reshape((1,) * (len(target) - attn_mask.dim()) + tuple(attn_mask.shape))
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    else:
+        m = m.to(dtype)
+    mb = m.shape[:-2]
+    bias = m.reshape(math.prod(mb), *m.shape[-2:]).contiguous().expand(-1, L, S)
+    rows = torch.arange(bias.shape[0], device=m.device).view(mb).expand(batch).reshape(-1)
+    return SdpaMask(bias, rows)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, backend=None):
+    """``F.scaled_dot_product_attention`` with a fused flash kernel (torch 2.13 semantics).
+
+    query [..., L, E], key [..., S, E], value [..., S, Ev] (leading dims broadcast; with
+    ``enable_gqa`` dim -3 is heads and key/value heads may divide query heads); attn_mask
+    broadcastable to [..., L, S], bool (True = take part) or float (added to the scores);
+    ``is_causal`` top-left aligned; ``scale`` defaults to 1/sqrt(E); ``dropout_p`` is applied
+    whenever > 0 (as torch: pass 0.0 in eval), seeded from torch's default generator.
+    Returns [..., L, Ev]. ``backend`` as everywhere in fastrnn (None: automatic).
+    """
+    _check_inputs(query, key, value, attn_mask, dropout_p, is_causal)
+    impl = backends.resolve(backend, query.device, "sdpa")
+    L, E = query.shape[-2:]
+    S, Ev = key.shape[-2], value.shape[-1]
+    batch, k3, v3 = _flatten_kv(query, key, value, enable_gqa)
+    q3 = query.expand(batch + (L, E)).reshape(math.prod(batch), L, E)
+    dtype = query.dtype if query.dtype in impl.dtypes else torch.float32
+    mask = _flatten_mask(attn_mask, batch, L, S, dtype) if attn_mask is not None else None
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    p = float(dropout_p) if dropout_p > 0 else 0.0
+    seed = int(torch.randint(0, 2 ** 32, (1,))) if 0 < p < 1 else 0
+    out = sdpa(impl, q3.to(dtype), k3.to(dtype), v3.to(dtype), mask, scale, bool(is_causal),
+               p if p < 1 else 0.0, seed)
+    if p >= 1:
+        out = out * 0.0  # every weight dropped (torch returns zeros; NaN still propagates)
+    return out.to(query.dtype).view(batch + (L, Ev))
+
+
+class Attention(nn.Module):
+    """Luong attention for RNN encoder-decoders (placeholder, see below)."""
