@@ -44,15 +44,16 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # how the kernels below
 # ----------------------------------------------------------------------------------------------
 # autotuning
 # ----------------------------------------------------------------------------------------------
+# (BLOCK_B, BLOCK_H, BLOCK_K, num_warps): narrow column blocks give small batches more programs
+# (one per BLOCK_H hidden units of every gate); wide row blocks reuse each W_hh tile for more rows.
+_GPU_TILES = [(16, 16, 64, 4), (16, 32, 64, 4), (16, 64, 64, 4), (16, 128, 32, 4),
+              (32, 32, 64, 4), (32, 64, 32, 4), (32, 64, 64, 8), (64, 32, 32, 4),
+              (64, 64, 32, 8), (64, 128, 32, 8), (128, 64, 32, 8)]
+
+
 def _gpu_configs():
-    configs = []
-    for bb in (16, 32, 64):
-        for bh in (32, 64, 128):
-            for bk in (32, 64):
-                for warps in (4, 8):
-                    configs.append(triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk},
-                                                 num_warps=warps, num_stages=3))
-    return configs
+    return [triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
+            for bb, bh, bk, w in _GPU_TILES]
 
 
 # tl.dot needs every block dimension >= 16, also in the interpreter; one config there, since
@@ -67,23 +68,24 @@ def configs(interpreted: bool = INTERPRETED):
 
 def prune_configs(configs, named_args, **kwargs):
     """Drop configs that waste the GPU for this problem: row blocks much wider than the batch,
-    column blocks much wider than the hidden size, and per-gate accumulators that cannot fit
-    in registers (NG tiles of BLOCK_B x BLOCK_H float32 per program)."""
+    column blocks much wider than the hidden size, and per-gate accumulators that would crowd
+    out the operand tiles from the registers (NG tiles of BLOCK_B x BLOCK_H float32 per program,
+    at most 64 registers per thread; tl.dot operands and pipelining stages need the rest)."""
     B, N = named_args["B"], named_args["N"]
     ng = kwargs.get("NG", 1)
     keep = []
     for c in configs:
         bb, bh = c.kwargs["BLOCK_B"], c.kwargs["BLOCK_H"]
-        if bb > max(16, triton.next_power_of_2(B)) or bh > max(32, triton.next_power_of_2(N)):
+        if bb > max(16, triton.next_power_of_2(B)) or bh > max(16, triton.next_power_of_2(N)):
             continue
-        if ng * bb * bh > 128 * 32 * c.num_warps:  # > 128 accumulator registers per thread
+        if ng * bb * bh > 64 * 32 * c.num_warps:  # > 64 accumulator registers per thread
             continue
         keep.append(c)
     return keep or configs[:1]
 
 
-def _autotune(restore):
-    return triton.autotune(configs=configs(), key=["B", "N", "K"], restore_value=restore,
+def _autotune(restore, key=()):
+    return triton.autotune(configs=configs(), key=["B", "N", "K", *key], restore_value=restore,
                            prune_configs_by={"early_config_prune": prune_configs})
 
 
@@ -131,7 +133,7 @@ def _dot_tile(acc, a, w_ptr, ks, ns, k_ok, n_ok, stride_k, stride_n, DOT_PRECISI
 @triton.jit
 def _dh_carry(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr,
               rows, cols, m, m_prev, H, HR,
-              NG: tl.constexpr, IS_GRU: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              NG: tl.constexpr, IS_GRU: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Total gradient ``dh_t`` reaching h_t, for a [rows, cols of Hr] tile.
 
@@ -147,7 +149,7 @@ def _dh_carry(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h
     prev = rows < m_prev
     cur = rows < m
     acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=ACC)
-    if m_prev > 0:
+    if HAS_PREV:  # a compile-time flag, so that autotuning never times the GEMM-free first step
         for k0 in range(0, G, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < G
@@ -290,11 +292,11 @@ def rnn_proj_step(hu_ptr, w_hr_ptr, h_out_ptr, h_T_ptr, m, B, N, K,
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@_autotune(["dh_ptr"])
+@_autotune(["dh_ptr"], key=["HAS_PREV"])
 @triton.jit(do_not_specialize=["m", "m_prev"])
 def rnn_bwd_dh(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr, dh_seq_ptr,
                m, m_prev, H, B, N, K,
-               NG: tl.constexpr, IS_GRU: tl.constexpr, STORE_SEQ: tl.constexpr,
+               NG: tl.constexpr, IS_GRU: tl.constexpr, HAS_PREV: tl.constexpr, STORE_SEQ: tl.constexpr,
                ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dh_t`` over all Hr columns (see ``_dh_carry``), for rows [0, max(m, m_prev)).  N = Hr.
@@ -306,17 +308,17 @@ def rnn_bwd_dh(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dh = _dh_carry(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr,
-                   rows, cols, m, m_prev, H, N, NG, IS_GRU, ACC, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+                   rows, cols, m, m_prev, H, N, NG, IS_GRU, HAS_PREV, ACC, DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
     if STORE_SEQ:
         tl.store(dh_seq_ptr + rows[:, None] * N + cols[None, :], dh, mask=(rows < m)[:, None] & (cols < N)[None, :])
 
 
-@_autotune(["dh_ptr", "dc_ptr"])
+@_autotune(["dh_ptr", "dc_ptr"], key=["HAS_PREV"])
 @triton.jit(do_not_specialize=["m", "m_prev", "n_seq"])
 def rnn_bwd_step(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, w_hr_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr,
                  acts_ptr, state_ptr, prev_ptr, init_ptr, dc_ptr, grad_xw_ptr, grad_hw_ptr,
                  m, m_prev, n_seq, HR, B, N, K,
-                 CELL: tl.constexpr, NG: tl.constexpr, HAS_PROJ: tl.constexpr,
+                 CELL: tl.constexpr, NG: tl.constexpr, HAS_PROJ: tl.constexpr, HAS_PREV: tl.constexpr,
                  ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """One backward step: gate gradients for rows [0, m) of time step t.  N = H, K = Hr.
@@ -347,7 +349,7 @@ def rnn_bwd_step(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, w_hr_ptr, dh_ptr, grad_h
             dhu = _dot_tile(dhu, a, w_hr_ptr, ks, cols, k_ok, col_ok, H, 1, DOT_PRECISION)
     else:
         dhu = _dh_carry(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr,
-                        rows, cols, m, m_prev, H, HR, NG, CELL == GRU, ACC, DOT_PRECISION,
+                        rows, cols, m, m_prev, H, HR, NG, CELL == GRU, HAS_PREV, ACC, DOT_PRECISION,
                         BLOCK_B, BLOCK_H, BLOCK_K)
 
     # -- gate gradients -------------------------------------------------------------------------

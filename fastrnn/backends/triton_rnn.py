@@ -208,7 +208,7 @@ def _backward_launches(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, *s
         if p.has_proj and rows > 0:
             k.rnn_bwd_dh[_grid(rows, Hr)](
                 ghw_prev, acts_prev, w_hh, dh, grad_h0, grad_h_seq[t], dh_seq[t], m, m_prev, H, B, Hr, G,
-                IS_GRU=False, STORE_SEQ=True, **flags)
+                IS_GRU=False, HAS_PREV=s_prev is not None, STORE_SEQ=True, **flags)
             rows = m
         if rows > 0:
             k.rnn_bwd_step[_grid(rows, H)](
@@ -216,14 +216,14 @@ def _backward_launches(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, *s
                 acts[t] if acts is not None else dummy, state_seq[t],
                 prev_seq[t_fwd_prev] if has_fwd_prev else init, init if init is not None else dummy,
                 dc if lstm else dummy, grad_xw[t], grad_hw[t], m, m_prev, n_seq, Hr, B, H, Hr,
-                CELL=k.CELL_CODES[p.cell], HAS_PROJ=p.has_proj, **flags)
+                CELL=k.CELL_CODES[p.cell], HAS_PROJ=p.has_proj, HAS_PREV=s_prev is not None, **flags)
         s_prev = t
 
     m_last = p.sizes[s_prev]
     if m_last > 0:  # the carry out of the last step is grad_h0 for the rows active there
         k.rnn_bwd_dh[_grid(m_last, Hr)](
             grad_hw[s_prev], acts[s_prev] if gru else dummy, w_hh, dh, grad_h0, dummy, dummy,
-            0, m_last, H, B, Hr, G, IS_GRU=gru, STORE_SEQ=False, **flags)
+            0, m_last, H, B, Hr, G, IS_GRU=gru, HAS_PREV=True, STORE_SEQ=False, **flags)
 
     grad_w_hr = None
     if p.has_proj:
@@ -234,18 +234,36 @@ def _backward_launches(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, *s
 # ----------------------------------------------------------------------------------------------
 # CUDA graphs: capture a whole time loop once per problem, replay it afterwards
 # ----------------------------------------------------------------------------------------------
+def _capture_cuda_graph(fn, static_args):
+    """Capture ``fn(*static_args)`` as a CUDA graph; returns ``(replay, static_outputs)``."""
+    # one eager run on the static tensors first, on a side stream as torch's recipe has it:
+    # their pointer alignment may differ from the first call's and select another kernel
+    # specialization, and nothing may be compiled during capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static_args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static_args)
+    return graph.replay, static_out
+
+
 class _GraphCache:
     """Replays a captured time loop instead of launching T (or 2T) kernels from Python.
 
     The first call with a given plan runs eagerly: that compiles and autotunes every kernel the
-    loop uses (neither may happen during capture). The second call captures the loop on static
-    copies of its inputs; every later call copies its inputs into those, replays, and returns
-    clones of the outputs (the next replay overwrites the static outputs). Entries are kept in
-    LRU order, at most ``FASTRNN_TRITON_GRAPH_CACHE`` (default 8) of them, since each one holds
-    its own copy of the inputs and outputs in the graph's memory pool.
+    loop uses (neither may happen during capture), and a plan seen only once (a one-off batch
+    shape) never pays for a capture. The second call captures the loop on static copies of its
+    inputs; every later call copies its inputs into those, replays, and returns clones of the
+    outputs (the next replay overwrites the static ones). At most ``FASTRNN_TRITON_GRAPH_CACHE``
+    (default 8) graphs are kept, least recently used dropped first: each holds its own copy of
+    the inputs and outputs in the graph's memory pool.
     """
 
-    def __init__(self):
+    def __init__(self, capture=_capture_cuda_graph):
+        self.capture = capture
         self.seen = collections.OrderedDict()
         self.graphs = collections.OrderedDict()
 
@@ -264,19 +282,17 @@ class _GraphCache:
                     self.seen.popitem(last=False)
                 return fn(*args)
             static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = fn(*static_args)
-            entry = self.graphs[key] = (graph, static_args, static_out)
+            replay, static_out = self.capture(fn, static_args)
+            entry = self.graphs[key] = (replay, static_args, static_out)
             while len(self.graphs) > limit:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
-        graph, static_args, static_out = entry
+        replay, static_args, static_out = entry
         for dst, src in zip(static_args, args):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
-        graph.replay()
+        replay()
         return _clone_outputs(static_out, {})
 
 
@@ -298,7 +314,7 @@ def _launch(p, fn, args, direction):
     args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     if p.device.type != "cuda":
         return fn(p, *args)
-    with torch.cuda.device(p.device):
+    with torch.cuda.device(p.device), torch.no_grad():
         if _GraphCache.enabled(p.device):
             return _graphs.run((direction, p), lambda *a: fn(p, *a), args)
         return fn(p, *args)
