@@ -1,16 +1,42 @@
 """One thread setting for every backend: torch (its OpenMP / MKL pool, used by the cpp backend
-and by the big GEMMs of the op code) and numba share the machine's cores."""
+and by the big GEMMs of the op code) and numba (its own pool, plus the BLAS that the numba
+kernels call: scipy's OpenBLAS) share the machine's cores."""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 
+def _numba():
+    """The numba module if it is installed (imported on demand), else None."""
+    if importlib.util.find_spec("numba") is None:
+        return None
+    try:
+        import numba
+    except Exception:  # installed but broken: the numba backend reports why; threads still work
+        return None
+    return numba
+
+
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in torch and, if it is installed and loaded, numba."""
+    """Use ``n`` threads in torch and, if it is installed, in numba and scipy's OpenBLAS.
+
+    numba cannot use more threads than it started with (``NUMBA_NUM_THREADS``, by default the
+    number of cores), so it gets ``min(n, NUMBA_NUM_THREADS)``. torch is set last: starting
+    numba's OpenMP pool can reset torch's count where both share one OpenMP runtime (numba#9387).
+    """
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    numba = _numba()
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        if importlib.util.find_spec("scipy") is not None:
+            from ._numba import openblas
+            openblas.set_num_threads(n)
     torch.set_num_threads(n)
 
 
 def get_num_threads() -> int:
+    """torch's thread count (``set_num_threads`` keeps numba's equal to it where it can)."""
     return torch.get_num_threads()

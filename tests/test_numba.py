@@ -1,0 +1,264 @@
+"""Numba-specific tests. The shared contract and module tests (test_backend_contract.py,
+test_modules.py) already run the numba backend against the reference; this file covers what
+only the numba backend has: threads, its own float32 activation functions, NaN / inf
+propagation through the compiled kernels, the inference path's scratch buffers, float64
+gradcheck through the modules, and the on-disk compile cache."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastrnn
+from fastrnn import backends
+from fastrnn.ops.recurrence import GATES
+from fastrnn.testing import assert_close
+
+numba_rnn = backends.load("numba", "rnn")
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("numba", "cpu", "rnn") is not None,
+                                reason=f"numba backend unavailable: {backends.unavailable_reason('numba')}")
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def contract_case(cell, proj, dtype, T=6, B=4, H=5, packed=True):
+    G, Hr = GATES[cell] * H, proj or H
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    return dict(xw=r(T, B, G), w_hh=r(G, Hr) * 0.4, b_hh=r(G) * 0.3, h0=r(B, Hr),
+                c0=r(B, H) if cell == "lstm" else None, w_hr=r(Hr, H) * 0.4 if proj else None,
+                batch_sizes=torch.tensor([4, 4, 3, 2, 2, 1][:T]) if packed else None)
+
+
+def forward(backend, cell, case, reverse, training):
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    return backends.load(backend, "rnn").rnn_forward(cell, **args, reverse=reverse, training=training)
+
+
+# --------------------------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def restore_threads():
+    import numba
+    from fastrnn._numba import openblas
+    saved = torch.get_num_threads(), numba.get_num_threads(), openblas.get_num_threads()
+    yield
+    numba.set_num_threads(saved[1])
+    if saved[2] is not None:
+        openblas.set_num_threads(saved[2])
+    torch.set_num_threads(saved[0])
+
+
+def test_set_num_threads_sets_torch_numba_and_blas(restore_threads):
+    import numba
+    from fastrnn._numba import openblas
+    for n in (1, 2):
+        fastrnn.set_num_threads(n)
+        assert torch.get_num_threads() == n
+        assert fastrnn.get_num_threads() == n
+        assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+        if openblas.get_num_threads() is not None:
+            assert openblas.get_num_threads() == n
+    with pytest.raises(ValueError):
+        fastrnn.set_num_threads(0)
+
+
+def test_set_num_threads_beyond_numba_pool(restore_threads):
+    """More threads than numba started with: torch gets them all, numba its maximum."""
+    import numba
+    n = numba.config.NUMBA_NUM_THREADS + 1
+    fastrnn.set_num_threads(n)
+    assert torch.get_num_threads() == n
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+def test_backend_leaves_torch_threads_alone(restore_threads):
+    """Running the numba backend (module forward and backward) never changes torch's count."""
+    torch.set_num_threads(1)
+    lstm = fastrnn.LSTM(3, 4, backend="numba")
+    out, _ = lstm(torch.randn(5, 2, 3))
+    out.sum().backward()
+    assert torch.get_num_threads() == 1
+
+
+def test_backend_restores_torch_threads_reset_by_numba(restore_threads, monkeypatch):
+    """numba#9387: where numba and torch share one OpenMP runtime, starting numba's pool resets
+    torch's thread count. Simulate that inside the kernel; the backend must undo it."""
+    k = numba_rnn._kernels_or_raise()
+    real = k.rnn_forward
+
+    class ResettingKernel:
+        def __call__(self, *args):
+            torch.set_num_threads(2 if torch.get_num_threads() == 1 else 1)
+            return real(*args)
+
+    monkeypatch.setattr(k, "rnn_forward", ResettingKernel())
+    before = torch.get_num_threads()
+    numba_rnn.rnn_forward("gru", **contract_case("gru", 0, torch.float32), reverse=False, training=False)
+    assert torch.get_num_threads() == before
+
+
+# --------------------------------------------------------------------------------------------
+# numerics of the compiled kernels
+# --------------------------------------------------------------------------------------------
+def test_float32_activations_match_torch():
+    """The float32 kernels use their own exp; it must be as accurate as torch's float32 (a few
+    ulp) over the whole range, and keep NaN, +-inf, huge and tiny arguments right."""
+    from numba import njit
+    from fastrnn._numba import rnn_kernels as rk
+
+    @njit
+    def apply(x, s, t):
+        for j in range(x.shape[0]):
+            s[j] = rk.sigmoid(x[j])
+            t[j] = rk.tanh(x[j])
+
+    special = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 1e-3, 0.2499, 0.25, 88.5, -88.5, 1e30, -1e30]
+    x = np.concatenate([np.random.default_rng(0).standard_normal(20000) * 6,
+                        np.linspace(-100, 100, 20001), special]).astype(np.float32)
+    s, t = np.empty_like(x), np.empty_like(x)
+    apply(x, s, t)
+    x64 = torch.from_numpy(x).double()
+    for name, got, exact in [("sigmoid", s, x64.sigmoid()), ("tanh", t, x64.tanh())]:
+        got = torch.from_numpy(got).double()
+        assert torch.equal(got.isnan(), exact.isnan()), f"{name}: NaN pattern differs"
+        fin = ~exact.isnan()
+        err = ((got - exact).abs() / exact.abs().clamp_min(1e-6))[fin].max().item()
+        assert err < 5e-7, f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_nan_and_inf_propagate_like_reference(cell, dtype):
+    """A NaN / inf in the input, in h0 and in the incoming gradient reaches exactly the same
+    outputs and gradients as in the reference (no fast-math assumption of finite values)."""
+    proj = 2 if cell == "lstm" else 0
+    case = contract_case(cell, proj, dtype, packed=False)
+    case["xw"][1, 0, 0] = float("nan")
+    case["xw"][2, 1, -1] = float("inf")
+    case["xw"][3, 2, 1] = -float("inf")
+    case["h0"][3, 0] = float("nan")
+    g = torch.randn(*case["xw"].shape[:2], proj or 5, dtype=dtype)
+    g[4, 2, 0] = float("nan")
+    results = {}
+    for backend in ("torch", "numba"):
+        h_seq, h_T, c_T, saved = forward(backend, cell, case, reverse=False, training=True)
+        back = backends.load(backend, "rnn").rnn_backward(
+            cell, g.clone(), torch.randn(h_T.shape, dtype=dtype, generator=torch.Generator().manual_seed(3)),
+            None if c_T is None else torch.ones_like(c_T), case["w_hh"], case["w_hr"], case["h0"], case["c0"],
+            None, False, saved)
+        results[backend] = dict(h_seq=h_seq, h_T=h_T, c_T=c_T, grad_xw=back[0], grad_hw=back[1],
+                                grad_h0=back[2], grad_c0=back[3])
+    assert results["torch"]["h_seq"].isnan().any(), "test input did not produce a NaN"
+    for name, exp in results["torch"].items():
+        act = results["numba"][name]
+        if exp is None:
+            assert act is None
+            continue
+        assert torch.equal(act.isnan(), exp.isnan()), f"{cell}/{name}: NaN pattern differs"
+        assert torch.equal(act.isinf(), exp.isinf()), f"{cell}/{name}: inf pattern differs"
+        fin = torch.isfinite(exp)
+        assert_close(act[fin], exp[fin], f"{cell}/{name}", grad=name.startswith("grad"))
+
+
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 2), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_inference_path_matches_reference(cell, proj, reverse):
+    """training=False runs on [B, H] scratch instead of per-step buffers; packed and reverse
+    included (the shared contract test covers this path only padded and without bias None)."""
+    case = contract_case(cell, proj, torch.float32)
+    h_seq, h_T, c_T, saved = forward("numba", cell, case, reverse, training=False)
+    ref = forward("torch", cell, case, reverse, training=False)
+    assert saved == ()
+    for name, a, e in zip(("h_seq", "h_T", "c_T"), (h_seq, h_T, c_T), ref[:3]):
+        assert_close(a, e, f"{cell}/{name}")
+
+
+def test_long_sequence_stays_finite():
+    """T = 10k with saturating inputs stays finite (stable activations); the first steps match
+    the reference (which is too slow to run all 10k steps here)."""
+    case = contract_case("lstm", 0, torch.float32, T=10000, B=2, packed=False)
+    case["xw"] *= 20
+    h_seq, h_T, c_T, _ = forward("numba", "lstm", case, reverse=False, training=False)
+    assert torch.isfinite(h_seq).all() and torch.isfinite(c_T).all()
+    head = dict(case, xw=case["xw"][:200])
+    ref = forward("torch", "lstm", head, reverse=False, training=False)
+    assert_close(h_seq[:200], ref[0], "lstm/h_seq[:200]")
+
+
+def test_rejects_unsupported_dtype_and_device():
+    case = contract_case("gru", 0, torch.float16, packed=False)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        numba_rnn.rnn_forward("gru", **case, reverse=False, training=False)
+    assert "CPU only" in numba_rnn.availability("cuda")
+    assert numba_rnn.availability("cpu") is None
+
+
+# --------------------------------------------------------------------------------------------
+# float64 gradcheck through the modules
+# --------------------------------------------------------------------------------------------
+GRADCHECK = [
+    ("LSTM", dict(proj_size=2, bidirectional=True), True),
+    ("LSTM", dict(num_layers=2), False),
+    ("GRU", dict(bidirectional=True), True),
+    ("RNN", dict(nonlinearity="relu", bidirectional=True), True),
+    ("RNN", dict(nonlinearity="tanh"), False),
+]
+
+
+@pytest.mark.parametrize("kind,kw,packed", GRADCHECK,
+                         ids=["lstm-proj-bidir-packed", "lstm-2layer", "gru-bidir-packed",
+                              "rnn_relu-bidir-packed", "rnn_tanh"])
+def test_gradcheck_float64(kind, kw, packed):
+    I, H, T, B = 3, 4, 4, 3
+    lengths = torch.tensor([4, 2, 3])
+    m = getattr(fastrnn, kind)(I, H, backend="numba", dtype=torch.float64, **kw)
+    D, L = (2 if m.bidirectional else 1), m.num_layers
+    Hr = m.proj_size or H
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(L * D, B, Hr, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(L * D, B, H, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+
+    def f(x, h0, c0, *ps):
+        inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        hx = (h0, c0) if kind == "LSTM" else h0
+        out, hidden = torch.func.functional_call(m, dict(zip(names, ps)), (inp, hx))
+        if packed:
+            out = pad_packed_sequence(out)[0]
+        return (out,) + (hidden if kind == "LSTM" else (hidden,))
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params), atol=1e-7, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# compile cache
+# --------------------------------------------------------------------------------------------
+def _info_in_subprocess(env_extra, warm):
+    code = ("import json; from fastrnn.backends import numba_rnn; "
+            f"print(json.dumps(numba_rnn.info(warm={warm}), default=str))")
+    env = dict(os.environ, **env_extra)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(os.environ.get("FASTRNN_NUMBA_CACHE", "1") == "0", reason="cache disabled")
+def test_cache_loads_compiled_kernels_in_a_new_process():
+    """After this process compiled (and saved) the float32 kernels, a fresh process loads both
+    from the cache instead of compiling them."""
+    here = numba_rnn.info()
+    assert here["cache"]["enabled"] and here["cache"]["dir"]
+    there = _info_in_subprocess({}, warm=True)
+    assert there["cache"]["hits"] == 2 and there["cache"]["misses"] == 0, there
+    assert sum(there["compile_seconds"]["float32"].values()) < 5.0, there
+
+
+def test_cache_can_be_turned_off():
+    there = _info_in_subprocess({"FASTRNN_NUMBA_CACHE": "0"}, warm=False)
+    assert there["cache"]["enabled"] is False and there["cache"]["dir"] is None
