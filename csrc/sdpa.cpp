@@ -55,6 +55,13 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+// Tasks are grouped so that each parallel chunk has at least this many multiply-adds: waking
+// the thread pool costs more than a tiny problem (microseconds idle, milliseconds when loaded).
+constexpr int64_t kMinChunkWork = int64_t(1) << 21;
+
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, work_per_task));
+}
 
 // ---- GEMM (column-major BLAS convention) -------------------------------------------------------
 
@@ -287,7 +294,8 @@ template <typename T>
 void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, T* lse) {
   const int64_t nqb = (P.L + P.BL - 1) / P.BL;
   const T inf = std::numeric_limits<T>::infinity();
-  at::parallel_for(0, P.N * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(P.BL * P.S * (P.E + P.Ev));
+  at::parallel_for(0, P.N * nqb, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(P.BL * P.BS), zbuf(P.dropout ? P.BS : 0), m(P.BL), l(P.BL);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / nqb, i0 = (task % nqb) * P.BL, kv = n / P.G;
@@ -341,7 +349,7 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
   const int E = static_cast<int>(P.E), Ev = static_cast<int>(P.Ev);
   // D_i = dO_i . out_i
   std::vector<T> D(P.N * P.L);
-  at::parallel_for(0, P.N * P.L, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, P.N * P.L, grain_for(P.Ev), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) D[r] = dot(dout + r * P.Ev, out + r * P.Ev, Ev);
   });
   // Split each key/value row into `chunks` interleaved sets of key blocks when there are fewer
@@ -350,7 +358,8 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
   const int64_t chunks = std::min<int64_t>(nkb, std::max<int64_t>(1, (threads + P.Nk - 1) / P.Nk));
   const int64_t rowq = P.G * P.L * P.E;  // dQ elements of one key/value row's query heads
   std::vector<T> dq_part(chunks > 1 ? P.Nk * chunks * rowq : 0, T(0));
-  at::parallel_for(0, P.Nk * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(P.G * P.L * P.S * (2 * P.E + 3 * P.Ev) / chunks);
+  at::parallel_for(0, P.Nk * chunks, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> pbuf(P.BL * P.BS), dpbuf(P.BL * P.BS), zbuf(P.dropout ? P.BL * P.BS : 0),
         pzbuf(P.dropout ? P.BL * P.BS : 0);
     for (int64_t task = begin; task < end; ++task) {
@@ -404,7 +413,7 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
     }
   });
   if (chunks > 1) {
-    at::parallel_for(0, P.Nk, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P.Nk, grain_for(rowq * chunks), [&](int64_t begin, int64_t end) {
       for (int64_t kv = begin; kv < end; ++kv) {
         T* dst = dq + kv * rowq;
         for (int64_t c = 0; c < chunks; ++c) {
