@@ -100,6 +100,17 @@ def test_gpu_configs_and_pruning():
     assert "HAS_PREV" in k.rnn_bwd_step.keys
 
 
+def test_kernels_compile_for_sm90_without_gpu():
+    """The interpreter accepts code the GPU compiler rejects: compile the main variants of every
+    kernel for sm_90 (fp16 and bf16, which the interpreter cannot run) in a fresh process."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from fastrnn._triton.rnn_compile import compile_all; compile_all(['fp16', 'bf16'], quick=True)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "bf16: 16 kernels compiled for sm_90" in out.stdout, out.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # numerics the shared tests do not reach
 # ---------------------------------------------------------------------------------------------
