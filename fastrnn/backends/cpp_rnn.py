@@ -1,7 +1,7 @@
 """C++ backend ``"cpp"`` for the recurrence: thin wrapper over ``fastrnn._C_rnn`` (csrc/rnn.cpp).
 
 Same contract and same saved tensors as the reference (see ``reference_rnn``). The time loop,
-the per-step GEMM (MKL packed weights) and the fused gate math run in C++; this file only makes
+the per-step GEMM (oneDNN brgemm, chunked per hidden units) and the fused gate math run in C++; this file only makes
 tensors contiguous and turns the C++ result lists into the contract's tuples.
 """
 from __future__ import annotations
@@ -29,12 +29,27 @@ def availability(device_type: str) -> str | None:
 
 
 def info() -> dict:
-    return {"blas": getattr(_C, "blas", None) if _C is not None else None,
-            "threads": torch.get_num_threads()}
+    return {"gemm": _C.gemm_engine() if _C is not None else None, "threads": torch.get_num_threads()}
 
 
 def _c(t):
     return None if t is None else t.contiguous()
+
+
+# The op code's big GEMMs, on the same GEMM engine as the recurrence (see fastrnn.ops.rnn_layer).
+def linear(x, w, b):
+    """x [N, I], w [G, I], b [G] | None -> x w^T + b [N, G]"""
+    return _C.linear(x.contiguous(), w.contiguous(), _c(b))
+
+
+def mm(a, b):
+    """a [M, K], b [K, N] -> a b"""
+    return _C.mm(a.contiguous(), b.contiguous())
+
+
+def mm_tn(a, b):
+    """a [K, M], b [K, N] -> a^T b"""
+    return _C.mm_tn(a.contiguous(), b.contiguous())
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training):
@@ -50,5 +65,5 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     grad_w_hr = None
     if w_hr is not None:
         T, B, Hr = grad_hproj.shape
-        grad_w_hr = grad_hproj.reshape(T * B, Hr).t() @ saved[3].reshape(T * B, -1)
+        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, -1))
     return grad_xw, grad_hw, grad_h0, (grad_c0 if cell == "lstm" else None), grad_w_hr
