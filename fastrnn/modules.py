@@ -46,7 +46,9 @@ class _FusedRNNBase:
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
-                raise ValueError(f"{self._get_name()}: Expected input to be 2D or 3D, got {input.dim()}D instead")
+                tensor = " tensor" if self.mode.startswith("RNN") else ""  # torch's own wording differs
+                raise ValueError(f"{self.mode[:3].rstrip('_')}: Expected input to be 2D or 3D, "
+                                 f"got {input.dim()}D{tensor} instead")
             is_batched = input.dim() == 3
             x = input if is_batched else input.unsqueeze(1 if not self.batch_first else 0)
             B = x.shape[0 if self.batch_first else 1]
@@ -59,9 +61,10 @@ class _FusedRNNBase:
             want = 3 if is_batched else 2
             if any(s.dim() != want for s in states):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
-                dims = ", ".join(f"{s.dim()}-D" for s in states)
-                what = "hx and cx" if is_lstm else "hx"
-                raise RuntimeError(f"For {kind} input, {what} should also be {want}-D but got ({dims}) tensors")
+                if is_lstm:
+                    got = f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
+                    raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got {got}")
+                raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
             if not is_batched:
                 hx = tuple(s.unsqueeze(1) for s in hx) if is_lstm else hx.unsqueeze(1)
             hx = self.permute_hidden(hx, sorted_indices)

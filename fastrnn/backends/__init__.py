@@ -79,8 +79,9 @@ def backend_status(device="cpu", op: str = "rnn") -> dict[str, str | None]:
 def available_backends(device="cpu", op: str = "rnn") -> list[str]:
     """Names of the backends usable on ``device`` (best first for automatic selection)."""
     dtype = _device_type(device)
-    order = list(PREFERENCE.get(dtype, ("torch",)))
-    order += [n for n in BACKENDS if n not in order]
+    # preference order first, then the rest; the reference always last
+    order = [n for n in PREFERENCE.get(dtype, ()) if n != "torch"]
+    order += [n for n in BACKENDS if n not in order and n != "torch"] + ["torch"]
     return [n for n in order if unavailable_reason(n, dtype, op) is None]
 
 

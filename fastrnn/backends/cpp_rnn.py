@@ -65,5 +65,5 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     grad_w_hr = None
     if w_hr is not None:
         T, B, Hr = grad_hproj.shape
-        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, -1))
+        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, w_hr.shape[1]))
     return grad_xw, grad_hw, grad_h0, (grad_c0 if cell == "lstm" else None), grad_w_hr

@@ -177,5 +177,5 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
             dh[:m] = d @ w_hh
 
     if cell == "lstm" and w_hr is not None:
-        grad_w_hr = grad_hproj.reshape(T * B, -1).t() @ hu_seq.reshape(T * B, -1)
+        grad_w_hr = grad_hproj.reshape(T * B, w_hr.shape[0]).t() @ hu_seq.reshape(T * B, w_hr.shape[1])
     return grad_xw, grad_hw, dh, dc, grad_w_hr

@@ -35,7 +35,7 @@ def _mm_tn(impl, a, b):
 def _input_projection(impl, x, w_ih, b_ih):
     """x [T, B, I] -> xw [T, B, G] as one GEMM over all T*B rows (a fresh tensor the backend owns)."""
     T, B, I = x.shape
-    return _linear(impl, x.reshape(T * B, I), w_ih, b_ih).view(T, B, -1)
+    return _linear(impl, x.reshape(T * B, I), w_ih, b_ih).view(T, B, w_ih.shape[0])
 
 
 class _RNNLayer(torch.autograd.Function):
@@ -64,14 +64,15 @@ class _RNNLayer(torch.autograd.Function):
                 grad_c_T.contiguous() if grad_c_T is not None else None,
                 w_hh, w_hr, h0, c0, ctx.batch_sizes, ctx.reverse, tuple(saved))
         need = ctx.needs_input_grad
-        gx = grad_xw.reshape(T * B, -1)
-        gh = grad_hw.reshape(T * B, -1)
+        G, Hr = w_hh.shape
+        gx = grad_xw.reshape(T * B, G)
+        gh = grad_hw.reshape(T * B, G)
         grad_x = _mm(impl, gx, w_ih).view(T, B, I) if need[2] else None
         grad_w_ih = _mm_tn(impl, gx, x.reshape(T * B, I)) if need[3] else None
         grad_w_hh = None
         if need[4]:
             h_prev = previous_states(h_seq, h0, ctx.batch_sizes, ctx.reverse)
-            grad_w_hh = _mm_tn(impl, gh, h_prev.reshape(T * B, -1))
+            grad_w_hh = _mm_tn(impl, gh, h_prev.reshape(T * B, Hr))
         grad_b_ih = gx.sum(0) if ctx.has_b_ih and need[5] else None
         grad_b_hh = gh.sum(0) if ctx.has_b_hh and need[6] else None
         return (None, None, grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh,
