@@ -1,6 +1,6 @@
 """One thread setting for every backend: torch (its OpenMP / MKL pool, used by the cpp backend
-and by the big GEMMs of the op code) and numba (its own pool, plus the BLAS that the numba
-kernels call: scipy's OpenBLAS) share the machine's cores."""
+and by the big GEMMs of the op code) and numba (its own pool, used by the numba kernels) share
+the machine's cores."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,7 +20,7 @@ def _numba():
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in torch and, if it is installed, in numba and scipy's OpenBLAS.
+    """Use ``n`` threads in torch and, if it is installed, in numba.
 
     numba cannot use more threads than it started with (``NUMBA_NUM_THREADS``, by default the
     number of cores), so it gets ``min(n, NUMBA_NUM_THREADS)``. torch is set last: starting
@@ -31,9 +31,6 @@ def set_num_threads(n: int) -> None:
     numba = _numba()
     if numba is not None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-        if importlib.util.find_spec("scipy") is not None:
-            from ._numba import openblas
-            openblas.set_num_threads(n)
     torch.set_num_threads(n)
 
 

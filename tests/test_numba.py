@@ -44,25 +44,19 @@ def forward(backend, cell, case, reverse, training):
 @pytest.fixture
 def restore_threads():
     import numba
-    from fastrnn._numba import openblas
-    saved = torch.get_num_threads(), numba.get_num_threads(), openblas.get_num_threads()
+    saved = torch.get_num_threads(), numba.get_num_threads()
     yield
     numba.set_num_threads(saved[1])
-    if saved[2] is not None:
-        openblas.set_num_threads(saved[2])
     torch.set_num_threads(saved[0])
 
 
-def test_set_num_threads_sets_torch_numba_and_blas(restore_threads):
+def test_set_num_threads_sets_torch_and_numba(restore_threads):
     import numba
-    from fastrnn._numba import openblas
     for n in (1, 2):
         fastrnn.set_num_threads(n)
         assert torch.get_num_threads() == n
         assert fastrnn.get_num_threads() == n
         assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
-        if openblas.get_num_threads() is not None:
-            assert openblas.get_num_threads() == n
     with pytest.raises(ValueError):
         fastrnn.set_num_threads(0)
 
@@ -176,6 +170,38 @@ def test_inference_path_matches_reference(cell, proj, reverse):
     assert saved == ()
     for name, a, e in zip(("h_seq", "h_T", "c_T"), (h_seq, h_T, c_T), ref[:3]):
         assert_close(a, e, f"{cell}/{name}")
+
+
+def _run_contract(backend, cell, case, grads, reverse):
+    impl = backends.load(backend, "rnn")
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **args, reverse=reverse, training=True)
+    back = impl.rnn_backward(cell, grads[0].clone(), grads[1].clone(), None if grads[2] is None else grads[2].clone(),
+                             case["w_hh"], case["w_hr"], case["h0"], case["c0"], case["batch_sizes"], reverse, saved)
+    return dict(h_seq=h_seq, h_T=h_T, c_T=c_T, grad_xw=back[0], grad_hw=back[1], grad_h0=back[2],
+                grad_c0=back[3], grad_w_hr=back[4])
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 70), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)])
+def test_tiles_groups_and_threads_match_reference(cell, proj, parallel, monkeypatch):
+    """Sizes the shared contract test does not reach: full register tiles (16 rows: tiles of
+    6 and 8 rows), more hidden units than one unit group (H = 130 > 128, with a ragged last
+    panel), several panels per thread, and the parallel step (forced by PAR_MIN_MACS = 0)."""
+    monkeypatch.setattr(numba_rnn, "PAR_MIN_MACS", 0 if parallel else 1 << 62)
+    T, B, H = 4, 16, 130
+    G, Hr = GATES[cell] * H, proj or H
+    r = lambda *s: torch.randn(*s)  # noqa: E731
+    case = dict(xw=r(T, B, G), w_hh=r(G, Hr) * 0.1, b_hh=r(G) * 0.3, h0=r(B, Hr),
+                c0=r(B, H) if cell == "lstm" else None, w_hr=r(Hr, H) * 0.1 if proj else None,
+                batch_sizes=torch.tensor([16, 13, 7, 1]))
+    active = (torch.arange(B) < case["batch_sizes"].unsqueeze(1)).unsqueeze(-1)
+    grads = (r(T, B, Hr) * active, r(B, Hr), r(B, H) if cell == "lstm" else None)
+    for reverse in (False, True):
+        expected = _run_contract("torch", cell, case, grads, reverse)
+        actual = _run_contract("numba", cell, case, grads, reverse)
+        for name, exp in expected.items():
+            assert_close(actual[name], exp, f"{cell}/{name}/reverse={reverse}", grad=name.startswith("grad"))
 
 
 def test_long_sequence_stays_finite():

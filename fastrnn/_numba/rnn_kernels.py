@@ -1,9 +1,27 @@
 r"""Numba kernels of the recurrence: one layer, one direction, the whole sequence per call.
 
-The time loop runs here, in compiled code. Each step is one BLAS gemm for ``h_{t-1} W_hh^T``
-(scipy's BLAS, called through a function pointer that the caller passes in, so that the
-compiled code holds no process-specific address and can be cached on disk) followed by one
-fused pass over the gates of each active row. Shape letters as in ``fastrnn.ops.recurrence``.
+The time loop runs here, in compiled code. Shape letters as in ``fastrnn.ops.recurrence``.
+
+Per step (forward)::
+
+    for each thread's share of the hidden units, in groups of UNIT_GROUP units:
+        for each tile of up to MR active rows:
+            S[MR, gates, units] = h_{t-1}[rows] @ W_hh^T[:, those units' gate columns]   (tile_gemm)
+            fused cell step on S + xw_t + b_hh for those rows and units                  (*_fwd_units)
+
+so each unit's gate pre-activations are turned into the new state while they are still in
+L1, and a thread only ever reads the part of ``W_hh`` that belongs to its own units (which
+stays in its core's L2 from one step to the next). Backward is the same with ``W_hh`` not
+transposed: ``dh_{t-1}[rows, units] = grad_gates_t[rows] @ W_hh[:, units]``, then the fused
+cell backward for those units. A step is one parallel region (``prange`` over threads; two
+with a projection ``W_hr``); small steps run on one thread.
+
+``tile_gemm`` is a register-blocked GEMM micro-kernel written directly in LLVM IR (an
+``@intrinsic``): MR rows x NV vectors of accumulators (24 AVX-512 registers), one broadcast
+and NV vector FMAs per row and k. Numba cannot express that with loops (LLVM does not keep a
+local accumulator array in registers), and scipy's BLAS costs more per step than the step
+itself at these sizes (it re-packs ``W_hh`` on every call; it also runs AVX2 kernels only on
+this AMD CPU). The weights are packed once per call into panels ``[P, K, NV*L]`` (L = lanes).
 
 Kernel arguments are numpy arrays (zero-copy views of torch tensors), all C-contiguous, all of
 one float dtype (float32 or float64: one compiled signature each). Absent optional inputs are
@@ -21,75 +39,147 @@ Numerics
 - sigmoid uses ``1 / (1 + exp(-x))`` with ``exp`` clamped to the finite range (no overflow,
   no cancellation); tanh uses ``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``, and an odd polynomial
   below ``|x| < 0.25`` where that form would cancel.
+- The GEMM sums over k in order with fused multiply-adds, one accumulator per output.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 
+import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.core.extending import get_cython_function_address, intrinsic, overload
+from numba import get_num_threads, njit, prange, types  # noqa: F401  (get_num_threads: for callers)
+from numba.core import cgutils
+from numba.core.extending import intrinsic, overload
 
 # On-disk cache of compiled kernels (see the module docstring of fastrnn.backends.numba_rnn).
 CACHE = os.environ.get("FASTRNN_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 # fastmath "contract" only: fused multiply-add, nothing that assumes values are finite.
 _JIT = dict(cache=CACHE, nogil=True, fastmath={"contract"}, error_model="numpy")
+# Only explicit prange loops run in parallel: Numba would otherwise turn every slice
+# assignment inside the time loop into a parallel region of its own.
+_JIT_PARALLEL = dict(_JIT, parallel={"prange": True, "comprehension": False, "reduction": False,
+                                     "inplace_binop": False, "setitem": False, "numpy": False,
+                                     "stencil": False, "fusion": False})
 
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELL_CODES = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU}
 
+# Host vector width (the cache is keyed on the host CPU, so baking it in is safe).
+VEC_BYTES = 64 if llvm.get_host_cpu_features().get("avx512f") else 32
+ACC_VECTORS = 24 if VEC_BYTES == 64 else 8   # accumulator registers the micro-kernel may use
+MR3, MR4 = ACC_VECTORS // 3, ACC_VECTORS // 4   # rows per tile for 3 and 4 vectors per row
+UNIT_GROUP = 128          # hidden units whose gates one pass keeps in the scratch tile
+PAR_MIN_MACS = 1 << 17    # default: multiply-adds per step below which a step runs on one thread
+
+
 # ---------------------------------------------------------------------------------------------
-# BLAS: scipy's cython_blas {s,d}gemm (Fortran conventions: column-major, every argument by
-# pointer). The caller passes the function object as a kernel argument.
+# GEMM micro-kernel
 # ---------------------------------------------------------------------------------------------
-_GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))
-GEMM = {np.dtype(np.float32): _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "sgemm")),
-        np.dtype(np.float64): _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", "dgemm"))}
+@intrinsic
+def tile_gemm(typingctx, a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max):
+    """``c[c_off + r*ldc + v*ldv + l] = sum_k a[a_off + r*lda + k] * w[w_off + k*nv*L + v*L + l]``
+    for r < mr, v < nv, l < L (L = lanes of one vector register). ``nv`` and ``mr_max``
+    must be literal integers; ``mr`` (1..mr_max) is a runtime value."""
+    if not (isinstance(nv, types.IntegerLiteral) and isinstance(mr_max, types.IntegerLiteral)):
+        return None
+    NV, MR_MAX = nv.literal_value, mr_max.literal_value
 
-_CHAR_N, _CHAR_T = 78, 84  # 'N', 'T' as the first byte of a little-endian int32
+    def codegen(context, builder, sig, args):
+        fty = context.get_value_type(sig.args[0].dtype)
+        esize = 4 if fty == ir.FloatType() else 8
+        L = VEC_BYTES // esize
+        vty = ir.VectorType(fty, L)
+        i64 = ir.IntType(64)
+        suffix = f"v{L}{'f32' if fty == ir.FloatType() else 'f64'}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
+        a_data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        w_data = context.make_array(sig.args[4])(context, builder, args[4]).data
+        c_data = context.make_array(sig.args[6])(context, builder, args[6]).data
+        a_off_, lda_, mr_, w_off_, c_off_, ldc_, ldv_, K_ = (
+            context.cast(builder, v, t, types.int64) for v, t in
+            ((args[1], sig.args[1]), (args[2], sig.args[2]), (args[3], sig.args[3]), (args[5], sig.args[5]),
+             (args[7], sig.args[7]), (args[8], sig.args[8]), (args[9], sig.args[9]), (args[10], sig.args[10])))
+        a_ptr = builder.gep(a_data, [a_off_])
+        w_ptr = builder.gep(w_data, [w_off_])
+        c_ptr = builder.gep(c_data, [c_off_])
+        zero = ir.Constant(vty, None)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), L), None)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        end = builder.append_basic_block("tile.end")
+        switch = builder.switch(mr_, end)
+        for MR in range(1, MR_MAX + 1):
+            entry = builder.append_basic_block(f"tile.mr{MR}")
+            loop = builder.append_basic_block(f"tile.mr{MR}.loop")
+            store = builder.append_basic_block(f"tile.mr{MR}.store")
+            switch.add_case(ir.Constant(mr_.type, MR), entry)
+            builder.position_at_end(entry)
+            builder.cbranch(builder.icmp_signed(">", K_, const(0)), loop, store)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(const(0), entry)
+            acc = [builder.phi(vty) for _ in range(MR * NV)]
+            for p in acc:
+                p.add_incoming(zero, entry)
+            w_k = builder.gep(w_ptr, [builder.mul(k, const(NV * L))])
+            # align = element size: panels and rows are only element-aligned
+            w_v = [builder.load(builder.bitcast(builder.gep(w_k, [const(v * L)]), vty.as_pointer()), align=esize)
+                   for v in range(NV)]
+            new = []
+            for r in range(MR):
+                a_rk = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(const(r), lda_), k)]))
+                a_vec = builder.shuffle_vector(
+                    builder.insert_element(ir.Constant(vty, ir.Undefined), a_rk, ir.Constant(ir.IntType(32), 0)),
+                    ir.Constant(vty, ir.Undefined), splat_mask)
+                new.extend(builder.call(fma, [a_vec, w_v[v], acc[r * NV + v]]) for v in range(NV))
+            k_next = builder.add(k, const(1))
+            k.add_incoming(k_next, loop)
+            for p, n in zip(acc, new):
+                p.add_incoming(n, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, K_), loop, store)
+            builder.position_at_end(store)
+            res = [builder.phi(vty) for _ in range(MR * NV)]   # phis first: LLVM wants them on top
+            for p, n in zip(res, new):
+                p.add_incoming(zero, entry)
+                p.add_incoming(n, loop)
+            for r in range(MR):
+                row = builder.gep(c_ptr, [builder.mul(const(r), ldc_)])
+                for v in range(NV):
+                    dst = builder.bitcast(builder.gep(row, [builder.mul(const(v), ldv_)]), vty.as_pointer())
+                    builder.store(res[r * NV + v], dst, align=esize)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return types.none(a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max), codegen
 
 
 @njit(**_JIT)
-def _gemm_call(gemm, ws_i, ws_f, beta, a, b, c):
-    """Call gemm with the integer arguments already in ``ws_i`` = [transa, transb, M, N, K, lda,
-    ldb, ldc] (int32) and ``ws_f`` = [alpha, beta]; ``a``, ``b``, ``c`` are the column-major
-    A, B, C operands."""
-    ws_f[0] = 1
-    ws_f[1] = beta
-    p = ws_i.ctypes.data
-    f = ws_f.ctypes.data
-    gemm(p, p + 4, p + 8, p + 12, p + 16, f, a.ctypes.data, p + 20, b.ctypes.data, p + 24,
-         f + ws_f.itemsize, c.ctypes.data, p + 28)
-
-
-@njit(**_JIT)
-def mm_abt(gemm, ws_i, ws_f, m, a, b, out, beta):
-    """``out[:m] = a[:m] @ b^T + beta * out[:m]``; a [*, K], b [N, K], out [*, N], row-major.
-
-    Row-major ``out [m, N]`` is column-major ``out^T [N, m] = b [N, K] @ a^T [K, m]``."""
-    if m == 0:
-        return
-    N, K = b.shape
-    ws_i[0], ws_i[1], ws_i[2], ws_i[3], ws_i[4] = _CHAR_T, _CHAR_N, N, m, K
-    ws_i[5], ws_i[6], ws_i[7] = K, K, N
-    _gemm_call(gemm, ws_i, ws_f, beta, b, a, out)
-
-
-@njit(**_JIT)
-def mm_ab(gemm, ws_i, ws_f, m, a, b, out, beta):
-    """``out[:m] = a[:m] @ b + beta * out[:m]``; a [*, K], b [K, N], out [*, N], row-major.
-
-    Row-major ``out [m, N]`` is column-major ``out^T [N, m] = b^T [N, K] @ a^T [K, m]``."""
-    if m == 0:
-        return
-    K, N = b.shape
-    ws_i[0], ws_i[1], ws_i[2], ws_i[3], ws_i[4] = _CHAR_N, _CHAR_N, N, m, K
-    ws_i[5], ws_i[6], ws_i[7] = N, K, N
-    _gemm_call(gemm, ws_i, ws_f, beta, b, a, out)
+def pack_panels(M, trans, gates, units, nv, out):
+    """Pack the weight matrix of ``y = x @ M'`` (``M' = M^T``, or ``M`` if ``trans``) into
+    ``out [P, K, nv*L]``. Plain layout (``gates`` = 1): output column ``p*nv*L + v*L + l`` of
+    ``units`` goes to ``out[p, :, v*L + l]``. Gate layout (``gates`` = nv > 1, M' has
+    ``gates * units`` columns, gate-major as torch): unit ``p*L + l`` of gate ``v`` goes to
+    ``out[p, :, v*L + l]``, so one panel holds every gate of L units. Padding columns are 0."""
+    P, K, width = out.shape
+    L = width // nv
+    for p in range(P):
+        for v in range(nv):
+            for l in range(L):
+                u = p * L + l if gates > 1 else p * width + v * L + l
+                n = v * units + u if gates > 1 else u
+                col = v * L + l
+                if u >= units:
+                    for k in range(K):
+                        out[p, k, col] = 0
+                elif trans:
+                    for k in range(K):
+                        out[p, k, col] = M[k, n]
+                else:
+                    for k in range(K):
+                        out[p, k, col] = M[n, k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,244 +275,484 @@ def _tanh_overload(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused cell steps on one row (one batch element). Arguments are disjoint 1-D slices of H
-# elements. Forward: pre-activations in, activated gates out (in place), new state out.
-# Backward: saved activations in, pre-activation gradients out. The derivative of each
+# Fused cell steps on ``nu`` consecutive hidden units ``j = J .. J+nu-1`` of one row (one batch
+# element). Row arguments are 1-D arrays indexed by the absolute unit (gate rows [G] with the
+# gate offset added); ``s`` is the row of the scratch tile, indexed by ``u = j - J`` (plus
+# ``v * ldv`` for gate v). Forward: pre-activations in, activated gates written back over xw.
+# Backward: saved activations in, pre-activation gradients out; the derivative of each
 # activation is written in terms of its output: sigmoid' = s (1 - s), tanh' = 1 - t^2.
 # ---------------------------------------------------------------------------------------------
 @njit(**_JIT)
-def lstm_fwd_row(gi, gf, gg, go, bi, bf, bg, bo, c, c_out, hu):
-    """gi, gf, gg, go [H]: pre-activations (x W_ih^T + b_ih + h W_hh^T) in, activated gates out;
-    bi..bo [H]: b_hh; c [H]: c_{t-1} in, c_t out (also to c_out); hu [H] <- o * tanh(c_t)."""
-    for j in range(c.shape[0]):
-        i = sigmoid(gi[j] + bi[j])
-        f = sigmoid(gf[j] + bf[j])
-        g = tanh(gg[j] + bg[j])
-        o = sigmoid(go[j] + bo[j])
+def lstm_fwd_units(nu, J, H, s, ldv, x, bh, c, c_out, hu):
+    """x [4H]: xw_t row in, activated i, f, g, o out; s: h_{t-1} W_hh^T of these units (gate v at
+    v*ldv); bh [4H]; c [H]: c_{t-1} in, c_t out (copy to c_out); hu [H] <- o * tanh(c_t)."""
+    for u in range(nu):
+        j = J + u
+        i = sigmoid(x[j] + s[u] + bh[j])
+        f = sigmoid(x[H + j] + s[ldv + u] + bh[H + j])
+        g = tanh(x[2 * H + j] + s[2 * ldv + u] + bh[2 * H + j])
+        o = sigmoid(x[3 * H + j] + s[3 * ldv + u] + bh[3 * H + j])
         c_new = f * c[j] + i * g
-        gi[j], gf[j], gg[j], go[j] = i, f, g, o
+        x[j], x[H + j], x[2 * H + j], x[3 * H + j] = i, f, g, o
         c[j] = c_new
         c_out[j] = c_new
         hu[j] = o * tanh(c_new)
 
 
 @njit(**_JIT)
-def lstm_bwd_row(i_, f_, g_, o_, c, c_prev, dhu, dc, di, df, dg, do):
-    """i_..o_ [H]: saved gates; c, c_prev [H]: c_t, c_{t-1}; dhu [H]: gradient reaching
-    o * tanh(c_t); dc [H]: gradient reaching c_t from step t+1 in, reaching c_{t-1} out;
-    di..do [H] <- pre-activation gradients."""
-    one = c.dtype.type(1)
-    for j in range(c.shape[0]):
-        i, f, g, o = i_[j], f_[j], g_[j], o_[j]
+def gru_fwd_units(nu, J, H, s, ldv, x, bh, h_prev, hn_out, h_out):
+    """x [3H]: input-side pre-activations in, activated r, z, n out; s: h_{t-1} W_hh^T of these
+    units (gate v at v*ldv); bh [3H]; h_prev [Hr]; hn_out [H] <- W_hn h_{t-1} + b_hn;
+    h_out [H] <- h_t."""
+    one = x.dtype.type(1)
+    for u in range(nu):
+        j = J + u
+        h_n = s[2 * ldv + u] + bh[2 * H + j]
+        r = sigmoid(x[j] + s[u] + bh[j])
+        z = sigmoid(x[H + j] + s[ldv + u] + bh[H + j])
+        n = tanh(x[2 * H + j] + r * h_n)
+        x[j], x[H + j], x[2 * H + j] = r, z, n
+        hn_out[j] = h_n
+        h_out[j] = (one - z) * n + z * h_prev[j]
+
+
+@njit(**_JIT)
+def rnn_fwd_units(relu, nu, J, s, x, bh, h_out):
+    """h_out[j] <- act(x[j] + s[j - J] + bh[j]); relu keeps NaN (a NaN fails ``v < 0``)."""
+    zero = x.dtype.type(0)
+    for u in range(nu):
+        j = J + u
+        v = x[j] + s[u] + bh[j]
+        if relu:
+            h_out[j] = zero if v < zero else v
+        else:
+            h_out[j] = tanh(v)
+
+
+@njit(**_JIT)
+def lstm_bwd_units(nu, J, H, a, c, c_prev, d_in, d_off, gs, dc, gx):
+    """a [4H]: saved i, f, g, o; c, c_prev [H]: c_t, c_{t-1}; the gradient reaching
+    o * tanh(c_t) of unit j is ``d_in[d_off + j - J] + gs[j]``; dc [H]: gradient reaching c_t
+    from step t+1 in, reaching c_{t-1} out; gx [4H] <- pre-activation gradients."""
+    one = a.dtype.type(1)
+    for u in range(nu):
+        j = J + u
+        i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
+        dhu = d_in[d_off + u] + gs[j]
         tc = tanh(c[j])
-        dc_t = dc[j] + dhu[j] * o * (one - tc * tc)
-        di[j] = dc_t * g * i * (one - i)
-        df[j] = dc_t * c_prev[j] * f * (one - f)
-        dg[j] = dc_t * i * (one - g * g)
-        do[j] = dhu[j] * tc * o * (one - o)
+        dc_t = dc[j] + dhu * o * (one - tc * tc)
+        gx[j] = dc_t * g * i * (one - i)
+        gx[H + j] = dc_t * c_prev[j] * f * (one - f)
+        gx[2 * H + j] = dc_t * i * (one - g * g)
+        gx[3 * H + j] = dhu * tc * o * (one - o)
         dc[j] = dc_t * f
 
 
 @njit(**_JIT)
-def gru_fwd_row(xr, xz, xn, hr, hz, hn, br, bz, bn, h, hn_out, h_out):
-    """xr, xz, xn [H]: input-side pre-activations in, activated r, z, n out; hr, hz, hn [H]:
-    h_{t-1} W_hh^T; br, bz, bn [H]: b_hh; h [H]: h_{t-1} in, h_t out (also to h_out);
-    hn_out [H] <- W_hn h_{t-1} + b_hn (saved for backward)."""
-    one = h.dtype.type(1)
-    for j in range(h.shape[0]):
-        h_n = hn[j] + bn[j]
-        r = sigmoid(xr[j] + hr[j] + br[j])
-        z = sigmoid(xz[j] + hz[j] + bz[j])
-        n = tanh(xn[j] + r * h_n)
-        h_new = (one - z) * n + z * h[j]
-        xr[j], xz[j], xn[j] = r, z, n
-        hn_out[j] = h_n
-        h[j] = h_new
-        h_out[j] = h_new
-
-
-@njit(**_JIT)
-def gru_bwd_row(r_, z_, n_, hn, h_prev, dh, dxr, dxz, dxn, dhn):
-    """r_, z_, n_ [H]: saved gates; hn [H]: saved W_hn h_{t-1} + b_hn; h_prev [H]: h_{t-1};
-    dh [H]: gradient reaching h_t in, its direct part ``dh * z`` reaching h_{t-1} out;
-    dxr, dxz, dxn [H] <- input-side pre-activation gradients; dhn [H] <- ``dn * r`` (the
-    hidden-side n gradient; r and z gradients are the same on both sides)."""
-    one = dh.dtype.type(1)
-    for j in range(dh.shape[0]):
-        r, z, n, d = r_[j], z_[j], n_[j], dh[j]
+def gru_bwd_units(nu, J, H, a, hn, h_prev, dh, gs, gx, gh):
+    """a [3H]: saved r, z, n; hn [H]: saved W_hn h_{t-1} + b_hn; h_prev [H]; dh [H]: gradient
+    reaching h_t from step t+1 in (``gs`` [H] from the output is added), its direct part
+    ``dh_t * z`` out; gx [3H] <- input-side, gh [3H] <- hidden-side pre-activation gradients
+    (they differ only in the n gate: ``dn * r`` on the hidden side)."""
+    one = a.dtype.type(1)
+    for u in range(nu):
+        j = J + u
+        r, z, n = a[j], a[H + j], a[2 * H + j]
+        d = dh[j] + gs[j]
         d_n = d * (one - z) * (one - n * n)
-        dxz[j] = d * (h_prev[j] - n) * z * (one - z)
-        dxr[j] = d_n * hn[j] * r * (one - r)
-        dxn[j] = d_n
-        dhn[j] = d_n * r
+        d_z = d * (h_prev[j] - n) * z * (one - z)
+        d_r = d_n * hn[j] * r * (one - r)
+        gx[j], gx[H + j], gx[2 * H + j] = d_r, d_z, d_n
+        gh[j], gh[H + j], gh[2 * H + j] = d_r, d_z, d_n * r
         dh[j] = d * z
 
 
 @njit(**_JIT)
-def rnn_fwd_row(relu, x, b, h, h_out):
-    """x [H]: pre-activation without b_hh; b [H]: b_hh; h [H] <- h_t (and h_out)."""
-    zero = h.dtype.type(0)
-    for j in range(h.shape[0]):
-        v = x[j] + b[j]
-        if relu:
-            v = zero if v < zero else v      # NaN stays NaN
-        else:
-            v = tanh(v)
-        h[j] = v
-        h_out[j] = v
-
-
-@njit(**_JIT)
-def rnn_bwd_row(relu, h, dh, d):
-    """h [H]: h_t; dh [H]: gradient reaching h_t; d [H] <- pre-activation gradient.
+def rnn_bwd_units(relu, nu, J, h, dh, gs, gx):
+    """h [H]: h_t; the gradient reaching h_t is dh + gs; gx [H] <- pre-activation gradient.
     relu selects rather than multiplies by 0/1, so a NaN gradient stays out of units that
     relu switched off (as torch's threshold_backward)."""
     one, zero = h.dtype.type(1), h.dtype.type(0)
-    for j in range(h.shape[0]):
+    for u in range(nu):
+        j = J + u
+        d = dh[j] + gs[j]
         if relu:
-            d[j] = dh[j] if h[j] > zero else zero
+            gx[j] = d if h[j] > zero else zero
         else:
-            d[j] = dh[j] * (one - h[j] * h[j])
+            gx[j] = d * (one - h[j] * h[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# One thread's share of a step: panels [p0, p1) of the packed weights
+# ---------------------------------------------------------------------------------------------
+@njit(**_JIT)
+def _row_tiles(m, mr_max):
+    """Number of row tiles and the base tile height for m rows in tiles of at most mr_max
+    (heights differ by at most one: 32 rows -> 6, 6, 5, 5, 5, 5)."""
+    n = (m + mr_max - 1) // mr_max
+    return n, (m // n if n > 0 else 0), (m % n if n > 0 else 0)
+
+
+@njit(**_JIT)
+def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
+    """S[r, s_off + v*ldv + l] = (a[r0 + r] @ panel p of W)[v*L + l]; nv is 3 or 4."""
+    K = W.shape[1]
+    if nv == 3:
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 3, MR3)
+    else:
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 4, MR4)
+
+
+@njit(**_JIT)
+def _copy_units(src, dst, J, nu):
+    for u in range(nu):
+        dst[J + u] = src[J + u]
+
+
+@njit(**_JIT)
+def fwd_chunk(cell, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S):
+    """Forward step for the units of panels [p0, p1) of ``Wf`` and active rows [0, m).
+
+    h_in [B, Hr]: h_{t-1};  x_t [B, G]: xw_t in, activated gates out;  c_state [B, H]: c (LSTM);
+    c_out [B, H] <- c_t (LSTM);  hn_t [B, H] <- W_hn h_{t-1} + b_hn (GRU);
+    hu_t [B, H] <- o * tanh(c_t) (LSTM; it is h_seq_t itself when there is no projection);
+    h_seq_t [B, Hr] <- h_t and h_out [B, Hr] <- h_t, except for LSTM with a projection
+    (then ``gemm_chunk`` writes them from hu_t). S: this thread's scratch tile."""
+    G = x_t.shape[1]
+    nv = Wf.shape[2] * x_t.itemsize // VEC_BYTES
+    L = Wf.shape[2] // nv
+    gate_layout = cell == LSTM or cell == GRU
+    H = G // nv if gate_layout else G
+    upp = L if gate_layout else nv * L              # units per panel
+    ppg = UNIT_GROUP // upp                          # panels per group
+    ldv = UNIT_GROUP if gate_layout else L
+    n_tiles, base, extra = _row_tiles(m, MR3 if nv == 3 else MR4)
+    for g0 in range(p0, p1, ppg):
+        g1 = min(g0 + ppg, p1)
+        J = g0 * upp
+        nu = min(g1 * upp, H) - J
+        r0 = 0
+        for tile in range(n_tiles):
+            mr = base + (1 if tile < extra else 0)
+            for p in range(g0, g1):
+                _gemm_tile(h_in, r0, mr, Wf, p, S, (p - g0) * (L if gate_layout else upp), ldv, nv)
+            for r in range(mr):
+                b = r0 + r
+                if cell == LSTM:
+                    lstm_fwd_units(nu, J, H, S[r], ldv, x_t[b], b_hh, c_state[b], c_out[b], hu_t[b])
+                elif cell == GRU:
+                    gru_fwd_units(nu, J, H, S[r], ldv, x_t[b], b_hh, h_in[b], hn_t[b], h_seq_t[b])
+                else:
+                    rnn_fwd_units(cell == RNN_RELU, nu, J, S[r], x_t[b], b_hh, h_seq_t[b])
+                if not proj:
+                    _copy_units(h_seq_t[b], h_out[b], J, nu)
+            r0 += mr
+
+
+@njit(**_JIT)
+def _gemm_group(g0, g1, m, W, a, S, out_a, out_b, accumulate):
+    """out_a[:m, units of panels [g0, g1)] (+)= a[:m] @ W' for a plain-layout W (4 vectors per
+    panel); also copied to out_b when it has rows."""
+    N = out_a.shape[1]
+    upp = W.shape[2]
+    L = upp // 4
+    J = g0 * upp
+    nu = min(g1 * upp, N) - J
+    n_tiles, base, extra = _row_tiles(m, MR4)
+    r0 = 0
+    for tile in range(n_tiles):
+        mr = base + (1 if tile < extra else 0)
+        for p in range(g0, g1):
+            _gemm_tile(a, r0, mr, W, p, S, (p - g0) * upp, L, 4)
+        for r in range(mr):
+            s, o = S[r], out_a[r0 + r]
+            if accumulate:
+                for u in range(nu):
+                    o[J + u] += s[u]
+            else:
+                for u in range(nu):
+                    o[J + u] = s[u]
+            if out_b.shape[0] > 0:
+                _copy_units(o, out_b[r0 + r], J, nu)
+        r0 += mr
+
+
+@njit(**_JIT)
+def gemm_chunk(p0, p1, m, W, a, S, out_a, out_b, accumulate):
+    """``_gemm_group`` over panels [p0, p1), a group of UNIT_GROUP units at a time."""
+    ppg = UNIT_GROUP // W.shape[2]
+    for g0 in range(p0, p1, ppg):
+        _gemm_group(g0, min(g0 + ppg, p1), m, W, a, S, out_a, out_b, accumulate)
+
+
+@njit(**_JIT)
+def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev, dc, hn_t, h_t,
+              dh, gx_t, gh_t, S):
+    """Backward step for the units of panels [p0, p1) of ``Wb`` (no projection: Hr = H).
+
+    First ``dh[:m_g] (+)= g_in[:m_g] @ W_hh`` for these units (g_in: the previous step's
+    grad_xw, or grad_hw for GRU, which accumulates onto its direct part ``dh * z``); then the
+    cell backward for rows [0, m), where the gradient reaching h_t is ``dh + gs_t``.
+    a_t [B, G]: saved gates; c_t [B, H]: c_t (LSTM); prev / init [B, H]: c_{t-1} (LSTM) or
+    h_{t-1} (GRU) for rows < m_prev / the initial state for the others; dc [B, H] (LSTM);
+    hn_t [B, H] (GRU); h_t [B, H] (RNN); gx_t, gh_t [B, G] <- gradients."""
+    G = gx_t.shape[1]
+    H = dh.shape[1]
+    upp = Wb.shape[2]
+    ppg = UNIT_GROUP // upp
+    empty = dh[:0]
+    for g0 in range(p0, p1, ppg):
+        g1 = min(g0 + ppg, p1)
+        if m_g > 0:
+            _gemm_group(g0, g1, m_g, Wb, g_in, S, dh, empty, cell == GRU)
+        J = g0 * upp
+        nu = min(g1 * upp, H) - J
+        for b in range(m):
+            if cell == LSTM:
+                lstm_bwd_units(nu, J, H, a_t[b], c_t[b], prev[b] if b < m_prev else init[b], dh[b], J,
+                               gs_t[b], dc[b], gx_t[b])
+            elif cell == GRU:
+                gru_bwd_units(nu, J, H, a_t[b], hn_t[b], prev[b] if b < m_prev else init[b], dh[b], gs_t[b],
+                              gx_t[b], gh_t[b])
+            else:
+                rnn_bwd_units(cell == RNN_RELU, nu, J, h_t[b], dh[b], gs_t[b], gx_t[b])
+
+
+@njit(**_JIT)
+def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S):
+    """LSTM with a projection, second half of a backward step: for the H-units of panels
+    [p0, p1) of ``Wu`` (W_hr packed), ``dhu = dh[:m] @ W_hr`` into the scratch tile, then the
+    cell backward with it (``zeros`` [H]: dh already holds the output gradient)."""
+    H = c_t.shape[1]
+    upp = Wu.shape[2]
+    L = upp // 4
+    ppg = UNIT_GROUP // upp
+    n_tiles, base, extra = _row_tiles(m, MR4)
+    for g0 in range(p0, p1, ppg):
+        g1 = min(g0 + ppg, p1)
+        J = g0 * upp
+        nu = min(g1 * upp, H) - J
+        r0 = 0
+        for tile in range(n_tiles):
+            mr = base + (1 if tile < extra else 0)
+            for p in range(g0, g1):
+                _gemm_tile(dh, r0, mr, Wu, p, S, (p - g0) * upp, L, 4)
+            for r in range(mr):
+                b = r0 + r
+                lstm_bwd_units(nu, J, H, a_t[b], c_t[b], prev[b] if b < m_prev else init[b], S[r], 0,
+                               zeros, dc[b], gx_t[b])
+            r0 += mr
+
+
+@njit(**_JIT)
+def proj_grad_rows(J0, J1, m, dh, gs_t, ghp_t):
+    """dh[:m, J0:J1] += gs_t (the output gradient), recorded in ghp_t (for grad_w_hr)."""
+    for b in range(m):
+        d, g, o = dh[b], gs_t[b], ghp_t[b]
+        for j in range(J0, J1):
+            d[j] += g[j]
+            o[j] = d[j]
 
 
 # ---------------------------------------------------------------------------------------------
 # Whole-sequence kernels
 # ---------------------------------------------------------------------------------------------
 @njit(**_JIT)
-def _zero_rows(a, m):
-    """a[m:] = 0 for a [B, K]."""
-    for b in range(m, a.shape[0]):
+def _threads(macs, panels, nth_max, min_macs):
+    """Threads for one step: one when the step is too small to repay a parallel region."""
+    if macs < min_macs or nth_max < 2:
+        return 1
+    return min(nth_max, panels)
+
+
+@njit(**_JIT)
+def _copy_rows(src, dst, r0, r1):
+    for b in range(r0, r1):
+        for k in range(src.shape[1]):
+            dst[b, k] = src[b, k]
+
+
+@njit(**_JIT)
+def _zero_rows(a, r0):
+    for b in range(r0, a.shape[0]):
         for k in range(a.shape[1]):
             a[b, k] = 0
 
 
 @njit(**_JIT)
-def rnn_forward(cell, gemm, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
-                h_seq, h_state, c_state, c_seq, hu_seq, hn_seq, hw):
+def _packed_forward_weights(cell, w_hh, H, dtype_probe):
+    L = VEC_BYTES // dtype_probe.itemsize
+    gate_layout = cell == LSTM or cell == GRU
+    nv = 3 if cell == GRU else 4
+    upp = L if gate_layout else nv * L
+    W = np.empty(((H + upp - 1) // upp, w_hh.shape[1], nv * L), w_hh.dtype)
+    pack_panels(w_hh, False, nv if gate_layout else 1, H, nv, W)
+    return W
+
+
+@njit(**_JIT)
+def _packed_plain(M, units, K, trans):
+    """Pack for ``y = x @ M'`` with ``units`` output columns, K inputs (see pack_panels)."""
+    L = VEC_BYTES // M.itemsize
+    W = np.empty(((units + 4 * L - 1) // (4 * L), K, 4 * L), M.dtype)
+    pack_panels(M, trans, 1, units, 4, W)
+    return W
+
+
+@njit(**_JIT_PARALLEL)
+def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
+                h_seq, h_state, c_state, c_seq, hu_seq, hn_seq):
     """Forward recurrence over all T steps.
 
+    nth_max     threads to use at most (``numba.get_num_threads()``: passed in because calling
+                it from compiled code would make the kernel uncacheable)
+    min_macs    a step with fewer multiply-adds runs on one thread (PAR_MIN_MACS)
     cell        LSTM | GRU | RNN_TANH | RNN_RELU
     xw          [T, B, G]  in: x W_ih^T + b_ih;  out: activated gates (LSTM i,f,g,o; GRU r,z,n),
-                           zero on inactive rows (RNN: h_t, not read later)
+                           zero on inactive rows (RNN: left as scratch)
     w_hh [G, Hr]; b_hh [G] (zeros when absent); h0 [B, Hr]; c0 [B, H] (LSTM, else empty)
     w_hr        [Hr, H] (LSTM with projection) or empty [0, 0]
     batch_sizes [T] int64 (all B when not packed)
     h_seq       [T, B, Hr] out (zero on inactive rows)
     h_state     [B, Hr] out: h_T;  c_state [B, H] out: c_T (LSTM, else empty)
-    c_seq       [T, B, H] out when training (LSTM: c_t), else [1, B, H] scratch
+    c_seq       [T, B, H] out when training (LSTM: c_t), else [1, B, H] scratch; empty otherwise
     hu_seq      [T, B, H] out when training (LSTM with projection: o * tanh(c_t)), else [1, B, H]
                 scratch; empty when there is no projection
     hn_seq      [T, B, H] out when training (GRU: W_hn h_{t-1} + b_hn), else [1, B, H] scratch
-    hw          [B, G] scratch for h_{t-1} W_hh^T (GRU only; LSTM and RNN accumulate into xw)
     """
     T, B, G = xw.shape
+    Hr = w_hh.shape[1]
     proj = w_hr.shape[0] > 0
     H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
-    ws_i = np.empty(8, np.int32)
-    ws_f = np.empty(2, xw.dtype)
-    h_state[:, :] = h0
+    Wf = _packed_forward_weights(cell, w_hh, H, xw)
+    P = Wf.shape[0]
+    Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
+    Pr = Wr.shape[0]
+    S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), xw.dtype)
+    hbuf = np.empty((2, B, Hr), xw.dtype)
+    _copy_rows(h0, hbuf[0], 0, B)
     if cell == LSTM:
-        c_state[:, :] = c0
+        _copy_rows(c0, c_state, 0, B)
+    none2 = h_state[:0]
     for s in range(T):
         t = T - 1 - s if reverse else s
         m = batch_sizes[t]
         ts = t if training else 0
-        x_t = xw[t]
-        if cell == GRU:
-            mm_abt(gemm, ws_i, ws_f, m, h_state, w_hh, hw, 0)
+        h_in, h_out = hbuf[s % 2], hbuf[(s + 1) % 2]
+        x_t, h_seq_t = xw[t], h_seq[t]
+        c_out = c_seq[ts] if cell == LSTM else none2
+        hu_t = hu_seq[ts] if proj else h_seq_t
+        hn_t = hn_seq[ts] if cell == GRU else none2
+        nth = _threads(m * G * Hr, P, nth_max, min_macs)
+        if nth == 1:
+            fwd_chunk(cell, 0, P, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S[0])
         else:
-            mm_abt(gemm, ws_i, ws_f, m, h_state, w_hh, x_t, 1)
-        if cell == LSTM:
-            hu_t = hu_seq[ts] if proj else h_seq[t]
-            for b in range(m):
-                g = x_t[b]
-                lstm_fwd_row(g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:],
-                             b_hh[:H], b_hh[H:2 * H], b_hh[2 * H:3 * H], b_hh[3 * H:],
-                             c_state[b], c_seq[ts, b], hu_t[b])
-            if proj:
-                mm_abt(gemm, ws_i, ws_f, m, hu_t, w_hr, h_seq[t], 0)
-            h_state[:m] = h_seq[t, :m]
-            if training and m < B:
-                _zero_rows(c_seq[t], m)
-                if proj:
-                    _zero_rows(hu_seq[t], m)
-        elif cell == GRU:
-            for b in range(m):
-                g, q = x_t[b], hw[b]
-                gru_fwd_row(g[:H], g[H:2 * H], g[2 * H:], q[:H], q[H:2 * H], q[2 * H:],
-                            b_hh[:H], b_hh[H:2 * H], b_hh[2 * H:], h_state[b], hn_seq[ts, b], h_seq[t, b])
-            if training and m < B:
-                _zero_rows(hn_seq[t], m)
-        else:
-            for b in range(m):
-                rnn_fwd_row(cell == RNN_RELU, x_t[b], b_hh, h_state[b], h_seq[t, b])
-        if m < B:
-            _zero_rows(h_seq[t], m)
+            for c in prange(nth):
+                fwd_chunk(cell, c * P // nth, (c + 1) * P // nth, m, proj, Wf, h_in, x_t, b_hh, c_state,
+                          c_out, hu_t, hn_t, h_out, h_seq_t, S[c])
+        if proj:
+            nth = _threads(m * H * Hr, Pr, nth_max, min_macs)
+            if nth == 1:
+                gemm_chunk(0, Pr, m, Wr, hu_t, S[0], h_out, h_seq_t, False)
+            else:
+                for c in prange(nth):
+                    gemm_chunk(c * Pr // nth, (c + 1) * Pr // nth, m, Wr, hu_t, S[c], h_out, h_seq_t, False)
+        if m < B:  # finished rows keep their state; their outputs are zero
+            _copy_rows(h_in, h_out, m, B)
+            _zero_rows(h_seq_t, m)
             _zero_rows(x_t, m)
+            if training and cell == LSTM:
+                _zero_rows(c_out, m)
+                if proj:
+                    _zero_rows(hu_t, m)
+            if training and cell == GRU:
+                _zero_rows(hn_t, m)
+    _copy_rows(hbuf[T % 2], h_state, 0, B)
 
 
-@njit(**_JIT)
-def rnn_backward(cell, gemm, grad_h_seq, w_hh, w_hr, h0, c0, batch_sizes, reverse,
-                 h_seq, acts, c_seq, hn_seq, dh, dc, grad_xw, grad_hw, grad_hproj, dhu):
+@njit(**_JIT_PARALLEL)
+def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_sizes, reverse,
+                 h_seq, acts, c_seq, hn_seq, dh, dc, grad_xw, grad_hw, grad_hproj):
     """Backward recurrence over all T steps (the forward's steps in the opposite order).
 
+    nth_max, min_macs: as in rnn_forward
     grad_h_seq  [T, B, Hr];  w_hh [G, Hr];  w_hr [Hr, H] or empty;  h0 [B, Hr];  c0 [B, H] or empty
     h_seq, acts, c_seq, hn_seq: what the forward saved (acts/c_seq/hn_seq empty where unused)
     dh          [B, Hr]  in: grad_h_T;  out: grad_h0
     dc          [B, H]   in: grad_c_T;  out: grad_c0 (LSTM, else empty)
     grad_xw     [T, B, G] out;  grad_hw [T, B, G] out (GRU; the same array as grad_xw otherwise)
     grad_hproj  [T, B, Hr] out: gradient reaching each projected h_t (LSTM with projection)
-    dhu         [B, H] scratch: gradient reaching o * tanh(c_t) (LSTM with projection)
     """
     T, B, G = grad_xw.shape
+    Hr = w_hh.shape[1]
     proj = w_hr.shape[0] > 0
     H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
-    ws_i = np.empty(8, np.int32)
-    ws_f = np.empty(2, grad_xw.dtype)
+    Wb = _packed_plain(w_hh, Hr, G, True)            # dh = grad_gates @ W_hh
+    Pb = Wb.shape[0]
+    Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]   # dhu = dh @ W_hr
+    Pu = Wu.shape[0]
+    upp = Wb.shape[2]
+    zeros = np.zeros(H, grad_xw.dtype)
+    S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), grad_xw.dtype)
+    g_src = grad_hw if cell == GRU else grad_xw      # what the step GEMM multiplies by W_hh
+    none2 = dh[:0]
+    t_last, m_last = 0, 0
     for s in range(T):
         t = s if reverse else T - 1 - s
         m = batch_sizes[t]
-        # rows that started step t from the initial state rather than from step t -/+ 1
-        if reverse:
-            m_prev = batch_sizes[t + 1] if t + 1 < T else 0
-        else:
-            m_prev = m if t > 0 else 0
+        # the state each row started step t from: step t-1's (t+1's in reverse) or the initial one
         t_prev = t + 1 if reverse else t - 1
-        for b in range(m):
-            for k in range(dh.shape[1]):
-                dh[b, k] += grad_h_seq[t, b, k]
-        gx = grad_xw[t]
+        m_prev = (batch_sizes[t_prev] if t_prev < T else 0) if reverse else (m if t > 0 else 0)
         if cell == LSTM:
-            if proj:
-                grad_hproj[t, :m] = dh[:m]
-                if m < B:
-                    _zero_rows(grad_hproj[t], m)
-                mm_ab(gemm, ws_i, ws_f, m, dh, w_hr, dhu, 0)
-            d_u = dhu if proj else dh
-            a = acts[t]
-            for b in range(m):
-                g, q = a[b], gx[b]
-                c_prev = c_seq[t_prev, b] if b < m_prev else c0[b]
-                lstm_bwd_row(g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:], c_seq[t, b], c_prev,
-                             d_u[b], dc[b], q[:H], q[H:2 * H], q[2 * H:3 * H], q[3 * H:])
-            if m < B:
-                _zero_rows(gx, m)
-            mm_ab(gemm, ws_i, ws_f, m, gx, w_hh, dh, 0)
+            prev, init = (c_seq[t_prev] if m_prev > 0 else c0), c0
         elif cell == GRU:
-            a, gh = acts[t], grad_hw[t]
-            for b in range(m):
-                g, q, p = a[b], gx[b], gh[b]
-                h_prev = h_seq[t_prev, b] if b < m_prev else h0[b]
-                gru_bwd_row(g[:H], g[H:2 * H], g[2 * H:], hn_seq[t, b], h_prev, dh[b],
-                            q[:H], q[H:2 * H], q[2 * H:], p[2 * H:])
-                p[:2 * H] = q[:2 * H]
-            if m < B:
-                _zero_rows(gx, m)
-                _zero_rows(gh, m)
-            mm_ab(gemm, ws_i, ws_f, m, gh, w_hh, dh, 1)
+            prev, init = (h_seq[t_prev] if m_prev > 0 else h0), h0
         else:
-            for b in range(m):
-                rnn_bwd_row(cell == RNN_RELU, h_seq[t, b], dh[b], gx[b])
+            prev, init = none2, none2
+        g_in = g_src[t_last]
+        a_t = acts[t] if (cell == LSTM or cell == GRU) else none2
+        c_t = c_seq[t] if cell == LSTM else none2
+        hn_t = hn_seq[t] if cell == GRU else none2
+        gs_t, gx_t, gh_t = grad_h_seq[t], grad_xw[t], grad_hw[t]
+        if not proj:
+            nth = _threads(max(m_last, m) * G * Hr, Pb, nth_max, min_macs)
+            if nth == 1:
+                bwd_chunk(cell, 0, Pb, m_last, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev, dc, hn_t,
+                          h_seq[t], dh, gx_t, gh_t, S[0])
+            else:
+                for c in prange(nth):
+                    bwd_chunk(cell, c * Pb // nth, (c + 1) * Pb // nth, m_last, g_in, Wb, m, gs_t, a_t, c_t,
+                              prev, init, m_prev, dc, hn_t, h_seq[t], dh, gx_t, gh_t, S[c])
+        else:
+            ghp_t = grad_hproj[t]
+            nth = _threads(max(m_last, m) * G * Hr, Pb, nth_max, min_macs)
+            if nth == 1:
+                gemm_chunk(0, Pb, m_last, Wb, g_in, S[0], dh, none2, False)
+                proj_grad_rows(0, Hr, m, dh, gs_t, ghp_t)
+            else:
+                for c in prange(nth):
+                    gemm_chunk(c * Pb // nth, (c + 1) * Pb // nth, m_last, Wb, g_in, S[c], dh, none2, False)
+                    proj_grad_rows(min(c * Pb // nth * upp, Hr), min((c + 1) * Pb // nth * upp, Hr), m, dh,
+                                   gs_t, ghp_t)
+            nth = _threads(m * H * Hr, Pu, nth_max, min_macs)
+            if nth == 1:
+                lstm_proj_bwd_chunk(0, Pu, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S[0])
+            else:
+                for c in prange(nth):
+                    lstm_proj_bwd_chunk(c * Pu // nth, (c + 1) * Pu // nth, m, Wu, dh, a_t, c_t, prev, init,
+                                        m_prev, zeros, dc, gx_t, S[c])
             if m < B:
-                _zero_rows(gx, m)
-            mm_ab(gemm, ws_i, ws_f, m, gx, w_hh, dh, 0)
+                _zero_rows(ghp_t, m)
+        if m < B:
+            _zero_rows(gx_t, m)
+            if cell == GRU:
+                _zero_rows(gh_t, m)
+        t_last, m_last = t, m
+    # the first step's gradient through W_hh reaches h0
+    g_in = g_src[t_last]
+    nth = _threads(m_last * G * Hr, Pb, nth_max, min_macs)
+    if nth == 1:
+        gemm_chunk(0, Pb, m_last, Wb, g_in, S[0], dh, none2, cell == GRU)
+    else:
+        for c in prange(nth):
+            gemm_chunk(c * Pb // nth, (c + 1) * Pb // nth, m_last, Wb, g_in, S[c], dh, none2, cell == GRU)

@@ -6,12 +6,12 @@ direction, the whole sequence per call) and is tested against that reference.
 How a call runs
 ---------------
 Tensors cross as zero-copy numpy views (``t.detach().contiguous().numpy()``); the kernels
-``rnn_kernels.rnn_forward`` / ``rnn_backward`` run the whole time loop in compiled code. Each
-step is one BLAS gemm ``h_{t-1} W_hh^T`` (scipy's OpenBLAS, called from the kernel through a
-function pointer) and one fused pass over the gates of every active row; LSTM and RNN
-accumulate the gemm straight into ``xw`` (the op code hands ``xw`` over as scratch), GRU keeps
-the hidden-side ``n`` pre-activation apart in a [B, 3H] scratch buffer. Nothing is allocated
-inside the loop.
+``rnn_kernels.rnn_forward`` / ``rnn_backward`` run the whole time loop in compiled code. They
+pack ``W_hh`` (and ``W_hr``) once per call into register-tile panels, then each step is, per
+thread and per group of hidden units, a register-blocked AVX-512 GEMM tile (``tile_gemm``,
+written in LLVM IR) of ``h_{t-1} W_hh^T`` followed at once by the fused cell step on those
+units, while the tile is in L1 (see the ``rnn_kernels`` docstring). Activated gates are
+written over ``xw`` (the op code hands ``xw`` over as scratch). No BLAS, no per-step allocation.
 
 What is saved (training=True; the same tuples as the reference backend)
 ------------------------------------------------------------------------
@@ -38,20 +38,23 @@ On by default; ``FASTRNN_NUMBA_CACHE=0`` turns it off (read when the kernels are
 It is Numba's own ``cache=True``: the files go to ``fastrnn/_numba/__pycache__`` (or, where that
 is not writable, Numba's user-wide cache directory, or ``NUMBA_CACHE_DIR`` if set). Numba keys
 entries on the kernel source file's timestamp, the argument types, the Numba version and the
-host CPU, and writes each file through a temporary name and an atomic rename. Two weaknesses
-are handled here: (1) staleness across files -- every function the kernels inline lives in the
-single file ``rnn_kernels.py``, whose timestamp is the key; (2) several processes (pytest
-workers) compiling the same kernels at once -- the first use of a dtype takes an exclusive
-file lock next to the cache, so one process compiles and writes while the others wait and
-then load its result. The BLAS function is an argument, not a constant baked into the code,
-because a cached kernel must not contain an address from the process that compiled it.
+host CPU (the kernels bake in the host's vector width), and writes each file through a
+temporary name and an atomic rename. Two weaknesses are handled here: (1) staleness across
+files -- every function the kernels inline lives in the single file ``rnn_kernels.py``, whose
+timestamp is the key; (2) several processes (pytest workers) compiling the same kernels at
+once -- the first use of a dtype takes an exclusive file lock next to the cache, so one
+process compiles and writes while the others wait and then load its result. The thread
+count is a kernel argument, not ``numba.get_num_threads()`` called inside: that call embeds
+a process-specific address, which makes a function uncacheable.
 
 Threads
 -------
-The kernels themselves are serial; the per-step gemm uses scipy's OpenBLAS thread pool.
-``fastrnn.set_num_threads(n)`` sets torch, numba and that OpenBLAS together. Numba can reset
-torch's thread count when its OpenMP pool starts (numba#9387): every kernel call here restores
-``torch.get_num_threads()`` if it changed.
+A step runs as one ``prange`` region (two with a projection) over numba's threads, each thread
+owning a contiguous share of the hidden units (and so of ``W_hh``, which stays in its core's
+L2 across steps); a step with fewer than ``PAR_MIN_MACS`` multiply-adds runs on the calling
+thread, because waking the pool costs more than it saves. ``fastrnn.set_num_threads(n)`` sets
+torch and numba together. Numba can reset torch's thread count when its OpenMP pool starts
+(numba#9387): every kernel call here restores ``torch.get_num_threads()`` if it changed.
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ name = "numba"
 
 _kernels = None            # the fastrnn._numba.rnn_kernels module, or the reason it is unusable
 _compile_seconds: dict[str, dict[str, float]] = {}   # dtype name -> kernel name -> seconds
+PAR_MIN_MACS: int | None = None   # None: the kernels' default
 
 
 def _load():
@@ -76,7 +80,7 @@ def _load():
         try:
             from .._numba import rnn_kernels
             _kernels = rnn_kernels
-        except Exception as exc:  # numba or scipy missing or broken
+        except Exception as exc:  # numba missing or broken
             _kernels = f"numba kernels unavailable: {type(exc).__name__}: {exc}"
     return _kernels
 
@@ -121,8 +125,8 @@ def _example_args(k, dtype: np.dtype):
     """Tiny arguments with the exact types of every real call (one signature per dtype)."""
     a1, a2, a3 = (np.zeros((1,) * n, dtype) for n in (1, 2, 3))
     bs = np.ones(1, np.int64)
-    fwd = (0, k.GEMM[dtype], a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3, a2)
-    bwd = (0, k.GEMM[dtype], a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3, a2)
+    fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3)
+    bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3)
     return {"rnn_forward": fwd, "rnn_backward": bwd}
 
 
@@ -157,7 +161,6 @@ def info(warm: bool = True) -> dict:
     if isinstance(k, str):
         return {"available": False, "reason": k}
     import numba
-    from .._numba import openblas
     if warm:
         _ensure_compiled(np.dtype(np.float32))
     try:
@@ -175,7 +178,7 @@ def info(warm: bool = True) -> dict:
                   "misses": sum(sum(s.cache_misses.values()) for s in stats.values())},
         "threading_layer": layer,
         "numba_threads": numba.get_num_threads(),
-        "blas": f"scipy OpenBLAS ({openblas.corename()}), {openblas.get_num_threads()} threads",
+        "vector_bytes": k.VEC_BYTES,
     }
 
 
@@ -192,7 +195,7 @@ def _empty(ndim: int, dtype) -> np.ndarray:
 
 def _dtype(t: torch.Tensor, k) -> np.dtype:
     dt = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}.get(t.dtype)
-    if dt is None or dt not in k.GEMM:
+    if dt is None:
         raise TypeError(f"fastrnn: backend 'numba' supports float32 and float64, not {t.dtype}")
     return dt
 
@@ -201,6 +204,12 @@ def _batch_sizes(batch_sizes, T: int, B: int) -> np.ndarray:
     if batch_sizes is None:
         return np.full(T, B, np.int64)
     return batch_sizes.detach().to("cpu", torch.int64).contiguous().numpy()
+
+
+def _min_macs(k) -> int:
+    """Multiply-adds per step below which a step runs on one thread (tests set PAR_MIN_MACS = 0
+    here to exercise the parallel path at small sizes)."""
+    return k.PAR_MIN_MACS if PAR_MIN_MACS is None else PAR_MIN_MACS
 
 
 def _run(kernel, dtype: np.dtype, *args) -> None:
@@ -227,10 +236,10 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
     e2, e3 = _empty(2, dt), _empty(3, dt)
     opt = lambda t, e: e if t is None else _np(t)  # noqa: E731
     b = _np(b_hh) if b_hh is not None else np.zeros(G, dt)
-    _run(k.rnn_forward, dt, k.CELL_CODES[cell], k.GEMM[dt], _np(xw), _np(w_hh), b, _np(h0),
+    _run(k.rnn_forward, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], _np(xw), _np(w_hh), b, _np(h0),
          opt(c0 if is_lstm else None, e2), opt(w_hr, e2), _batch_sizes(batch_sizes, T, B),
          bool(reverse), bool(training), h_seq.numpy(), h_T.numpy(), opt(c_T, e2),
-         opt(c_seq, e3), opt(hu_seq, e3), opt(hn_seq, e3), np.empty((B, G) if is_gru else (0, 0), dt))
+         opt(c_seq, e3), opt(hu_seq, e3), opt(hn_seq, e3))
     if not training:
         saved = ()
     elif is_lstm:
@@ -264,11 +273,10 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     acts = _np(saved[1]) if (is_lstm or is_gru) else e3
     c_seq = _np(saved[2]) if is_lstm else e3
     hn_seq = _np(saved[2]) if is_gru else e3
-    _run(k.rnn_backward, dt, k.CELL_CODES[cell], k.GEMM[dt], g_seq, _np(w_hh),
+    _run(k.rnn_backward, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], g_seq, _np(w_hh),
          _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2, _batch_sizes(batch_sizes, T, B),
          bool(reverse), _np(h_seq), acts, c_seq, hn_seq, dh.numpy(), dc.numpy() if is_lstm else e2,
-         grad_xw.numpy(), grad_hw.numpy(), grad_hproj.numpy() if proj else e3,
-         np.empty((B, H) if proj else (0, 0), dt))
+         grad_xw.numpy(), grad_hw.numpy(), grad_hproj.numpy() if proj else e3)
     grad_w_hr = None
     if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
         grad_w_hr = grad_hproj.reshape(T * B, Hr).t() @ saved[3].reshape(T * B, H)
