@@ -158,17 +158,22 @@ inline int64_t panel_width(int64_t N, int64_t M = 1) {
   return std::clamp<int64_t>((per_thread + 15) / 16 * 16, 16, 256);
 }
 
-// C[M,N] (+)= A[M,K] B with B packed; threads over (row blocks x panels).
+// C[M,N] (+)= A[M,K] B (+ bias[N] broadcast over rows) with B packed; threads over
+// (row blocks x panels). The bias is written into each C tile just before its GEMM, while the
+// tile is in cache, instead of in a separate pass over all of C.
 template <typename T>
-void gemm_packed(int64_t M, const T* A, int64_t lda, const PackedB<T>& B, T* C, int64_t ldc, bool add) {
+void gemm_packed(int64_t M, const T* A, int64_t lda, const PackedB<T>& B, T* C, int64_t ldc, bool add,
+                 const T* bias = nullptr) {
   if (M <= 0 || B.N == 0) return;
   constexpr int64_t MB = 256;
   const int64_t tm = (M + MB - 1) / MB, tn = B.panels();
   auto work = [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = (k / tn) * MB, p = k % tn;
-      gemm_block(std::min(MB, M - r0), B.width(p), B.K, A + r0 * lda, lda, B.panel(p), B.width(p),
-                 C + r0 * ldc + p * B.NB, ldc, add);
+      const int64_t r0 = (k / tn) * MB, p = k % tn, rows = std::min(MB, M - r0), w = B.width(p);
+      T* c = C + r0 * ldc + p * B.NB;
+      if (bias)
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias + p * B.NB, sizeof(T) * w);
+      gemm_block(rows, w, B.K, A + r0 * lda, lda, B.panel(p), w, c, ldc, add || bias);
     }
     release_gemm();
   };
@@ -784,10 +789,11 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   TORCH_CHECK(x.size(1) == w.size(1) && w.scalar_type() == x.scalar_type(), "linear: shape/dtype mismatch");
   const int64_t N = x.size(0), I = x.size(1), G = w.size(0);
   const bool has_b = b.has_value() && b->defined();
-  Tensor out = has_b ? b->expand({N, G}).contiguous() : at::empty({N, G}, x.options());
+  Tensor out = at::empty({N, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_linear", [&] {
     const auto wt = PackedB<scalar_t>::transposed(w.data_ptr<scalar_t>(), G, I, panel_width(G, N), w.options());
-    gemm_packed<scalar_t>(N, x.data_ptr<scalar_t>(), I, wt, out.data_ptr<scalar_t>(), G, has_b);
+    gemm_packed<scalar_t>(N, x.data_ptr<scalar_t>(), I, wt, out.data_ptr<scalar_t>(), G, false,
+                          has_b ? b->contiguous().data_ptr<scalar_t>() : nullptr);
   });
   return out;
 }

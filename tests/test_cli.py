@@ -1,0 +1,35 @@
+"""The command-line paths: bench writes its files and gates correctness, info and profile run,
+and the profiler trace carries fastrnn's kernel names."""
+import json
+
+from fastrnn.__main__ import main
+
+
+def test_bench_quick_writes_results(tmp_path, capsys):
+    rc = main(["bench", "--quick", "--ops", "gru", "--backends", "torch", "--modes", "infer", "train",
+               "--rounds", "1", "--no-progress", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["machine"]["torch"] and data["machine"]["cpu"] is not None
+    assert {(r["mode"], r["backend"]) for r in data["results"]} == {("infer", "torch"), ("train", "torch")}
+    assert all(r["gate_ok"] and r["speedup"] > 0 and r["max_error"] < 1e-4 for r in data["results"])
+    assert "| gru |" in (tmp_path / "bench.md").read_text()
+    out = capsys.readouterr().out
+    assert "speedup" in out and "T20_B4_I32_H32" in out
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cpp", "numba", "triton", "torch"):
+        assert f"  {name}" in out
+    assert "backends for rnn on cpu" in out and "torch_threads" in out
+
+
+def test_profile_trace_names_fastrnn_kernels(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--op", "gru", "--backend", "torch", "-T", "4", "-B", "2", "-I", "3", "-H", "5",
+                 "--iters", "1", "--trace", str(trace)]) == 0
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert "fastrnn::gru_layer_fwd[torch]" in names and "fastrnn::gru_layer_bwd[torch]" in names
+    assert "fastrnn::gru_layer_fwd[torch]" in capsys.readouterr().out
