@@ -6,32 +6,44 @@
 // additive mask `bias` [Nm, L, S] is read through its strides (stride along S is 0 or 1) at row
 // rows[n].
 //
+// Every tile product is a plain row-major C (+)= A B (no transposes), because the fastest GEMM
+// on these machines is oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, JIT AVX-512),
+// which takes no transpose flags: measured ~230 GFLOP/s a core on 64 x 256 x 64 tiles where
+// MKL's sgemm -- what torch's own CPU flash attention calls -- gets ~95 (MKL's AMD code path).
+// So operands that a product needs transposed are packed once, block by block, up front:
+//   forward   K^T, as one [E, bs] panel per key block                  (the size of k)
+//   backward  K^T panels as above, Q^T and dO^T as one [E, bl] / [Ev, bl] panel per query block,
+//             and a dQ^T accumulator in the Q^T layout               (sizes of k, q, dout, q)
+// Extra memory is therefore O(size of the inputs) plus O(N L) for lse and D, never O(L S).
+//
 // Forward: one task per (query row n, block of BL queries), run in parallel with at::parallel_for.
-// A task streams key blocks of BS keys: S = scale Q K^T (one GEMM), mask / causal / online
-// softmax row by row (vectorised exp), acc = alpha acc + P V (one GEMM, accumulated in `out`).
-// Scratch per task: BL x BS scores and 2 BL row statistics. Nothing L x S is stored; lse is saved.
+// A task streams key blocks of BS keys: S = Q K^T (one GEMM), then scale + mask + causal and the
+// online softmax row by row (vectorised exp), acc = alpha acc + P V (one GEMM, accumulated in
+// `out`). Scratch per task: BL x BS scores. lse is saved for backward.
 //
-// Backward (FlashAttention-2 order): one task per key/value row (times a few key chunks when
-// there are fewer rows than threads). For each key block, all query blocks of the G query heads
-// that share it stream past: P = exp(S - lse), dV += (P*Z)^T dO, dP = dO V^T,
-// dS = P * (Z dP - D), dK += scale dS^T Q, dQ += scale dS K. dK/dV of a key block stay in cache
-// for the whole sweep; dQ goes straight into grad_q (or a per-chunk buffer when key chunks split
-// a row, summed at the end). D = rowsum(dO * out) is computed first, O(N L).
+// Backward (FlashAttention-2 order, computed transposed): one task per key/value row (times a
+// few key chunks when there are fewer rows than threads). For each key block, all query blocks of
+// the G query heads sharing it stream past: S^T = K Q^T, P^T = exp(S^T - lse),
+// dV += (P Z)^T dO, dP^T = V dO^T, dS^T = P^T (Z dP^T - D), dK += dS^T Q, dQ^T += K^T dS^T.
+// dK/dV of a key block stay in cache for the sweep; dQ^T goes to a per-row (or per-chunk)
+// accumulator that is transposed (and chunk-summed) into grad_q at the end, with the `scale`
+// factors of dK and dQ applied there once. D = rowsum(dO * out) is computed first, O(N L).
 //
-// GEMMs: MKL's sgemm_/dgemm_ (exported by libtorch_cpu when torch is built with MKL, compiled in
-// with -DFASTRNN_MKL); otherwise at::addmm_ on views of the same buffers. Inside at::parallel_for
-// MKL runs single-threaded, which is what we want: the parallelism is over tasks.
+// GEMM fallbacks: MKL sgemm_/dgemm_ (exported by libtorch_cpu; -DFASTRNN_MKL) when brgemm is
+// unavailable (no AVX-512, oneDNN ukernels not built) and for float64; at::mm otherwise.
 //
 // Pointwise row math for float is compiled once per ISA (AVX-512, AVX2+FMA, baseline; GCC
 // target_clones, picked at load time) with a branch-free exp, because the default build flags
 // target plain x86-64. NaN propagates: no -ffast-math, and comparisons keep NaN operands.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -63,54 +75,84 @@ int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, work_per_task));
 }
 
-// ---- GEMM (column-major BLAS convention) -------------------------------------------------------
+// ---- GEMM: row-major C[M, N] (+)= A[M, K] B[K, N] -----------------------------------------------
 
-#ifdef FASTRNN_MKL
-void blas_gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-               const float* b, int ldb, float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-void blas_gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda,
-               const double* b, int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-constexpr const char* kBlas = "mkl";
-#else
-// The same call on tensor views of the buffers. A column-major m x k matrix with leading
-// dimension ld is the transpose of a row-major [k, m] view with strides (ld, 1).
-template <typename T>
-at::Tensor colmajor(const T* p, int rows, int cols, int ld) {
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  return at::from_blob(const_cast<T*>(p), {cols, rows}, {ld, 1}, opts).t();
-}
-template <typename T>
-void blas_gemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
-               int ldb, T beta, T* c, int ldc) {
-  at::Tensor A = ta == 'N' ? colmajor(a, m, k, lda) : colmajor(a, k, m, lda).t();
-  at::Tensor B = tb == 'N' ? colmajor(b, k, n, ldb) : colmajor(b, n, k, ldb).t();
-  colmajor(c, m, n, ldc).addmm_(A, B, beta, alpha);  // beta = 0 ignores C's old contents
-}
-constexpr const char* kBlas = "aten";
+bool brgemm_usable() {
+#ifdef FASTRNN_NO_BRGEMM  // build switch to exercise the fallbacks
+  return false;
 #endif
+  // Probe once: brgemm throws where oneDNN's ukernels are not built in or the CPU lacks AVX-512.
+  static const bool ok = [] {
+    try {
+      float a[2] = {1.f, 2.f}, b[2] = {3.f, 4.f}, c[1] = {0.f};
+      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 11.f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
 
-// Row-major helpers on top of it (all matrices row-major with the given leading dims).
-// C[m, n] (+)= alpha * A[m, k] B[n, k]^T
-template <typename T>
-void gemm_abt(int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
-              int ldc) {
-  blas_gemm('T', 'N', n, m, k, alpha, B, ldb, A, lda, beta, C, ldc);
+const char* gemm_name() {
+  if (brgemm_usable()) return "onednn-brgemm";
+#ifdef FASTRNN_MKL
+  return "mkl";
+#else
+  return "aten";
+#endif
 }
-// C[m, n] (+)= alpha * A[m, k] B[k, n]
-template <typename T>
-void gemm_ab(int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
-             int ldc) {
-  blas_gemm('N', 'N', n, m, k, alpha, B, ldb, A, lda, beta, C, ldc);
+
+// Called at the end of every parallel chunk that used brgemm (frees its per-thread state).
+void gemm_release() {
+  if (brgemm_usable()) at::native::cpublas::brgemm_release(false);
 }
-// C[m, n] (+)= alpha * A[k, m]^T B[k, n]
+
 template <typename T>
-void gemm_atb(int m, int n, int k, T alpha, const T* A, int lda, const T* B, int ldb, T beta, T* C,
-              int ldc) {
-  blas_gemm('N', 'T', n, m, k, alpha, B, ldb, A, lda, beta, C, ldc);
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+          int64_t ldc, bool add) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm_usable()) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+      return;
+    }
+  }
+#ifdef FASTRNN_MKL
+  {  // column-major BLAS on row-major data: C^T = B^T A^T
+    const char nt = 'N';
+    const int m_ = int(M), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
+    const T one = 1, beta = add ? 1 : 0;
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&nt, &nt, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
+    else
+      dgemm_(&nt, &nt, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
+    return;
+  }
+#endif
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (add) c.addmm_(a, b);
+  else at::mm_out(c, a, b);
+}
+
+// Transposed panels: src holds `batch` row-major [R, C] matrices; block b of rows [r0, r0 + w)
+// (w = min(B, R - r0)) becomes the contiguous [C, w] matrix at dst + (batch_row * R + r0) * C.
+// Same total size as src; a panel is one linear stream for the GEMM that reads it.
+template <typename T>
+void pack_transposed(const T* src, int64_t batch, int64_t R, int64_t C, int64_t B, T* dst) {
+  const int64_t nb = (R + B - 1) / B;
+  at::parallel_for(0, batch * nb, grain_for(B * C), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / nb, r0 = (t % nb) * B, w = std::min(B, R - r0);
+      const T* s = src + (b * R + r0) * C;
+      T* d = dst + (b * R + r0) * C;
+      for (int64_t c = 0; c < C; ++c)  // contiguous writes; the strided reads stay in L1
+        for (int64_t r = 0; r < w; ++r) d[c * w + r] = s[r * C + c];
+    }
+  });
 }
 
 // ---- pointwise math ----------------------------------------------------------------------------
@@ -155,108 +197,119 @@ SDPA_INLINE uint32_t row_key(uint32_t seed, int64_t n, int64_t i) {
   return mix32(mix32(seed ^ (static_cast<uint32_t>(n) * kMulN)) ^ (static_cast<uint32_t>(i) * kMulI));
 }
 
-// Row operations; `bs` is the length of the row (<= block size).
+// Row operations on n contiguous elements.
+// s = s * scale + b[j * stride]: stride 1 (mask row), 0 (mask broadcast along the row) or any
+// (a transposed tile reads the mask down a column)
 template <typename T>
-SDPA_INLINE void add_bias_t(T* s, const T* b, int64_t stride, int bs) {
-  if (stride == 1) {
+SDPA_INLINE void scale_bias_t(T* s, T scale, const T* b, int64_t stride, int n) {
+  if (!b) {
 #pragma omp simd
-    for (int j = 0; j < bs; ++j) s[j] += b[j];
-  } else {
+    for (int j = 0; j < n; ++j) s[j] *= scale;
+  } else if (stride == 1) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) s[j] = s[j] * scale + b[j];
+  } else if (stride == 0) {
     const T c = b[0];
 #pragma omp simd
-    for (int j = 0; j < bs; ++j) s[j] += c;
+    for (int j = 0; j < n; ++j) s[j] = s[j] * scale + c;
+  } else {
+    for (int j = 0; j < n; ++j) s[j] = s[j] * scale + b[j * stride];
   }
 }
 template <typename T>
-SDPA_INLINE T row_max_t(const T* s, int bs) {
+SDPA_INLINE T row_max_t(const T* s, int n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int j = 0; j < bs; ++j) m = s[j] > m ? s[j] : m;
+  for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
   return m;
 }
 // s <- exp(s - mu); returns the row sum
 template <typename T>
-SDPA_INLINE T exp_sum_t(T* s, T mu, int bs) {
+SDPA_INLINE T exp_sum_t(T* s, T mu, int n) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < bs; ++j) {
+  for (int j = 0; j < n; ++j) {
     const T e = vexp(s[j] - mu);
     s[j] = e;
     sum += e;
   }
   return sum;
 }
-// s <- exp(s - lse)
+// s <- exp(s - lse), lse per element (a transposed tile: one query per column)
 template <typename T>
-SDPA_INLINE void exp_sub_t(T* s, T lse, int bs) {
+SDPA_INLINE void exp_sub_t(T* s, const T* lse, int n) {
 #pragma omp simd
-  for (int j = 0; j < bs; ++j) s[j] = vexp(s[j] - lse);
+  for (int j = 0; j < n; ++j) s[j] = vexp(s[j] - lse[j]);
 }
-// z[j] = keep(key, j0 + j) / (1 - p) or 0
+// z[j] = keep / (1 - p) or 0, with hash(keys[j] ^ mul[j]): one of keys / mul is a broadcast row
+// key (forward: one query, many keys) or a per-column key (backward: one key, many queries)
 template <typename T>
-SDPA_INLINE void dropout_scale_t(T* z, uint32_t key, int64_t j0, uint32_t threshold, T inv_keep, int bs) {
+SDPA_INLINE void dropout_row_t(T* z, uint32_t key, uint32_t j0, uint32_t thr, T inv, int n) {
 #pragma omp simd
-  for (int j = 0; j < bs; ++j) {
-    const uint32_t h = mix32(key ^ (static_cast<uint32_t>(j0 + j) * kMulJ));
-    z[j] = h >= threshold ? inv_keep : T(0);
+  for (int j = 0; j < n; ++j) {
+    const uint32_t h = mix32(key ^ ((j0 + uint32_t(j)) * kMulJ));
+    z[j] = h >= thr ? inv : T(0);
   }
 }
-// ds = p * (z * dp - D), in dp; with z == nullptr no dropout
 template <typename T>
-SDPA_INLINE void grad_scores_t(T* dp, const T* p, const T* z, T D, int bs) {
+SDPA_INLINE void dropout_col_t(T* z, const uint32_t* keys, uint32_t j, uint32_t thr, T inv, int n) {
+  const uint32_t jm = j * kMulJ;
+#pragma omp simd
+  for (int c = 0; c < n; ++c) {
+    const uint32_t h = mix32(keys[c] ^ jm);
+    z[c] = h >= thr ? inv : T(0);
+  }
+}
+// ds = p * (z * dp - D), in dp; D per element; z == nullptr: no dropout
+template <typename T>
+SDPA_INLINE void grad_scores_t(T* dp, const T* p, const T* z, const T* D, int n) {
   if (z) {
 #pragma omp simd
-    for (int j = 0; j < bs; ++j) dp[j] = p[j] * (z[j] * dp[j] - D);
+    for (int j = 0; j < n; ++j) dp[j] = p[j] * (z[j] * dp[j] - D[j]);
   } else {
 #pragma omp simd
-    for (int j = 0; j < bs; ++j) dp[j] = p[j] * (dp[j] - D);
+    for (int j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - D[j]);
   }
 }
 template <typename T>
-SDPA_INLINE void mul_t(T* y, const T* a, const T* b, int bs) {
+SDPA_INLINE void mul_t(T* y, const T* a, const T* b, int n) {
 #pragma omp simd
-  for (int j = 0; j < bs; ++j) y[j] = a[j] * b[j];
+  for (int j = 0; j < n; ++j) y[j] = a[j] * b[j];
 }
 template <typename T>
-SDPA_INLINE void scale_t(T* y, T a, int bs) {
+SDPA_INLINE void scale_t(T* y, T a, int n) {
 #pragma omp simd
-  for (int j = 0; j < bs; ++j) y[j] *= a;
+  for (int j = 0; j < n; ++j) y[j] *= a;
 }
 template <typename T>
-SDPA_INLINE T dot_t(const T* a, const T* b, int bs) {
+SDPA_INLINE T dot_t(const T* a, const T* b, int n) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int j = 0; j < bs; ++j) sum += a[j] * b[j];
+  for (int j = 0; j < n; ++j) sum += a[j] * b[j];
   return sum;
 }
 
 // float: one clone per ISA; double: the plain template (double is for gradcheck, not speed).
-SDPA_CLONES void add_bias(float* s, const float* b, int64_t st, int bs) { add_bias_t(s, b, st, bs); }
-SDPA_CLONES float row_max(const float* s, int bs) { return row_max_t(s, bs); }
-SDPA_CLONES float exp_sum(float* s, float mu, int bs) { return exp_sum_t(s, mu, bs); }
-SDPA_CLONES void exp_sub(float* s, float lse, int bs) { exp_sub_t(s, lse, bs); }
-SDPA_CLONES void dropout_scale(float* z, uint32_t key, int64_t j0, uint32_t thr, float inv, int bs) {
-  dropout_scale_t(z, key, j0, thr, inv, bs);
-}
-SDPA_CLONES void grad_scores(float* dp, const float* p, const float* z, float D, int bs) {
-  grad_scores_t(dp, p, z, D, bs);
-}
-SDPA_CLONES void mul(float* y, const float* a, const float* b, int bs) { mul_t(y, a, b, bs); }
-SDPA_CLONES void scale(float* y, float a, int bs) { scale_t(y, a, bs); }
-SDPA_CLONES float dot(const float* a, const float* b, int bs) { return dot_t(a, b, bs); }
-void add_bias(double* s, const double* b, int64_t st, int bs) { add_bias_t(s, b, st, bs); }
-double row_max(const double* s, int bs) { return row_max_t(s, bs); }
-double exp_sum(double* s, double mu, int bs) { return exp_sum_t(s, mu, bs); }
-void exp_sub(double* s, double lse, int bs) { exp_sub_t(s, lse, bs); }
-void dropout_scale(double* z, uint32_t key, int64_t j0, uint32_t thr, double inv, int bs) {
-  dropout_scale_t(z, key, j0, thr, inv, bs);
-}
-void grad_scores(double* dp, const double* p, const double* z, double D, int bs) {
-  grad_scores_t(dp, p, z, D, bs);
-}
-void mul(double* y, const double* a, const double* b, int bs) { mul_t(y, a, b, bs); }
-void scale(double* y, double a, int bs) { scale_t(y, a, bs); }
-double dot(const double* a, const double* b, int bs) { return dot_t(a, b, bs); }
+#define SDPA_ROW_OPS(T, ATTR)                                                                        \
+  ATTR void scale_bias(T* s, T sc, const T* b, int64_t st, int n) { scale_bias_t(s, sc, b, st, n); } \
+  ATTR T row_max(const T* s, int n) { return row_max_t(s, n); }                                      \
+  ATTR T exp_sum(T* s, T mu, int n) { return exp_sum_t(s, mu, n); }                                  \
+  ATTR void exp_sub(T* s, const T* lse, int n) { exp_sub_t(s, lse, n); }                             \
+  ATTR void dropout_row(T* z, uint32_t key, uint32_t j0, uint32_t thr, T inv, int n) {               \
+    dropout_row_t(z, key, j0, thr, inv, n);                                                          \
+  }                                                                                                  \
+  ATTR void dropout_col(T* z, const uint32_t* keys, uint32_t j, uint32_t thr, T inv, int n) {        \
+    dropout_col_t(z, keys, j, thr, inv, n);                                                          \
+  }                                                                                                  \
+  ATTR void grad_scores(T* dp, const T* p, const T* z, const T* D, int n) {                          \
+    grad_scores_t(dp, p, z, D, n);                                                                   \
+  }                                                                                                  \
+  ATTR void mul(T* y, const T* a, const T* b, int n) { mul_t(y, a, b, n); }                          \
+  ATTR void scale(T* y, T a, int n) { scale_t(y, a, n); }                                            \
+  ATTR T dot(const T* a, const T* b, int n) { return dot_t(a, b, n); }
+SDPA_ROW_OPS(float, SDPA_CLONES)
+SDPA_ROW_OPS(double, )
+#undef SDPA_ROW_OPS
 
 // ---- problem description shared by forward and backward ----------------------------------------
 
@@ -272,20 +325,39 @@ struct Problem {
   double inv_keep, scale;
 };
 
-// Scores of query rows [i0, i0 + bl) of batch row n against keys [j0, j0 + bs) after mask and
-// causal masking, in s [bl, bs]. Returns nothing; rows fully hidden by causality become -inf.
+// Tile of query rows [i0, i0 + bl) of batch row n against keys [j0, j0 + bs), in s [bl, bs]:
+// s = scale * Q K^T + bias, causal entries -inf. kt: the packed [E, bs] panel of K^T.
 template <typename T>
-void masked_scores(const Problem& P, const T* Qb, const T* Kb, int64_t n, int64_t i0, int bl,
-                   int64_t j0, int bs, T* s) {
-  gemm_abt<T>(bl, bs, P.E, T(P.scale), Qb, P.E, Kb, P.E, T(0), s, bs);
+void scores(const Problem& P, const T* Qb, const T* kt, int64_t n, int64_t i0, int bl, int64_t j0,
+            int bs, T* s) {
+  gemm<T>(bl, bs, P.E, Qb, P.E, kt, bs, s, bs, false);
   const T* bias = static_cast<const T*>(P.bias);
   for (int r = 0; r < bl; ++r) {
     T* srow = s + int64_t(r) * bs;
     const int64_t i = i0 + r;
-    if (bias) add_bias(srow, bias + P.rows[n] * P.bias_sN + i * P.bias_sL + j0 * P.bias_sS, P.bias_sS, bs);
+    scale_bias(srow, T(P.scale), bias ? bias + P.rows[n] * P.bias_sN + i * P.bias_sL + j0 * P.bias_sS : nullptr,
+               P.bias_sS, bs);
     if (P.causal) {  // top-left aligned: key j is visible to query i iff j <= i
-      const int64_t first_hidden = std::max<int64_t>(0, i - j0 + 1);
-      for (int64_t j = first_hidden; j < bs; ++j) srow[j] = -std::numeric_limits<T>::infinity();
+      for (int64_t j = std::max<int64_t>(0, i - j0 + 1); j < bs; ++j) srow[j] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+// The same tile transposed, st [bs, bl] (row = key, column = query): st = scale * K Q^T + bias.
+// qt: the packed [E, bl] panel of Q^T.
+template <typename T>
+void scores_transposed(const Problem& P, const T* Kb, const T* qt, int64_t n, int64_t i0, int bl,
+                       int64_t j0, int bs, T* st) {
+  gemm<T>(bs, bl, P.E, Kb, P.E, qt, bl, st, bl, false);
+  const T* bias = static_cast<const T*>(P.bias);
+  for (int r = 0; r < bs; ++r) {
+    T* srow = st + int64_t(r) * bl;
+    const int64_t j = j0 + r;
+    scale_bias(srow, T(P.scale), bias ? bias + P.rows[n] * P.bias_sN + i0 * P.bias_sL + j * P.bias_sS : nullptr,
+               P.bias_sL, bl);
+    if (P.causal) {  // queries i < j do not see key j
+      const int64_t hidden = std::min<int64_t>(bl, std::max<int64_t>(0, j - i0));
+      for (int64_t c = 0; c < hidden; ++c) srow[c] = -std::numeric_limits<T>::infinity();
     }
   }
 }
@@ -294,6 +366,8 @@ template <typename T>
 void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, T* lse) {
   const int64_t nqb = (P.L + P.BL - 1) / P.BL;
   const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> kt(P.Nk * P.S * P.E);  // K^T panels, one per key block
+  pack_transposed(k, P.Nk, P.S, P.E, P.BS, kt.data());
   const int64_t grain = grain_for(P.BL * P.S * (P.E + P.Ev));
   at::parallel_for(0, P.N * nqb, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> sbuf(P.BL * P.BS), zbuf(P.dropout ? P.BS : 0), m(P.BL), l(P.BL);
@@ -307,9 +381,9 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
       std::fill(l.begin(), l.end(), T(0));
       const int64_t s_end = P.causal ? std::min(P.S, i0 + bl) : P.S;  // later keys: all hidden
       for (int64_t j0 = 0; j0 < s_end; j0 += P.BS) {
-        const int bs = static_cast<int>(std::min(P.BS, s_end - j0));
+        const int bs = static_cast<int>(std::min(P.BS, P.S - j0));  // the panel's width
         T* s = sbuf.data();
-        masked_scores<T>(P, Qb, k + (kv * P.S + j0) * P.E, n, i0, bl, j0, bs, s);
+        scores<T>(P, Qb, kt.data() + (kv * P.S + j0) * P.E, n, i0, bl, j0, bs, s);
         // -- online softmax, row by row --
         for (int r = 0; r < bl; ++r) {
           T* srow = s + int64_t(r) * bs;
@@ -317,16 +391,15 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
           const T mu = m_new == -inf ? T(0) : m_new;  // nothing visible yet: every exp is 0
           const T alpha = vexp(m[r] - mu);
           l[r] = alpha * l[r] + exp_sum(srow, mu, bs);
-          if (P.dropout) {  // P * Z for the values; l keeps the undropped sum
-            dropout_scale(zbuf.data(), row_key(P.seed, n, i0 + r), j0, P.threshold, T(P.inv_keep), bs);
+          if (P.dropout) {  // values see P * Z; l keeps the undropped sum
+            dropout_row(zbuf.data(), row_key(P.seed, n, i0 + r), uint32_t(j0), P.threshold, T(P.inv_keep), bs);
             mul(srow, srow, zbuf.data(), bs);
           }
           if (!(alpha == T(1))) scale(Ob + int64_t(r) * P.Ev, alpha, static_cast<int>(P.Ev));
           m[r] = m_new;
         }
         // -- acc += P V --
-        gemm_ab<T>(bl, static_cast<int>(P.Ev), bs, T(1), s, bs, v + (kv * P.S + j0) * P.Ev,
-                   static_cast<int>(P.Ev), T(1), Ob, static_cast<int>(P.Ev));
+        gemm<T>(bl, P.Ev, bs, s, bs, v + (kv * P.S + j0) * P.Ev, P.Ev, Ob, P.Ev, true);
       }
       for (int r = 0; r < bl; ++r) {
         T* orow = Ob + int64_t(r) * P.Ev;
@@ -339,6 +412,7 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
         }
       }
     }
+    gemm_release();
   });
 }
 
@@ -346,29 +420,35 @@ template <typename T>
 void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, const T* v, const T* out,
                    const T* lse, T* dq, T* dk, T* dv) {
   const int64_t nqb = (P.L + P.BL - 1) / P.BL, nkb = (P.S + P.BS - 1) / P.BS;
-  const int E = static_cast<int>(P.E), Ev = static_cast<int>(P.Ev);
   // D_i = dO_i . out_i
   std::vector<T> D(P.N * P.L);
   at::parallel_for(0, P.N * P.L, grain_for(P.Ev), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) D[r] = dot(dout + r * P.Ev, out + r * P.Ev, Ev);
+    for (int64_t r = begin; r < end; ++r) D[r] = dot(dout + r * P.Ev, out + r * P.Ev, int(P.Ev));
   });
+  // transposed panels: K^T per key block, Q^T and dO^T per query block
+  std::vector<T> kt(P.Nk * P.S * P.E), qt(P.N * P.L * P.E), dot_(P.N * P.L * P.Ev);
+  pack_transposed(k, P.Nk, P.S, P.E, P.BS, kt.data());
+  pack_transposed(q, P.N, P.L, P.E, P.BL, qt.data());
+  pack_transposed(dout, P.N, P.L, P.Ev, P.BL, dot_.data());
   // Split each key/value row into `chunks` interleaved sets of key blocks when there are fewer
-  // rows than threads; each chunk then owns a private dQ for the row's G query heads.
+  // rows than threads; every chunk then has its own dQ^T accumulator.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::min<int64_t>(nkb, std::max<int64_t>(1, (threads + P.Nk - 1) / P.Nk));
   const int64_t rowq = P.G * P.L * P.E;  // dQ elements of one key/value row's query heads
-  std::vector<T> dq_part(chunks > 1 ? P.Nk * chunks * rowq : 0, T(0));
+  std::vector<T> dqt(P.Nk * chunks * rowq, T(0));  // [Nk, chunks, G, L, E] in Q^T panel layout
   const int64_t grain = grain_for(P.G * P.L * P.S * (2 * P.E + 3 * P.Ev) / chunks);
   at::parallel_for(0, P.Nk * chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> pbuf(P.BL * P.BS), dpbuf(P.BL * P.BS), zbuf(P.dropout ? P.BL * P.BS : 0),
-        pzbuf(P.dropout ? P.BL * P.BS : 0);
+    const int64_t tile = P.BL * P.BS;
+    std::vector<T> pbuf(tile), dpbuf(tile), zbuf(P.dropout ? tile : 0), pzbuf(P.dropout ? tile : 0);
+    std::vector<uint32_t> keys(P.dropout ? P.BL : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kv = task / chunks, c = task % chunks;
-      T* dq_row = chunks > 1 ? dq_part.data() + task * rowq : dq + kv * rowq;
+      T* dqt_row = dqt.data() + task * rowq;
       for (int64_t jb = c; jb < nkb; jb += chunks) {
         const int64_t j0 = jb * P.BS;
         const int bs = static_cast<int>(std::min(P.BS, P.S - j0));
         const T* Kb = k + (kv * P.S + j0) * P.E;
+        const T* ktb = kt.data() + (kv * P.S + j0) * P.E;
         const T* Vb = v + (kv * P.S + j0) * P.Ev;
         T* dKb = dk + (kv * P.S + j0) * P.E;
         T* dVb = dv + (kv * P.S + j0) * P.Ev;
@@ -378,51 +458,54 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
           for (int64_t ib = P.causal ? j0 / P.BL : 0; ib < nqb; ++ib) {
             const int64_t i0 = ib * P.BL;
             const int bl = static_cast<int>(std::min(P.BL, P.L - i0));
-            const T* Qb = q + (n * P.L + i0) * P.E;
-            const T* dOb = dout + (n * P.L + i0) * P.Ev;
-            T* p = pbuf.data();
-            T* dp = dpbuf.data();
-            // -- recompute P = exp(S - lse) --
-            masked_scores<T>(P, Qb, Kb, n, i0, bl, j0, bs, p);
-            for (int r = 0; r < bl; ++r) exp_sub(p + int64_t(r) * bs, lse[n * P.L + i0 + r], bs);
-            const T* pz = p;
-            T* z = nullptr;
+            const int64_t row0 = n * P.L + i0;
+            T* pt = pbuf.data();
+            T* dpt = dpbuf.data();
+            // -- recompute P^T = exp(S^T - lse) --
+            scores_transposed<T>(P, Kb, qt.data() + row0 * P.E, n, i0, bl, j0, bs, pt);
+            for (int r = 0; r < bs; ++r) exp_sub(pt + int64_t(r) * bl, lse + row0, bl);
+            const T* pzt = pt;
+            T* zt = nullptr;
             if (P.dropout) {  // the same mask bits as forward, regenerated
-              z = zbuf.data();
-              for (int r = 0; r < bl; ++r) {
-                dropout_scale(z + int64_t(r) * bs, row_key(P.seed, n, i0 + r), j0, P.threshold,
-                              T(P.inv_keep), bs);
-              }
-              mul(pzbuf.data(), p, z, bl * bs);
-              pz = pzbuf.data();
+              zt = zbuf.data();
+              for (int cc = 0; cc < bl; ++cc) keys[cc] = row_key(P.seed, n, i0 + cc);
+              for (int r = 0; r < bs; ++r)
+                dropout_col(zt + int64_t(r) * bl, keys.data(), uint32_t(j0 + r), P.threshold, T(P.inv_keep), bl);
+              mul(pzbuf.data(), pt, zt, bs * bl);
+              pzt = pzbuf.data();
             }
-            // -- dV += (P Z)^T dO;  dP = dO V^T --
-            gemm_atb<T>(bs, Ev, bl, T(1), pz, bs, dOb, Ev, T(1), dVb, Ev);
-            gemm_abt<T>(bl, bs, Ev, T(1), dOb, Ev, Vb, Ev, T(0), dp, bs);
-            // -- dS = P (Z dP - D) --
-            for (int r = 0; r < bl; ++r) {
-              const int64_t o = int64_t(r) * bs;
-              grad_scores(dp + o, p + o, z ? z + o : nullptr, D[n * P.L + i0 + r], bs);
+            // -- dV += (P Z)^T dO;  dP^T = V dO^T --
+            gemm<T>(bs, P.Ev, bl, pzt, bl, dout + row0 * P.Ev, P.Ev, dVb, P.Ev, true);
+            gemm<T>(bs, bl, P.Ev, Vb, P.Ev, dot_.data() + row0 * P.Ev, bl, dpt, bl, false);
+            // -- dS^T = P^T (Z dP^T - D) --
+            for (int r = 0; r < bs; ++r) {
+              const int64_t o = int64_t(r) * bl;
+              grad_scores(dpt + o, pt + o, zt ? zt + o : nullptr, D.data() + row0, bl);
             }
-            // -- dK += scale dS^T Q;  dQ += scale dS K --
-            gemm_atb<T>(bs, E, bl, T(P.scale), dp, bs, Qb, E, T(1), dKb, E);
-            gemm_ab<T>(bl, E, bs, T(P.scale), dp, bs, Kb, E, T(1), dq_row + (g * P.L + i0) * P.E, E);
+            // -- dK += dS^T Q;  dQ^T += K^T dS^T  (scale applied once at the end) --
+            gemm<T>(bs, P.E, bl, dpt, bl, q + row0 * P.E, P.E, dKb, P.E, true);
+            gemm<T>(P.E, bl, bs, ktb, bs, dpt, bl, dqt_row + (g * P.L + i0) * P.E, bl, true);
           }
         }
+        scale(dKb, T(P.scale), bs * static_cast<int>(P.E));
       }
     }
+    gemm_release();
   });
-  if (chunks > 1) {
-    at::parallel_for(0, P.Nk, grain_for(rowq * chunks), [&](int64_t begin, int64_t end) {
-      for (int64_t kv = begin; kv < end; ++kv) {
-        T* dst = dq + kv * rowq;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const T* src = dq_part.data() + (kv * chunks + c) * rowq;
-          for (int64_t x = 0; x < rowq; ++x) dst[x] += src[x];
-        }
+  // dQ = scale * (sum over chunks of dQ^T), transposed back from panels
+  at::parallel_for(0, P.N * nqb, grain_for(P.BL * P.E * chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / nqb, i0 = (t % nqb) * P.BL, kv = n / P.G, g = n % P.G;
+      const int64_t bl = std::min(P.BL, P.L - i0);
+      T* d = dq + (n * P.L + i0) * P.E;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const T* src = dqt.data() + (kv * chunks + c) * rowq + (g * P.L + i0) * P.E;
+        for (int64_t r = 0; r < bl; ++r)
+          for (int64_t e = 0; e < P.E; ++e) d[r * P.E + e] += src[e * bl + r];
       }
-    });
-  }
+      scale(d, T(P.scale), static_cast<int>(bl * P.E));
+    }
+  });
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -509,7 +592,7 @@ std::vector<at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrnn flash attention on CPU (contract: fastrnn/backends/reference_sdpa.py)";
-  m.attr("blas") = kBlas;
+  m.attr("blas") = gemm_name();
   m.def("sdpa_forward", &sdpa_forward, "-> [out [N, L, Ev], lse [N, L]]", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("rows"), py::arg("scale"), py::arg("causal"),
         py::arg("dropout_p"), py::arg("seed"), py::arg("block_l"), py::arg("block_s"));

@@ -1,8 +1,10 @@
 """C++ backend ``"cpp"`` for attention: thin wrapper over ``fastrnn._C_sdpa`` (csrc/sdpa.cpp).
 
 Same contract as the reference (``reference_sdpa``): flash forward saving ``lse``, FlashAttention-2
-backward recomputing the scores, identical dropout bits. Tiles go through MKL GEMMs, the
-softmax / mask / dropout row math is vectorised per ISA, tasks run on torch's thread pool.
+backward recomputing the scores, identical dropout bits. Tile products run on oneDNN's brgemm
+micro-kernel (``info()["blas"] == "onednn-brgemm"``; fallbacks MKL, then ATen), the softmax /
+mask / dropout row math is vectorised per ISA, tasks run on torch's thread pool. Design notes
+in the header of ``csrc/sdpa.cpp`` and in ``docs/attention.md``.
 """
 from __future__ import annotations
 
