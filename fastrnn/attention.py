@@ -128,4 +128,63 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 class Attention(nn.Module):
-    """Luong attention for RNN encoder-decoders (placeholder, see below)."""
+    r"""Luong attention for RNN encoder-decoders, on the fused kernel.
+
+    ``context, weights = attn(decoder_states, encoder_states, encoder_mask=None, need_weights=False)``
+
+    decoder_states [..., L, H] (queries, e.g. a decoder GRU's outputs), encoder_states [..., S, H]
+    (keys and values); leading dims broadcast. Scores (Luong et al. 2015, section 3.1)::
+        dot         score(h_t, h_s) = h_t . h_s
+        general     score(h_t, h_s) = h_t . (W_a h_s)       W_a = ``self.weight`` [H, H]
+        scaled_dot  score(h_t, h_s) = h_t . h_s / sqrt(H)
+    ``a_t = softmax(score)`` over the encoder positions, ``context_t = sum_s a_ts h_s``.
+    encoder_mask: bool [..., S] (True = a real encoder position, False = padding), or anything
+    ``attn_mask`` of ``scaled_dot_product_attention`` accepts for [..., L, S]. A decoder step that
+    sees no encoder position gets a zero context (as torch's SDPA).
+    Returns ``context`` [..., L, H] and, when ``need_weights``, ``weights`` [..., L, S]: computed
+    separately with plain torch ops, O(L*S) memory -- the context itself never materialises them.
+    The attentional state of Luong's eq. 5, ``tanh(W_c [context; h_t])``, is left to the caller.
+    """
+
+    SCORES = ("dot", "general", "scaled_dot")
+
+    def __init__(self, hidden_size: int, score: str = "dot", backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        if score not in self.SCORES:
+            raise ValueError(f"fastrnn.Attention: score must be one of {self.SCORES}, got {score!r}")
+        self.hidden_size, self.score, self.backend = hidden_size, score, backend
+        if score == "general":
+            self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:  # as nn.Linear(hidden_size, hidden_size, bias=False)
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, score={self.score!r}"
+
+    def forward(self, decoder_states, encoder_states, encoder_mask=None, need_weights: bool = False):
+        for name, t in (("decoder_states", decoder_states), ("encoder_states", encoder_states)):
+            if t.dim() < 2 or t.shape[-1] != self.hidden_size:
+                raise ValueError(f"fastrnn.Attention: {name} must be [..., {self.hidden_size}] with at "
+                                 f"least 2 dims, got {tuple(t.shape)}")
+        keys = encoder_states @ self.weight.t() if self.weight is not None else encoder_states
+        scale = 1.0 / math.sqrt(self.hidden_size) if self.score == "scaled_dot" else 1.0
+        mask = encoder_mask
+        if mask is not None and mask.dim() == encoder_states.dim() - 1:
+            mask = mask.unsqueeze(-2)  # [..., S] -> [..., 1, S]: the same for every decoder step
+        context = scaled_dot_product_attention(decoder_states, keys, encoder_states, attn_mask=mask,
+                                               scale=scale, backend=self.backend)
+        weights = None
+        if need_weights:
+            scores = (decoder_states @ keys.transpose(-1, -2)) * scale
+            if mask is not None:
+                scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                          else scores + mask)
+            hidden = scores.amax(-1, keepdim=True) == float("-inf")  # no visible position
+            weights = torch.softmax(scores, -1).masked_fill(hidden, 0.0)  # 0, as the context
+        return context, weights
