@@ -848,13 +848,15 @@ std::string gemm_engine() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrnn C++ recurrence kernels (see csrc/rnn.cpp)";
-  m.def("rnn_forward", &fastrnn::rnn_forward,
+  // The kernels touch no Python objects: let other Python threads run meanwhile, as torch's ops do.
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("rnn_forward", &fastrnn::rnn_forward, nogil(),
         "One layer/direction forward: (cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, "
         "training) -> [h_seq, h_T, c_T, *saved]");
-  m.def("rnn_backward", &fastrnn::rnn_backward,
+  m.def("rnn_backward", &fastrnn::rnn_backward, nogil(),
         "One layer/direction backward: -> [grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj]");
-  m.def("linear", &fastrnn::linear, "x [N,I], w [G,I], b [G] -> x w^T + b");
-  m.def("mm", &fastrnn::mm, "a [M,K], b [K,N] -> a b");
-  m.def("mm_tn", &fastrnn::mm_tn, "a [K,M], b [K,N] -> a^T b");
+  m.def("linear", &fastrnn::linear, nogil(), "x [N,I], w [G,I], b [G] -> x w^T + b");
+  m.def("mm", &fastrnn::mm, nogil(), "a [M,K], b [K,N] -> a b");
+  m.def("mm_tn", &fastrnn::mm_tn, nogil(), "a [K,M], b [K,N] -> a^T b");
   m.def("gemm_engine", &fastrnn::gemm_engine, "which GEMM the kernels use");
 }
