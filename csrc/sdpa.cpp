@@ -11,15 +11,18 @@
 // which takes no transpose flags: measured ~230 GFLOP/s a core on 64 x 256 x 64 tiles where
 // MKL's sgemm -- what torch's own CPU flash attention calls -- gets ~95 (MKL's AMD code path).
 // So operands that a product needs transposed are packed once, block by block, up front:
-//   forward   K^T, as one [E, bs] panel per key block                  (the size of k)
+//   forward   K^T, one [E, bs] panel at a time (tasks sweep the key blocks in their outer loop)
 //   backward  K^T panels as above, Q^T and dO^T as one [E, bl] / [Ev, bl] panel per query block,
 //             and a dQ^T accumulator in the Q^T layout               (sizes of k, q, dout, q)
-// Extra memory is therefore O(size of the inputs) plus O(N L) for lse and D, never O(L S).
+// Extra memory: forward O(BL BS + E BS + L) per thread; backward the sizes of the inputs plus O(N L) for
+// lse and D; never O(L S). (At B=1, H=8, L=S=4096, E=64, peak RSS above the inputs measured below
+// torch's flash path both ways; see bench/results/attention_cpu.md.)
 //
-// Forward: one task per (query row n, block of BL queries), run in parallel with at::parallel_for.
-// A task streams key blocks of BS keys: S = Q K^T (one GEMM), then scale + mask + causal and the
-// online softmax row by row (vectorised exp), acc = alpha acc + P V (one GEMM, accumulated in
-// `out`). Scratch per task: BL x BS scores. lse is saved for backward.
+// Forward: one task per batch row n (split into interleaved sets of query blocks when there are
+// fewer rows than threads), run in parallel with at::parallel_for. A task sweeps the key blocks
+// of BS keys once; for each, every one of its query blocks of BL queries does S = Q K^T (one
+// GEMM), scale + mask + causal and the online softmax row by row (vectorised exp), and
+// acc = alpha acc + P V (one GEMM, accumulated in `out`). lse is saved for backward.
 //
 // Backward (FlashAttention-2 order, computed transposed): one task per key/value row (times a
 // few key chunks when there are fewer rows than threads). For each key block, all query blocks of
@@ -138,20 +141,25 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, 
   else at::mm_out(c, a, b);
 }
 
-// Transposed panels: src holds `batch` row-major [R, C] matrices; block b of rows [r0, r0 + w)
-// (w = min(B, R - r0)) becomes the contiguous [C, w] matrix at dst + (batch_row * R + r0) * C.
-// Same total size as src; a panel is one linear stream for the GEMM that reads it.
+// Transposed panels of one row-major [R, C] matrix: block b of rows [r0, r0 + w)
+// (w = min(B, R - r0)) becomes the contiguous [C, w] matrix at dst + r0 * C. Same total size as
+// src; a panel is one linear stream for the GEMM that reads it.
+template <typename T>
+void pack_panels(const T* src, int64_t R, int64_t C, int64_t B, T* dst) {
+  for (int64_t r0 = 0; r0 < R; r0 += B) {
+    const int64_t w = std::min(B, R - r0);
+    const T* s = src + r0 * C;
+    T* d = dst + r0 * C;
+    for (int64_t c = 0; c < C; ++c)  // contiguous writes; the strided reads stay in L1
+      for (int64_t r = 0; r < w; ++r) d[c * w + r] = s[r * C + c];
+  }
+}
+
+// The same for `batch` matrices [R, C] stored one after the other, in parallel.
 template <typename T>
 void pack_transposed(const T* src, int64_t batch, int64_t R, int64_t C, int64_t B, T* dst) {
-  const int64_t nb = (R + B - 1) / B;
-  at::parallel_for(0, batch * nb, grain_for(B * C), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / nb, r0 = (t % nb) * B, w = std::min(B, R - r0);
-      const T* s = src + (b * R + r0) * C;
-      T* d = dst + (b * R + r0) * C;
-      for (int64_t c = 0; c < C; ++c)  // contiguous writes; the strided reads stay in L1
-        for (int64_t r = 0; r < w; ++r) d[c * w + r] = s[r * C + c];
-    }
+  at::parallel_for(0, batch, grain_for(R * C), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) pack_panels(src + b * R * C, R, C, B, dst + b * R * C);
   });
 }
 
@@ -366,49 +374,68 @@ template <typename T>
 void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, T* lse) {
   const int64_t nqb = (P.L + P.BL - 1) / P.BL;
   const T inf = std::numeric_limits<T>::infinity();
-  std::vector<T> kt(P.Nk * P.S * P.E);  // K^T panels, one per key block
-  pack_transposed(k, P.Nk, P.S, P.E, P.BS, kt.data());
-  const int64_t grain = grain_for(P.BL * P.S * (P.E + P.Ev));
-  at::parallel_for(0, P.N * nqb, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> sbuf(P.BL * P.BS), zbuf(P.dropout ? P.BS : 0), m(P.BL), l(P.BL);
+  // Tasks: a batch row's query blocks, split `splits` ways (interleaved, which balances causal
+  // work) only when there are fewer rows than threads. A task sweeps the key blocks once, outer:
+  // each K^T panel is packed once per task into an [E, BS] buffer and used by every query block
+  // of the task, whose running max / sum live in O(L) row arrays and whose accumulators are
+  // their rows of `out`. So the extra memory is O(BL BS + E BS + L) per thread.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = std::min<int64_t>(nqb, std::max<int64_t>(1, (threads + P.N - 1) / P.N));
+  const int64_t grain = grain_for(P.L * P.S * (P.E + P.Ev) / splits);
+  at::parallel_for(0, P.N * splits, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> sbuf(P.BL * P.BS), zbuf(P.dropout ? P.BS : 0), kt(P.E * P.BS), m(P.L), l(P.L);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / nqb, i0 = (task % nqb) * P.BL, kv = n / P.G;
-      const int bl = static_cast<int>(std::min(P.BL, P.L - i0));
-      const T* Qb = q + (n * P.L + i0) * P.E;
-      T* Ob = out + (n * P.L + i0) * P.Ev;  // the accumulator
-      std::fill(Ob, Ob + int64_t(bl) * P.Ev, T(0));
-      std::fill(m.begin(), m.end(), -inf);
-      std::fill(l.begin(), l.end(), T(0));
-      const int64_t s_end = P.causal ? std::min(P.S, i0 + bl) : P.S;  // later keys: all hidden
-      for (int64_t j0 = 0; j0 < s_end; j0 += P.BS) {
-        const int bs = static_cast<int>(std::min(P.BS, P.S - j0));  // the panel's width
-        T* s = sbuf.data();
-        scores<T>(P, Qb, kt.data() + (kv * P.S + j0) * P.E, n, i0, bl, j0, bs, s);
-        // -- online softmax, row by row --
-        for (int r = 0; r < bl; ++r) {
-          T* srow = s + int64_t(r) * bs;
-          const T m_new = std::max(m[r], row_max(srow, bs));
-          const T mu = m_new == -inf ? T(0) : m_new;  // nothing visible yet: every exp is 0
-          const T alpha = vexp(m[r] - mu);
-          l[r] = alpha * l[r] + exp_sum(srow, mu, bs);
-          if (P.dropout) {  // values see P * Z; l keeps the undropped sum
-            dropout_row(zbuf.data(), row_key(P.seed, n, i0 + r), uint32_t(j0), P.threshold, T(P.inv_keep), bs);
-            mul(srow, srow, zbuf.data(), bs);
-          }
-          if (!(alpha == T(1))) scale(Ob + int64_t(r) * P.Ev, alpha, static_cast<int>(P.Ev));
-          m[r] = m_new;
-        }
-        // -- acc += P V --
-        gemm<T>(bl, P.Ev, bs, s, bs, v + (kv * P.S + j0) * P.Ev, P.Ev, Ob, P.Ev, true);
+      const int64_t n = task / splits, c = task % splits, kv = n / P.G;
+      int64_t last_row = -1;
+      for (int64_t ib = c; ib < nqb; ib += splits) {
+        const int64_t i0 = ib * P.BL, bl = std::min(P.BL, P.L - i0);
+        std::fill(out + (n * P.L + i0) * P.Ev, out + (n * P.L + i0 + bl) * P.Ev, T(0));
+        std::fill(m.begin() + i0, m.begin() + i0 + bl, -inf);
+        std::fill(l.begin() + i0, l.begin() + i0 + bl, T(0));
+        last_row = i0 + bl - 1;
       }
-      for (int r = 0; r < bl; ++r) {
-        T* orow = Ob + int64_t(r) * P.Ev;
-        if (l[r] == T(0)) {  // no visible key: zeros, as torch
-          std::fill(orow, orow + P.Ev, T(0));
-          lse[n * P.L + i0 + r] = inf;
-        } else {
-          scale(orow, T(1) / l[r], static_cast<int>(P.Ev));
-          lse[n * P.L + i0 + r] = m[r] + std::log(l[r]);
+      const int64_t s_end = P.causal ? std::min(P.S, last_row + 1) : P.S;  // later keys: hidden
+      for (int64_t j0 = 0; j0 < s_end; j0 += P.BS) {
+        const int bs = static_cast<int>(std::min(P.BS, P.S - j0));
+        pack_panels(k + (kv * P.S + j0) * P.E, int64_t(bs), P.E, int64_t(bs), kt.data());
+        const T* Vb = v + (kv * P.S + j0) * P.Ev;
+        for (int64_t ib = c; ib < nqb; ib += splits) {
+          const int64_t i0 = ib * P.BL;
+          const int bl = static_cast<int>(std::min(P.BL, P.L - i0));
+          if (P.causal && j0 > i0 + bl - 1) continue;  // every row of the block is before j0
+          T* Ob = out + (n * P.L + i0) * P.Ev;
+          T* s = sbuf.data();
+          scores<T>(P, q + (n * P.L + i0) * P.E, kt.data(), n, i0, bl, j0, bs, s);
+          // -- online softmax, row by row --
+          for (int r = 0; r < bl; ++r) {
+            T* srow = s + int64_t(r) * bs;
+            T& mi = m[i0 + r];
+            const T m_new = std::max(mi, row_max(srow, bs));
+            const T mu = m_new == -inf ? T(0) : m_new;  // nothing visible yet: every exp is 0
+            const T alpha = vexp(mi - mu);
+            l[i0 + r] = alpha * l[i0 + r] + exp_sum(srow, mu, bs);
+            if (P.dropout) {  // values see P * Z; l keeps the undropped sum
+              dropout_row(zbuf.data(), row_key(P.seed, n, i0 + r), uint32_t(j0), P.threshold, T(P.inv_keep), bs);
+              mul(srow, srow, zbuf.data(), bs);
+            }
+            if (!(alpha == T(1))) scale(Ob + int64_t(r) * P.Ev, alpha, static_cast<int>(P.Ev));
+            mi = m_new;
+          }
+          // -- acc += P V --
+          gemm<T>(bl, P.Ev, bs, s, bs, Vb, P.Ev, Ob, P.Ev, true);
+        }
+      }
+      for (int64_t ib = c; ib < nqb; ib += splits) {
+        const int64_t i0 = ib * P.BL, bl = std::min(P.BL, P.L - i0);
+        for (int64_t i = i0; i < i0 + bl; ++i) {
+          T* orow = out + (n * P.L + i) * P.Ev;
+          if (l[i] == T(0)) {  // no visible key: zeros, as torch
+            std::fill(orow, orow + P.Ev, T(0));
+            lse[n * P.L + i] = inf;
+          } else {
+            scale(orow, T(1) / l[i], static_cast<int>(P.Ev));
+            lse[n * P.L + i] = m[i] + std::log(l[i]);
+          }
         }
       }
     }
