@@ -10,13 +10,14 @@
 // on these machines is oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, JIT AVX-512),
 // which takes no transpose flags: measured ~230 GFLOP/s a core on 64 x 256 x 64 tiles where
 // MKL's sgemm -- what torch's own CPU flash attention calls -- gets ~95 (MKL's AMD code path).
-// So operands that a product needs transposed are packed once, block by block, up front:
+// So operands that a product needs transposed are packed into panels by the task that uses them:
 //   forward   K^T, one [E, bs] panel at a time (tasks sweep the key blocks in their outer loop)
-//   backward  K^T panels as above, Q^T and dO^T as one [E, bl] / [Ev, bl] panel per query block,
-//             and a dQ^T accumulator in the Q^T layout               (sizes of k, q, dout, q)
-// Extra memory: forward O(BL BS + E BS + L) per thread; backward the sizes of the inputs plus O(N L) for
-// lse and D; never O(L S). (At B=1, H=8, L=S=4096, E=64, peak RSS above the inputs measured below
-// torch's flash path both ways; see bench/results/attention_cpu.md.)
+//   backward  per key/value row: Q^T and dO^T of its G query heads as [E, bl] / [Ev, bl] panels,
+//             a dQ^T accumulator in the same layout, one K^T panel at a time
+// Extra memory per thread: forward O(BL BS + E BS + L); backward O(G L (2E + Ev) + BL BS), plus
+// per-chunk dQ^T buffers only when rows are split across threads. Never O(L S). (At B=1, H=8,
+// L=S=4096, E=64 peak RSS above the inputs is below torch's flash path both ways; see
+// bench/results/attention_cpu.md.)
 //
 // Forward: one task per batch row n (split into interleaved sets of query blocks when there are
 // fewer rows than threads), run in parallel with at::parallel_for. A task sweeps the key blocks
@@ -28,9 +29,11 @@
 // few key chunks when there are fewer rows than threads). For each key block, all query blocks of
 // the G query heads sharing it stream past: S^T = K Q^T, P^T = exp(S^T - lse),
 // dV += (P Z)^T dO, dP^T = V dO^T, dS^T = P^T (Z dP^T - D), dK += dS^T Q, dQ^T += K^T dS^T.
-// dK/dV of a key block stay in cache for the sweep; dQ^T goes to a per-row (or per-chunk)
-// accumulator that is transposed (and chunk-summed) into grad_q at the end, with the `scale`
-// factors of dK and dQ applied there once. D = rowsum(dO * out) is computed first, O(N L).
+// dK/dV of a key block stay in cache for the sweep; dQ^T goes to the task's accumulator, which is
+// transposed into grad_q at the task's end (chunk-summed first when a row was split), with the
+// `scale` factors of dK and dQ applied once. D = rowsum(dO * out) per task, O(G L).
+// Forward and backward are one parallel region each: on a loaded machine every region costs
+// milliseconds of waiting for the other threads to be scheduled.
 //
 // GEMM fallbacks: MKL sgemm_/dgemm_ (exported by libtorch_cpu; -DFASTRNN_MKL) when brgemm is
 // unavailable (no AVX-512, oneDNN ukernels not built) and for float64; at::mm otherwise.
@@ -153,14 +156,6 @@ void pack_panels(const T* src, int64_t R, int64_t C, int64_t B, T* dst) {
     for (int64_t c = 0; c < C; ++c)  // contiguous writes; the strided reads stay in L1
       for (int64_t r = 0; r < w; ++r) d[c * w + r] = s[r * C + c];
   }
-}
-
-// The same for `batch` matrices [R, C] stored one after the other, in parallel.
-template <typename T>
-void pack_transposed(const T* src, int64_t batch, int64_t R, int64_t C, int64_t B, T* dst) {
-  at::parallel_for(0, batch, grain_for(R * C), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) pack_panels(src + b * R * C, R, C, B, dst + b * R * C);
-  });
 }
 
 // ---- pointwise math ----------------------------------------------------------------------------
@@ -443,53 +438,73 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
   });
 }
 
+// grad_q rows of key/value row kv's G query heads = scale * dQ^T, transposed back from panels.
+template <typename T>
+void unpack_dq(const Problem& P, const T* dqt, int64_t kv, T* dq) {
+  for (int64_t g = 0; g < P.G; ++g) {
+    const int64_t n = kv * P.G + g;
+    for (int64_t i0 = 0; i0 < P.L; i0 += P.BL) {
+      const int64_t bl = std::min(P.BL, P.L - i0);
+      const T* src = dqt + (g * P.L + i0) * P.E;
+      T* d = dq + (n * P.L + i0) * P.E;
+      for (int64_t r = 0; r < bl; ++r)
+        for (int64_t e = 0; e < P.E; ++e) d[r * P.E + e] = T(P.scale) * src[e * bl + r];
+    }
+  }
+}
+
 template <typename T>
 void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, const T* v, const T* out,
                    const T* lse, T* dq, T* dk, T* dv) {
   const int64_t nqb = (P.L + P.BL - 1) / P.BL, nkb = (P.S + P.BS - 1) / P.BS;
-  // D_i = dO_i . out_i
-  std::vector<T> D(P.N * P.L);
-  at::parallel_for(0, P.N * P.L, grain_for(P.Ev), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) D[r] = dot(dout + r * P.Ev, out + r * P.Ev, int(P.Ev));
-  });
-  // transposed panels: K^T per key block, Q^T and dO^T per query block
-  std::vector<T> kt(P.Nk * P.S * P.E), qt(P.N * P.L * P.E), dot_(P.N * P.L * P.Ev);
-  pack_transposed(k, P.Nk, P.S, P.E, P.BS, kt.data());
-  pack_transposed(q, P.N, P.L, P.E, P.BL, qt.data());
-  pack_transposed(dout, P.N, P.L, P.Ev, P.BL, dot_.data());
-  // Split each key/value row into `chunks` interleaved sets of key blocks when there are fewer
-  // rows than threads; every chunk then has its own dQ^T accumulator.
+  // One task per key/value row; rows are split into `chunks` interleaved sets of key blocks only
+  // when there are fewer rows than threads. Everything runs in one parallel region (on a loaded
+  // machine each region costs milliseconds of waiting for the other threads): a task packs what
+  // it needs itself -- Q^T and dO^T panels and D for its G query heads, one K^T panel at a time --
+  // and, when it owns the whole row, writes grad_q at its end. dq/dk/dv arrive uninitialised.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::min<int64_t>(nkb, std::max<int64_t>(1, (threads + P.Nk - 1) / P.Nk));
   const int64_t rowq = P.G * P.L * P.E;  // dQ elements of one key/value row's query heads
-  std::vector<T> dqt(P.Nk * chunks * rowq, T(0));  // [Nk, chunks, G, L, E] in Q^T panel layout
+  std::vector<T> dqt_chunks(chunks > 1 ? P.Nk * chunks * rowq : 0);  // per-chunk dQ^T
   const int64_t grain = grain_for(P.G * P.L * P.S * (2 * P.E + 3 * P.Ev) / chunks);
   at::parallel_for(0, P.Nk * chunks, grain, [&](int64_t begin, int64_t end) {
     const int64_t tile = P.BL * P.BS;
     std::vector<T> pbuf(tile), dpbuf(tile), zbuf(P.dropout ? tile : 0), pzbuf(P.dropout ? tile : 0);
+    std::vector<T> kt(P.E * P.BS), qt(rowq), dot_(P.G * P.L * P.Ev), D(P.G * P.L);
+    std::vector<T> dqt_own(chunks > 1 ? 0 : rowq);
     std::vector<uint32_t> keys(P.dropout ? P.BL : 0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kv = task / chunks, c = task % chunks;
-      T* dqt_row = dqt.data() + task * rowq;
+      const int64_t kv = task / chunks, c = task % chunks, n0 = kv * P.G;
+      // -- per task: Q^T / dO^T panels, D_i = dO_i . out_i, zeroed dQ^T --
+      for (int64_t g = 0; g < P.G; ++g) {
+        pack_panels(q + (n0 + g) * P.L * P.E, P.L, P.E, P.BL, qt.data() + g * P.L * P.E);
+        pack_panels(dout + (n0 + g) * P.L * P.Ev, P.L, P.Ev, P.BL, dot_.data() + g * P.L * P.Ev);
+      }
+      for (int64_t r = 0; r < P.G * P.L; ++r)
+        D[r] = dot(dout + (n0 * P.L + r) * P.Ev, out + (n0 * P.L + r) * P.Ev, int(P.Ev));
+      T* dqt = chunks > 1 ? dqt_chunks.data() + task * rowq : dqt_own.data();
+      std::fill(dqt, dqt + rowq, T(0));
       for (int64_t jb = c; jb < nkb; jb += chunks) {
         const int64_t j0 = jb * P.BS;
         const int bs = static_cast<int>(std::min(P.BS, P.S - j0));
         const T* Kb = k + (kv * P.S + j0) * P.E;
-        const T* ktb = kt.data() + (kv * P.S + j0) * P.E;
         const T* Vb = v + (kv * P.S + j0) * P.Ev;
         T* dKb = dk + (kv * P.S + j0) * P.E;
         T* dVb = dv + (kv * P.S + j0) * P.Ev;
+        std::fill(dKb, dKb + int64_t(bs) * P.E, T(0));
+        std::fill(dVb, dVb + int64_t(bs) * P.Ev, T(0));
+        pack_panels(Kb, int64_t(bs), P.E, int64_t(bs), kt.data());
         for (int64_t g = 0; g < P.G; ++g) {
-          const int64_t n = kv * P.G + g;
+          const int64_t n = n0 + g;
           // causal: query blocks that end before key j0 see none of these keys
           for (int64_t ib = P.causal ? j0 / P.BL : 0; ib < nqb; ++ib) {
             const int64_t i0 = ib * P.BL;
             const int bl = static_cast<int>(std::min(P.BL, P.L - i0));
-            const int64_t row0 = n * P.L + i0;
+            const int64_t row0 = n * P.L + i0, grow0 = g * P.L + i0;
             T* pt = pbuf.data();
             T* dpt = dpbuf.data();
             // -- recompute P^T = exp(S^T - lse) --
-            scores_transposed<T>(P, Kb, qt.data() + row0 * P.E, n, i0, bl, j0, bs, pt);
+            scores_transposed<T>(P, Kb, qt.data() + grow0 * P.E, n, i0, bl, j0, bs, pt);
             for (int r = 0; r < bs; ++r) exp_sub(pt + int64_t(r) * bl, lse + row0, bl);
             const T* pzt = pt;
             T* zt = nullptr;
@@ -503,36 +518,35 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
             }
             // -- dV += (P Z)^T dO;  dP^T = V dO^T --
             gemm<T>(bs, P.Ev, bl, pzt, bl, dout + row0 * P.Ev, P.Ev, dVb, P.Ev, true);
-            gemm<T>(bs, bl, P.Ev, Vb, P.Ev, dot_.data() + row0 * P.Ev, bl, dpt, bl, false);
+            gemm<T>(bs, bl, P.Ev, Vb, P.Ev, dot_.data() + grow0 * P.Ev, bl, dpt, bl, false);
             // -- dS^T = P^T (Z dP^T - D) --
             for (int r = 0; r < bs; ++r) {
               const int64_t o = int64_t(r) * bl;
-              grad_scores(dpt + o, pt + o, zt ? zt + o : nullptr, D.data() + row0, bl);
+              grad_scores(dpt + o, pt + o, zt ? zt + o : nullptr, D.data() + grow0, bl);
             }
             // -- dK += dS^T Q;  dQ^T += K^T dS^T  (scale applied once at the end) --
             gemm<T>(bs, P.E, bl, dpt, bl, q + row0 * P.E, P.E, dKb, P.E, true);
-            gemm<T>(P.E, bl, bs, ktb, bs, dpt, bl, dqt_row + (g * P.L + i0) * P.E, bl, true);
+            gemm<T>(P.E, bl, bs, kt.data(), bs, dpt, bl, dqt + grow0 * P.E, bl, true);
           }
         }
         scale(dKb, T(P.scale), bs * static_cast<int>(P.E));
       }
+      if (chunks == 1) unpack_dq(P, dqt, kv, dq);
     }
     gemm_release();
   });
-  // dQ = scale * (sum over chunks of dQ^T), transposed back from panels
-  at::parallel_for(0, P.N * nqb, grain_for(P.BL * P.E * chunks), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / nqb, i0 = (t % nqb) * P.BL, kv = n / P.G, g = n % P.G;
-      const int64_t bl = std::min(P.BL, P.L - i0);
-      T* d = dq + (n * P.L + i0) * P.E;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const T* src = dqt.data() + (kv * chunks + c) * rowq + (g * P.L + i0) * P.E;
-        for (int64_t r = 0; r < bl; ++r)
-          for (int64_t e = 0; e < P.E; ++e) d[r * P.E + e] += src[e * bl + r];
+  if (chunks > 1) {  // sum the chunks' dQ^T (few rows: this is the small-batch case)
+    at::parallel_for(0, P.Nk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t kv = begin; kv < end; ++kv) {
+        T* acc = dqt_chunks.data() + kv * chunks * rowq;
+        for (int64_t c = 1; c < chunks; ++c) {
+          const T* src = acc + c * rowq;
+          for (int64_t x = 0; x < rowq; ++x) acc[x] += src[x];
+        }
+        unpack_dq(P, acc, kv, dq);
       }
-      scale(d, T(P.scale), static_cast<int>(bl * P.E));
-    }
-  });
+    });
+  }
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -606,7 +620,8 @@ std::vector<at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tens
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == P.N && out.size(1) == P.L &&
                   out.size(2) == P.Ev && lse.numel() == P.N * P.L,
               "sdpa: grad_out / out / lse shapes");
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  // every element is written by backward_impl (zeroing here would add parallel regions)
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fastrnn_sdpa_backward", [&] {
     backward_impl<scalar_t>(P, grad_out.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
