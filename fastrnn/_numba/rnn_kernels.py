@@ -64,6 +64,10 @@ _JIT_PARALLEL = dict(_JIT, parallel={"prange": True, "comprehension": False, "re
                                      "inplace_binop": False, "setitem": False, "numpy": False,
                                      "stencil": False, "fusion": False})
 
+# Small helpers called once per row: inlined into the caller's Numba IR, so that the array
+# views passed to them cost no reference counting and no call.
+_JIT_INLINE = dict(_JIT, inline="always")
+
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELL_CODES = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU}
 
@@ -275,111 +279,139 @@ def _tanh_overload(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused cell steps on ``nu`` consecutive hidden units ``j = J .. J+nu-1`` of one row (one batch
-# element). Row arguments are 1-D arrays indexed by the absolute unit (gate rows [G] with the
-# gate offset added); ``s`` is the row of the scratch tile, indexed by ``u = j - J`` (plus
-# ``v * ldv`` for gate v). Forward: pre-activations in, activated gates written back over xw.
-# Backward: saved activations in, pre-activation gradients out; the derivative of each
-# activation is written in terms of its output: sigmoid' = s (1 - s), tanh' = 1 - t^2.
+# Fused cell steps on ``nu`` consecutive hidden units ``j = J .. J+nu-1`` of one batch row.
+# Arguments are whole 2-D arrays with a row index and, for gate rows, ``v * H + j`` column
+# offsets (the scratch tile ``S`` at ``v * UG + u``, u = j - J). All indices are unsigned:
+# Numba then emits no negative-index wraparound and the addresses are affine in the loop
+# index, so LLVM vectorises the loop (row views would cost reference counting per call:
+# measured 3-5 instead of 1.5 ns per LSTM unit). Gate outputs go to the scratch row ``O`` at
+# constant offsets ``v * UG`` and are copied to the gate-strided destination afterwards:
+# stores into one array at the runtime offsets ``v * H`` keep LLVM from vectorising (it cannot
+# rule out that they overlap), which measured 11x slower. The helpers are inlined.
+# Forward: pre-activations in, activated gates out. Backward: saved activations in,
+# pre-activation gradients out; each activation's derivative is written in terms of its
+# output: sigmoid' = s (1 - s), tanh' = 1 - t^2.
 # ---------------------------------------------------------------------------------------------
-@njit(**_JIT)
-def lstm_fwd_units(nu, J, H, s, ldv, x, bh, c, c_out, hu):
-    """x [4H]: xw_t row in, activated i, f, g, o out; s: h_{t-1} W_hh^T of these units (gate v at
-    v*ldv); bh [4H]; c [H]: c_{t-1} in, c_t out (copy to c_out); hu [H] <- o * tanh(c_t)."""
+U = np.uint64
+UG, UG2, UG3 = U(UNIT_GROUP), U(2 * UNIT_GROUP), U(3 * UNIT_GROUP)
+
+
+@njit(**_JIT_INLINE)
+def lstm_fwd_units(save, nu, S, r, X, b, H, J, bh, C, C_out, Hu, O):
+    """S[r]: h_{t-1} W_hh^T of these units (gate-major, UG apart); X[b]: xw_t; bh: b_hh;
+    C[b]: c_{t-1} in, c_t out; Hu[b] <- o * tanh(c_t). If ``save`` (training): activated
+    i, f, g, o -> O, c_t -> C_out[b]."""
     for u in range(nu):
         j = J + u
-        i = sigmoid(x[j] + s[u] + bh[j])
-        f = sigmoid(x[H + j] + s[ldv + u] + bh[H + j])
-        g = tanh(x[2 * H + j] + s[2 * ldv + u] + bh[2 * H + j])
-        o = sigmoid(x[3 * H + j] + s[3 * ldv + u] + bh[3 * H + j])
-        c_new = f * c[j] + i * g
-        x[j], x[H + j], x[2 * H + j], x[3 * H + j] = i, f, g, o
-        c[j] = c_new
-        c_out[j] = c_new
-        hu[j] = o * tanh(c_new)
+        i = sigmoid(X[b, j] + S[r, u] + bh[j])
+        f = sigmoid(X[b, H + j] + S[r, UG + u] + bh[H + j])
+        g = tanh(X[b, H + H + j] + S[r, UG2 + u] + bh[H + H + j])
+        o = sigmoid(X[b, H + H + H + j] + S[r, UG3 + u] + bh[H + H + H + j])
+        c_new = f * C[b, j] + i * g
+        C[b, j] = c_new
+        Hu[b, j] = o * tanh(c_new)
+        if save:
+            O[u], O[UG + u], O[UG2 + u], O[UG3 + u] = i, f, g, o
+            C_out[b, j] = c_new
 
 
-@njit(**_JIT)
-def gru_fwd_units(nu, J, H, s, ldv, x, bh, h_prev, hn_out, h_out):
-    """x [3H]: input-side pre-activations in, activated r, z, n out; s: h_{t-1} W_hh^T of these
-    units (gate v at v*ldv); bh [3H]; h_prev [Hr]; hn_out [H] <- W_hn h_{t-1} + b_hn;
-    h_out [H] <- h_t."""
-    one = x.dtype.type(1)
+@njit(**_JIT_INLINE)
+def gru_fwd_units(save, nu, S, r, X, b, H, J, bh, H_prev, HN, H_out, O):
+    """S[r]: h_{t-1} W_hh^T of these units (gate-major, UG apart); X[b]: input-side
+    pre-activations; bh: b_hh; H_prev[b]: h_{t-1}; H_out[b] <- h_t. If ``save``: activated
+    r, z, n -> O, W_hn h_{t-1} + b_hn -> HN[b]."""
+    one = X.dtype.type(1)
     for u in range(nu):
         j = J + u
-        h_n = s[2 * ldv + u] + bh[2 * H + j]
-        r = sigmoid(x[j] + s[u] + bh[j])
-        z = sigmoid(x[H + j] + s[ldv + u] + bh[H + j])
-        n = tanh(x[2 * H + j] + r * h_n)
-        x[j], x[H + j], x[2 * H + j] = r, z, n
-        hn_out[j] = h_n
-        h_out[j] = (one - z) * n + z * h_prev[j]
+        h_n = S[r, UG2 + u] + bh[H + H + j]
+        rg = sigmoid(X[b, j] + S[r, u] + bh[j])
+        z = sigmoid(X[b, H + j] + S[r, UG + u] + bh[H + j])
+        n = tanh(X[b, H + H + j] + rg * h_n)
+        H_out[b, j] = (one - z) * n + z * H_prev[b, j]
+        if save:
+            O[u], O[UG + u], O[UG2 + u] = rg, z, n
+            HN[b, j] = h_n
 
 
-@njit(**_JIT)
-def rnn_fwd_units(relu, nu, J, s, x, bh, h_out):
-    """h_out[j] <- act(x[j] + s[j - J] + bh[j]); relu keeps NaN (a NaN fails ``v < 0``)."""
-    zero = x.dtype.type(0)
+@njit(**_JIT_INLINE)
+def rnn_fwd_units(relu, nu, S, r, X, b, J, bh, H_out):
+    """H_out[b, j] <- act(X[b, j] + S[r, u] + bh[j]); relu keeps NaN (a NaN fails ``v < 0``)."""
+    zero = X.dtype.type(0)
     for u in range(nu):
         j = J + u
-        v = x[j] + s[u] + bh[j]
+        v = X[b, j] + S[r, u] + bh[j]
         if relu:
-            h_out[j] = zero if v < zero else v
+            H_out[b, j] = zero if v < zero else v
         else:
-            h_out[j] = tanh(v)
+            H_out[b, j] = tanh(v)
 
 
-@njit(**_JIT)
-def lstm_bwd_units(nu, J, H, a, c, c_prev, d_in, d_off, gs, dc, gx):
-    """a [4H]: saved i, f, g, o; c, c_prev [H]: c_t, c_{t-1}; the gradient reaching
-    o * tanh(c_t) of unit j is ``d_in[d_off + j - J] + gs[j]``; dc [H]: gradient reaching c_t
-    from step t+1 in, reaching c_{t-1} out; gx [4H] <- pre-activation gradients."""
-    one = a.dtype.type(1)
+@njit(**_JIT_INLINE)
+def lstm_bwd_units(nu, A, b, H, J, C, C_prev, bp, D, bd, d0, GS, bs, DC, O):
+    """A[b]: saved i, f, g, o; C[b], C_prev[bp]: c_t, c_{t-1}; ``D[bd, d0 + u] + GS[bs, j]``: the
+    gradient reaching o * tanh(c_t); DC[b]: gradient reaching c_t from step t+1 in, reaching
+    c_{t-1} out; O <- the four pre-activation gradients (UG apart)."""
+    one = A.dtype.type(1)
     for u in range(nu):
         j = J + u
-        i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
-        dhu = d_in[d_off + u] + gs[j]
-        tc = tanh(c[j])
-        dc_t = dc[j] + dhu * o * (one - tc * tc)
-        gx[j] = dc_t * g * i * (one - i)
-        gx[H + j] = dc_t * c_prev[j] * f * (one - f)
-        gx[2 * H + j] = dc_t * i * (one - g * g)
-        gx[3 * H + j] = dhu * tc * o * (one - o)
-        dc[j] = dc_t * f
+        i, f, g, o = A[b, j], A[b, H + j], A[b, H + H + j], A[b, H + H + H + j]
+        dhu = D[bd, d0 + u] + GS[bs, j]
+        tc = tanh(C[b, j])
+        dc_t = DC[b, j] + dhu * o * (one - tc * tc)
+        O[u] = dc_t * g * i * (one - i)
+        O[UG + u] = dc_t * C_prev[bp, j] * f * (one - f)
+        O[UG2 + u] = dc_t * i * (one - g * g)
+        O[UG3 + u] = dhu * tc * o * (one - o)
+        DC[b, j] = dc_t * f
 
 
-@njit(**_JIT)
-def gru_bwd_units(nu, J, H, a, hn, h_prev, dh, gs, gx, gh):
-    """a [3H]: saved r, z, n; hn [H]: saved W_hn h_{t-1} + b_hn; h_prev [H]; dh [H]: gradient
-    reaching h_t from step t+1 in (``gs`` [H] from the output is added), its direct part
-    ``dh_t * z`` out; gx [3H] <- input-side, gh [3H] <- hidden-side pre-activation gradients
-    (they differ only in the n gate: ``dn * r`` on the hidden side)."""
-    one = a.dtype.type(1)
+@njit(**_JIT_INLINE)
+def gru_bwd_units(nu, A, b, H, J, HN, H_prev, bp, DH, GS, O):
+    """A[b]: saved r, z, n; HN[b]: saved W_hn h_{t-1} + b_hn; H_prev[bp]: h_{t-1}; DH[b]: the
+    gradient reaching h_t from step t+1 in (GS[b] from the output is added), its direct part
+    ``dh_t * z`` out; O <- dr, dz, dn (input side) and, at 3 UG, ``dn * r`` (the hidden side
+    n gradient; r and z are the same on both sides)."""
+    one = A.dtype.type(1)
     for u in range(nu):
         j = J + u
-        r, z, n = a[j], a[H + j], a[2 * H + j]
-        d = dh[j] + gs[j]
+        r, z, n = A[b, j], A[b, H + j], A[b, H + H + j]
+        d = DH[b, j] + GS[b, j]
         d_n = d * (one - z) * (one - n * n)
-        d_z = d * (h_prev[j] - n) * z * (one - z)
-        d_r = d_n * hn[j] * r * (one - r)
-        gx[j], gx[H + j], gx[2 * H + j] = d_r, d_z, d_n
-        gh[j], gh[H + j], gh[2 * H + j] = d_r, d_z, d_n * r
-        dh[j] = d * z
+        O[u] = d_n * HN[b, j] * r * (one - r)
+        O[UG + u] = d * (H_prev[bp, j] - n) * z * (one - z)
+        O[UG2 + u] = d_n
+        O[UG3 + u] = d_n * r
+        DH[b, j] = d * z
 
 
-@njit(**_JIT)
-def rnn_bwd_units(relu, nu, J, h, dh, gs, gx):
-    """h [H]: h_t; the gradient reaching h_t is dh + gs; gx [H] <- pre-activation gradient.
-    relu selects rather than multiplies by 0/1, so a NaN gradient stays out of units that
-    relu switched off (as torch's threshold_backward)."""
-    one, zero = h.dtype.type(1), h.dtype.type(0)
+@njit(**_JIT_INLINE)
+def rnn_bwd_units(relu, nu, Hs, b, J, DH, GS, GX):
+    """Hs[b]: h_t; the gradient reaching h_t is DH[b] + GS[b]; GX[b] <- pre-activation
+    gradient. relu selects rather than multiplies by 0/1, so a NaN gradient stays out of units
+    that relu switched off (as torch's threshold_backward)."""
+    one, zero = Hs.dtype.type(1), Hs.dtype.type(0)
     for u in range(nu):
         j = J + u
-        d = dh[j] + gs[j]
+        d = DH[b, j] + GS[b, j]
         if relu:
-            gx[j] = d if h[j] > zero else zero
+            GX[b, j] = d if Hs[b, j] > zero else zero
         else:
-            gx[j] = d * (one - h[j] * h[j])
+            GX[b, j] = d * (one - Hs[b, j] * Hs[b, j])
+
+
+@njit(**_JIT_INLINE)
+def _scatter_gates(O, o0, ngates, X, b, H, J, nu):
+    """X[b, v*H + J + u] = O[o0 + v*UG + u] for gates v < ngates: one simple loop per gate."""
+    for v in range(ngates):
+        src, dst = o0 + U(v) * UG, U(v) * H + J
+        for u in range(nu):
+            X[b, dst + u] = O[src + u]
+
+
+@njit(**_JIT_INLINE)
+def _copy_units(src, b, dst, J, nu):
+    for u in range(nu):
+        dst[b, J + u] = src[b, J + u]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,20 +436,16 @@ def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
 
 
 @njit(**_JIT)
-def _copy_units(src, dst, J, nu):
-    for u in range(nu):
-        dst[J + u] = src[J + u]
-
-
-@njit(**_JIT)
-def fwd_chunk(cell, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S):
+def fwd_chunk(cell, save, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S, O):
     """Forward step for the units of panels [p0, p1) of ``Wf`` and active rows [0, m).
 
-    h_in [B, Hr]: h_{t-1};  x_t [B, G]: xw_t in, activated gates out;  c_state [B, H]: c (LSTM);
+    save: training (keep activated gates and per-step states for backward);
+    h_in [B, Hr]: h_{t-1};  x_t [B, G]: xw_t in, activated gates out (if save);  c_state [B, H]: c (LSTM);
     c_out [B, H] <- c_t (LSTM);  hn_t [B, H] <- W_hn h_{t-1} + b_hn (GRU);
     hu_t [B, H] <- o * tanh(c_t) (LSTM; it is h_seq_t itself when there is no projection);
     h_seq_t [B, Hr] <- h_t and h_out [B, Hr] <- h_t, except for LSTM with a projection
-    (then ``gemm_chunk`` writes them from hu_t). S: this thread's scratch tile."""
+    (then ``gemm_chunk`` writes them from hu_t). S: this thread's scratch tile; O: its scratch
+    row [4 * UNIT_GROUP] for gate outputs."""
     G = x_t.shape[1]
     nv = Wf.shape[2] * x_t.itemsize // VEC_BYTES
     L = Wf.shape[2] // nv
@@ -436,17 +464,31 @@ def fwd_chunk(cell, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, 
             mr = base + (1 if tile < extra else 0)
             for p in range(g0, g1):
                 _gemm_tile(h_in, r0, mr, Wf, p, S, (p - g0) * (L if gate_layout else upp), ldv, nv)
+            uJ, unu, uH = U(J), U(nu), U(H)
             for r in range(mr):
-                b = r0 + r
+                b, ur = U(r0 + r), U(r)
                 if cell == LSTM:
-                    lstm_fwd_units(nu, J, H, S[r], ldv, x_t[b], b_hh, c_state[b], c_out[b], hu_t[b])
+                    lstm_fwd_units(save, unu, S, ur, x_t, b, uH, uJ, b_hh, c_state, c_out, hu_t, O)
                 elif cell == GRU:
-                    gru_fwd_units(nu, J, H, S[r], ldv, x_t[b], b_hh, h_in[b], hn_t[b], h_seq_t[b])
+                    gru_fwd_units(save, unu, S, ur, x_t, b, uH, uJ, b_hh, h_in, hn_t, h_seq_t, O)
                 else:
-                    rnn_fwd_units(cell == RNN_RELU, nu, J, S[r], x_t[b], b_hh, h_seq_t[b])
+                    rnn_fwd_units(cell == RNN_RELU, unu, S, ur, x_t, b, uJ, b_hh, h_seq_t)
+                if save and gate_layout:
+                    _scatter_gates(O, U(0), U(nv), x_t, b, uH, uJ, unu)
                 if not proj:
-                    _copy_units(h_seq_t[b], h_out[b], J, nu)
+                    _copy_units(h_seq_t, b, h_out, uJ, unu)
             r0 += mr
+
+
+@njit(**_JIT_INLINE)
+def _store_units(S, r, out, b, J, nu, accumulate):
+    """out[b, J + u] (+)= S[r, u] for u < nu."""
+    if accumulate:
+        for u in range(nu):
+            out[b, J + u] += S[r, u]
+    else:
+        for u in range(nu):
+            out[b, J + u] = S[r, u]
 
 
 @njit(**_JIT)
@@ -464,16 +506,11 @@ def _gemm_group(g0, g1, m, W, a, S, out_a, out_b, accumulate):
         mr = base + (1 if tile < extra else 0)
         for p in range(g0, g1):
             _gemm_tile(a, r0, mr, W, p, S, (p - g0) * upp, L, 4)
+        uJ, unu = U(J), U(nu)
         for r in range(mr):
-            s, o = S[r], out_a[r0 + r]
-            if accumulate:
-                for u in range(nu):
-                    o[J + u] += s[u]
-            else:
-                for u in range(nu):
-                    o[J + u] = s[u]
+            _store_units(S, U(r), out_a, U(r0 + r), uJ, unu, accumulate)
             if out_b.shape[0] > 0:
-                _copy_units(o, out_b[r0 + r], J, nu)
+                _copy_units(out_a, U(r0 + r), out_b, uJ, unu)
         r0 += mr
 
 
@@ -487,7 +524,7 @@ def gemm_chunk(p0, p1, m, W, a, S, out_a, out_b, accumulate):
 
 @njit(**_JIT)
 def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev, dc, hn_t, h_t,
-              dh, gx_t, gh_t, S):
+              dh, gx_t, gh_t, S, O):
     """Backward step for the units of panels [p0, p1) of ``Wb`` (no projection: Hr = H).
 
     First ``dh[:m_g] (+)= g_in[:m_g] @ W_hh`` for these units (g_in: the previous step's
@@ -495,8 +532,7 @@ def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev
     cell backward for rows [0, m), where the gradient reaching h_t is ``dh + gs_t``.
     a_t [B, G]: saved gates; c_t [B, H]: c_t (LSTM); prev / init [B, H]: c_{t-1} (LSTM) or
     h_{t-1} (GRU) for rows < m_prev / the initial state for the others; dc [B, H] (LSTM);
-    hn_t [B, H] (GRU); h_t [B, H] (RNN); gx_t, gh_t [B, G] <- gradients."""
-    G = gx_t.shape[1]
+    hn_t [B, H] (GRU); h_t [B, H] (RNN); gx_t, gh_t [B, G] <- gradients; S, O: scratch."""
     H = dh.shape[1]
     upp = Wb.shape[2]
     ppg = UNIT_GROUP // upp
@@ -507,22 +543,27 @@ def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev
             _gemm_group(g0, g1, m_g, Wb, g_in, S, dh, empty, cell == GRU)
         J = g0 * upp
         nu = min(g1 * upp, H) - J
-        for b in range(m):
+        uJ, unu, uH = U(J), U(nu), U(H)
+        for bi in range(m):
+            b = U(bi)
             if cell == LSTM:
-                lstm_bwd_units(nu, J, H, a_t[b], c_t[b], prev[b] if b < m_prev else init[b], dh[b], J,
-                               gs_t[b], dc[b], gx_t[b])
+                lstm_bwd_units(unu, a_t, b, uH, uJ, c_t, prev if bi < m_prev else init, b, dh, b, uJ, gs_t, b,
+                               dc, O)
+                _scatter_gates(O, U(0), U(4), gx_t, b, uH, uJ, unu)
             elif cell == GRU:
-                gru_bwd_units(nu, J, H, a_t[b], hn_t[b], prev[b] if b < m_prev else init[b], dh[b], gs_t[b],
-                              gx_t[b], gh_t[b])
+                gru_bwd_units(unu, a_t, b, uH, uJ, hn_t, prev if bi < m_prev else init, b, dh, gs_t, O)
+                _scatter_gates(O, U(0), U(3), gx_t, b, uH, uJ, unu)
+                _scatter_gates(O, U(0), U(2), gh_t, b, uH, uJ, unu)
+                _scatter_gates(O, UG3, U(1), gh_t, b, uH, uJ + U(2) * uH, unu)
             else:
-                rnn_bwd_units(cell == RNN_RELU, nu, J, h_t[b], dh[b], gs_t[b], gx_t[b])
+                rnn_bwd_units(cell == RNN_RELU, unu, h_t, b, uJ, dh, gs_t, gx_t)
 
 
 @njit(**_JIT)
-def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S):
+def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S, O):
     """LSTM with a projection, second half of a backward step: for the H-units of panels
     [p0, p1) of ``Wu`` (W_hr packed), ``dhu = dh[:m] @ W_hr`` into the scratch tile, then the
-    cell backward with it (``zeros`` [H]: dh already holds the output gradient)."""
+    cell backward with it (``zeros`` [1, H]: dh already holds the output gradient)."""
     H = c_t.shape[1]
     upp = Wu.shape[2]
     L = upp // 4
@@ -537,10 +578,13 @@ def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, 
             mr = base + (1 if tile < extra else 0)
             for p in range(g0, g1):
                 _gemm_tile(dh, r0, mr, Wu, p, S, (p - g0) * upp, L, 4)
+            uJ, unu, uH, z0 = U(J), U(nu), U(H), U(0)
             for r in range(mr):
-                b = r0 + r
-                lstm_bwd_units(nu, J, H, a_t[b], c_t[b], prev[b] if b < m_prev else init[b], S[r], 0,
-                               zeros, dc[b], gx_t[b])
+                bi = r0 + r
+                b = U(bi)
+                lstm_bwd_units(unu, a_t, b, uH, uJ, c_t, prev if bi < m_prev else init, b, S, U(r), z0,
+                               zeros, z0, dc, O)
+                _scatter_gates(O, z0, U(4), gx_t, b, uH, uJ, unu)
             r0 += mr
 
 
@@ -608,8 +652,8 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
                 it from compiled code would make the kernel uncacheable)
     min_macs    a step with fewer multiply-adds runs on one thread (PAR_MIN_MACS)
     cell        LSTM | GRU | RNN_TANH | RNN_RELU
-    xw          [T, B, G]  in: x W_ih^T + b_ih;  out: activated gates (LSTM i,f,g,o; GRU r,z,n),
-                           zero on inactive rows (RNN: left as scratch)
+    xw          [T, B, G]  in: x W_ih^T + b_ih;  out when training: activated gates (LSTM
+                           i,f,g,o; GRU r,z,n), zero on inactive rows; otherwise scratch
     w_hh [G, Hr]; b_hh [G] (zeros when absent); h0 [B, Hr]; c0 [B, H] (LSTM, else empty)
     w_hr        [Hr, H] (LSTM with projection) or empty [0, 0]
     batch_sizes [T] int64 (all B when not packed)
@@ -628,7 +672,8 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
     P = Wf.shape[0]
     Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
     Pr = Wr.shape[0]
-    S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), xw.dtype)
+    S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), xw.dtype)   # per thread: GEMM tile
+    O = np.empty((nth_max, 4 * UNIT_GROUP), xw.dtype)                   # and gate-output row
     hbuf = np.empty((2, B, Hr), xw.dtype)
     _copy_rows(h0, hbuf[0], 0, B)
     if cell == LSTM:
@@ -645,11 +690,11 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
         hn_t = hn_seq[ts] if cell == GRU else none2
         nth = _threads(m * G * Hr, P, nth_max, min_macs)
         if nth == 1:
-            fwd_chunk(cell, 0, P, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S[0])
+            fwd_chunk(cell, training, 0, P, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S[0], O[0])
         else:
             for c in prange(nth):
-                fwd_chunk(cell, c * P // nth, (c + 1) * P // nth, m, proj, Wf, h_in, x_t, b_hh, c_state,
-                          c_out, hu_t, hn_t, h_out, h_seq_t, S[c])
+                fwd_chunk(cell, training, c * P // nth, (c + 1) * P // nth, m, proj, Wf, h_in, x_t, b_hh, c_state,
+                          c_out, hu_t, hn_t, h_out, h_seq_t, S[c], O[c])
         if proj:
             nth = _threads(m * H * Hr, Pr, nth_max, min_macs)
             if nth == 1:
@@ -660,7 +705,8 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
         if m < B:  # finished rows keep their state; their outputs are zero
             _copy_rows(h_in, h_out, m, B)
             _zero_rows(h_seq_t, m)
-            _zero_rows(x_t, m)
+            if training:
+                _zero_rows(x_t, m)
             if training and cell == LSTM:
                 _zero_rows(c_out, m)
                 if proj:
@@ -692,8 +738,9 @@ def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_
     Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]   # dhu = dh @ W_hr
     Pu = Wu.shape[0]
     upp = Wb.shape[2]
-    zeros = np.zeros(H, grad_xw.dtype)
+    zeros = np.zeros((1, H), grad_xw.dtype)
     S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), grad_xw.dtype)
+    O = np.empty((nth_max, 4 * UNIT_GROUP), grad_xw.dtype)
     g_src = grad_hw if cell == GRU else grad_xw      # what the step GEMM multiplies by W_hh
     none2 = dh[:0]
     t_last, m_last = 0, 0
@@ -718,11 +765,11 @@ def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_
             nth = _threads(max(m_last, m) * G * Hr, Pb, nth_max, min_macs)
             if nth == 1:
                 bwd_chunk(cell, 0, Pb, m_last, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev, dc, hn_t,
-                          h_seq[t], dh, gx_t, gh_t, S[0])
+                          h_seq[t], dh, gx_t, gh_t, S[0], O[0])
             else:
                 for c in prange(nth):
                     bwd_chunk(cell, c * Pb // nth, (c + 1) * Pb // nth, m_last, g_in, Wb, m, gs_t, a_t, c_t,
-                              prev, init, m_prev, dc, hn_t, h_seq[t], dh, gx_t, gh_t, S[c])
+                              prev, init, m_prev, dc, hn_t, h_seq[t], dh, gx_t, gh_t, S[c], O[c])
         else:
             ghp_t = grad_hproj[t]
             nth = _threads(max(m_last, m) * G * Hr, Pb, nth_max, min_macs)
@@ -736,11 +783,11 @@ def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_
                                    gs_t, ghp_t)
             nth = _threads(m * H * Hr, Pu, nth_max, min_macs)
             if nth == 1:
-                lstm_proj_bwd_chunk(0, Pu, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S[0])
+                lstm_proj_bwd_chunk(0, Pu, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S[0], O[0])
             else:
                 for c in prange(nth):
                     lstm_proj_bwd_chunk(c * Pu // nth, (c + 1) * Pu // nth, m, Wu, dh, a_t, c_t, prev, init,
-                                        m_prev, zeros, dc, gx_t, S[c])
+                                        m_prev, zeros, dc, gx_t, S[c], O[c])
             if m < B:
                 _zero_rows(ghp_t, m)
         if m < B:

@@ -183,6 +183,56 @@ def info(warm: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# the big GEMMs of the op code (input projection, grad_x, weight gradients)
+# ---------------------------------------------------------------------------------------------
+_onednn_linear = None   # torch's oneDNN linear op once checked, False where unusable
+
+
+def _onednn():
+    """torch's own oneDNN matmul (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's
+    CPU backend uses), or None. On this AMD CPU MKL's sgemm runs AVX2 code while oneDNN runs
+    AVX-512: measured 2.0-2.3x faster on the op code's GEMMs. float32 only (no float64)."""
+    global _onednn_linear
+    if _onednn_linear is None:
+        _onednn_linear = False
+        try:
+            op = torch.ops.mkldnn._linear_pointwise.default
+            a, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
+            if torch.backends.mkldnn.is_available() and torch.allclose(
+                    op(a, w, b, "none", [], ""), torch.addmm(b, a, w.t()), atol=1e-5, rtol=1e-5):
+                _onednn_linear = op
+        except Exception:  # another torch build: fall back to torch's matmul
+            pass
+    return _onednn_linear or None
+
+
+def _use_onednn(*tensors) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and _onednn() is not None
+
+
+def linear(x, w, b):
+    """x [N, I], w [G, I], b [G] | None -> x w^T + b [N, G]"""
+    if _use_onednn(x, w):
+        return _onednn()(x, w, b, "none", [], "")
+    return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+
+
+def mm(a, b):
+    """a [M, K], b [K, N] -> a b"""
+    if _use_onednn(a, b):
+        return _onednn()(a, b.t(), None, "none", [], "")
+    return a @ b
+
+
+def mm_tn(a, b):
+    """a [K, M], b [K, N] -> a^T b (weight gradients: K = T*B); computed as (b^T a)^T, the
+    operand order oneDNN runs fastest (measured 211 against 160-190 GF/s)."""
+    if _use_onednn(a, b):
+        return _onednn()(b.t(), a.t(), None, "none", [], "").t()
+    return a.t() @ b
+
+
+# ---------------------------------------------------------------------------------------------
 # the contract
 # ---------------------------------------------------------------------------------------------
 def _np(t: torch.Tensor) -> np.ndarray:
