@@ -19,6 +19,13 @@ def rnn_backends():
     return fastrnn.available_backends("cpu", "rnn")
 
 
+def cpu_backends():
+    """The CPU backends. Tests that evaluate a model hundreds of times (gradcheck, training runs)
+    use these: the Triton interpreter makes them take minutes, and the triton backend's float64
+    results are already pinned to the reference at 1e-10 by the contract tests."""
+    return [b for b in rnn_backends() if b != "triton"]
+
+
 def pytest_sessionstart(session):
     missing = {b: fastrnn.backends.unavailable_reason(b, "cpu", "rnn") for b in _required}
     missing = {b: r for b, r in missing.items() if r is not None}

@@ -4,7 +4,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from conftest import rnn_backends
+from conftest import cpu_backends
 
 CASES = [
     ("LSTM", dict(num_layers=2, bidirectional=True), False),
@@ -15,7 +15,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", rnn_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("kind,kw,packed", CASES,
                          ids=[f"{k}-{'-'.join(map(str, kw.values()))}{'-packed' if p else ''}" for k, kw, p in CASES])
 def test_gradcheck(backend, kind, kw, packed):
@@ -43,7 +43,7 @@ def test_gradcheck(backend, kind, kw, packed):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", rnn_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("cls", [fastrnn.LSTMCell, fastrnn.GRUCell, fastrnn.RNNCell])
 def test_cell_gradcheck(backend, cls):
     torch.manual_seed(5)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from conftest import rnn_backends
+from conftest import cpu_backends
 
 
 class Seq(nn.Module):
@@ -39,7 +39,7 @@ def train(model, steps=30, chunk=5):
     return losses
 
 
-@pytest.mark.parametrize("backend", rnn_backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_training_losses_match_torch(backend):
     torch.manual_seed(0)
     ref = Seq()
