@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import fastrnn
 from fastrnn import backends
 from fastrnn.ops.recurrence import GATES, packed_mask
 from fastrnn.testing import assert_close, assert_low_precision

@@ -133,7 +133,8 @@ def _dot_tile(acc, a, w_ptr, ks, ns, k_ok, n_ok, stride_k, stride_n, DOT_PRECISI
 @triton.jit
 def _dh_carry(ghw_prev_ptr, acts_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, grad_h_ptr,
               rows, cols, m, m_prev, H, HR,
-              NG: tl.constexpr, IS_GRU: tl.constexpr, HAS_PREV: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              NG: tl.constexpr, IS_GRU: tl.constexpr, HAS_PREV: tl.constexpr,
+              ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Total gradient ``dh_t`` reaching h_t, for a [rows, cols of Hr] tile.
 
