@@ -2,6 +2,7 @@
 every backend usable on CPU: outputs and q/k/v gradients on odd shapes, masks, causal, GQA,
 dropout, huge logits, fully masked rows, low precision, errors."""
 import math
+import os
 
 import pytest
 import torch
@@ -316,3 +317,11 @@ def test_every_cpu_backend_has_sdpa():
     for name in backends.BACKENDS:
         mod = backends.load(name, "sdpa")
         assert not (isinstance(mod, str) and "does not implement" in mod), f"{name}: {mod}"
+
+
+def test_required_backends_serve_sdpa():
+    """CI's FASTRNN_REQUIRE_BACKENDS (checked for the rnn op by conftest) holds for sdpa too, so a
+    backend that fails to build or import cannot silently drop out of the parametrisation."""
+    required = [b for b in os.environ.get("FASTRNN_REQUIRE_BACKENDS", "").split(",") if b]
+    missing = {b: backends.unavailable_reason(b, "cpu", "sdpa") for b in required}
+    assert not {b: r for b, r in missing.items() if r is not None}

@@ -29,7 +29,8 @@ in ``dtypes``. Shape letters: ``N`` flattened batch x heads of the query, ``Nk``
     seed       int in [0, 2**32): with ``keep(n, i, j)`` below, the dropout mask is a pure function
                of (seed, n, i, j), so backward regenerates it and nothing L x S is stored
   returns ``out`` [N, L, Ev] and ``lse`` [N, L] (log-sum-exp of each query row's masked, scaled
-  scores, before dropout; ``+inf`` for a row with no visible key). Both in q's dtype.
+  scores, before dropout; ``+inf`` for a row with no visible key). Both in q's dtype (triton
+  keeps ``lse`` in float32 for float16 / bfloat16 inputs; only its own backward reads it).
 
 ``sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
         -> (grad_q [N, L, E], grad_k [Nk, S, E], grad_v [Nk, S, Ev])``
