@@ -83,8 +83,8 @@ PAR_MIN_MACS = 1 << 17    # default: multiply-adds per step below which a step r
 # GEMM micro-kernel
 # ---------------------------------------------------------------------------------------------
 @intrinsic
-def tile_gemm(typingctx, a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max):
-    """``c[c_off + r*ldc + v*ldv + l] = sum_k a[a_off + r*lda + k] * w[w_off + k*nv*L + v*L + l]``
+def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max):
+    """``c[c_off + r*ldc + v*ldv + l] = sum_k a[a_off + r*lda + k*ldk] * w[w_off + k*nv*L + v*L + l]``
     for r < mr, v < nv, l < L (L = lanes of one vector register). ``nv`` and ``mr_max``
     must be literal integers; ``mr`` (1..mr_max) is a runtime value."""
     if not (isinstance(nv, types.IntegerLiteral) and isinstance(mr_max, types.IntegerLiteral)):
@@ -100,12 +100,10 @@ def tile_gemm(typingctx, a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv,
         suffix = f"v{L}{'f32' if fty == ir.FloatType() else 'f64'}"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
         a_data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        w_data = context.make_array(sig.args[4])(context, builder, args[4]).data
-        c_data = context.make_array(sig.args[6])(context, builder, args[6]).data
-        a_off_, lda_, mr_, w_off_, c_off_, ldc_, ldv_, K_ = (
-            context.cast(builder, v, t, types.int64) for v, t in
-            ((args[1], sig.args[1]), (args[2], sig.args[2]), (args[3], sig.args[3]), (args[5], sig.args[5]),
-             (args[7], sig.args[7]), (args[8], sig.args[8]), (args[9], sig.args[9]), (args[10], sig.args[10])))
+        w_data = context.make_array(sig.args[5])(context, builder, args[5]).data
+        c_data = context.make_array(sig.args[7])(context, builder, args[7]).data
+        a_off_, lda_, ldk_, mr_, w_off_, c_off_, ldc_, ldv_, K_ = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 8, 9, 10, 11))
         a_ptr = builder.gep(a_data, [a_off_])
         w_ptr = builder.gep(w_data, [w_off_])
         c_ptr = builder.gep(c_data, [c_off_])
@@ -133,7 +131,7 @@ def tile_gemm(typingctx, a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv,
                    for v in range(NV)]
             new = []
             for r in range(MR):
-                a_rk = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(const(r), lda_), k)]))
+                a_rk = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(const(r), lda_), builder.mul(k, ldk_))]))
                 a_vec = builder.shuffle_vector(
                     builder.insert_element(ir.Constant(vty, ir.Undefined), a_rk, ir.Constant(ir.IntType(32), 0)),
                     ir.Constant(vty, ir.Undefined), splat_mask)
@@ -157,7 +155,36 @@ def tile_gemm(typingctx, a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv,
         builder.position_at_end(end)
         return context.get_dummy_value()
 
-    return types.none(a, a_off, lda, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max), codegen
+    return types.none(a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max), codegen
+
+
+@njit(**_JIT)
+def pack_panel(M, trans, gates, units, nv, out, p):
+    """Panel p of ``pack_panels``."""
+    _, K, width = out.shape
+    L = width // nv
+    for v in range(nv):
+        for l in range(L):
+            u = p * L + l if gates > 1 else p * width + v * L + l
+            if u >= units:
+                for k in range(K):
+                    out[p, k, v * L + l] = 0
+    if trans:   # M' = M: read rows of M, write rows of the panel
+        for k in range(K):
+            for v in range(nv):
+                for l in range(L):
+                    u = p * L + l if gates > 1 else p * width + v * L + l
+                    if u < units:
+                        out[p, k, v * L + l] = M[k, v * units + u if gates > 1 else u]
+    else:       # M' = M^T: read rows of M (one output column each)
+        for v in range(nv):
+            for l in range(L):
+                u = p * L + l if gates > 1 else p * width + v * L + l
+                if u < units:
+                    n = v * units + u if gates > 1 else u
+                    col = v * L + l
+                    for k in range(K):
+                        out[p, k, col] = M[n, k]
 
 
 @njit(**_JIT)
@@ -167,23 +194,8 @@ def pack_panels(M, trans, gates, units, nv, out):
     ``units`` goes to ``out[p, :, v*L + l]``. Gate layout (``gates`` = nv > 1, M' has
     ``gates * units`` columns, gate-major as torch): unit ``p*L + l`` of gate ``v`` goes to
     ``out[p, :, v*L + l]``, so one panel holds every gate of L units. Padding columns are 0."""
-    P, K, width = out.shape
-    L = width // nv
-    for p in range(P):
-        for v in range(nv):
-            for l in range(L):
-                u = p * L + l if gates > 1 else p * width + v * L + l
-                n = v * units + u if gates > 1 else u
-                col = v * L + l
-                if u >= units:
-                    for k in range(K):
-                        out[p, k, col] = 0
-                elif trans:
-                    for k in range(K):
-                        out[p, k, col] = M[k, n]
-                else:
-                    for k in range(K):
-                        out[p, k, col] = M[n, k]
+    for p in range(out.shape[0]):
+        pack_panel(M, trans, gates, units, nv, out, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,9 +442,9 @@ def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
     """S[r, s_off + v*ldv + l] = (a[r0 + r] @ panel p of W)[v*L + l]; nv is 3 or 4."""
     K = W.shape[1]
     if nv == 3:
-        tile_gemm(a, r0 * a.shape[1], a.shape[1], mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 3, MR3)
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 3, MR3)
     else:
-        tile_gemm(a, r0 * a.shape[1], a.shape[1], mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 4, MR4)
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 4, MR4)
 
 
 @njit(**_JIT)
@@ -803,3 +815,63 @@ def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_
     else:
         for c in prange(nth):
             gemm_chunk(c * Pb // nth, (c + 1) * Pb // nth, m_last, Wb, g_in, S[c], dh, none2, cell == GRU)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op code's big GEMMs (input projection, grad_x, weight gradients), on the same threads as
+# the recurrence: a second thread pool (torch's OpenMP) spins for milliseconds after each of
+# its parallel regions and would compete with the recurrence for the cores.
+# ---------------------------------------------------------------------------------------------
+GEMM_ROW_BLOCK = 96   # rows of A whose tiles stay in L2 while all panels of B' pass by
+GEMM_K_CHUNK = 256    # depth per pass: keeps a strided A (mm_tn) and a W chunk in L2
+
+
+@njit(**_JIT_INLINE)
+def _store_row(S, r, out, row, n0, nn, bias, has_bias, accumulate):
+    """out[row, n0 + u] (+)= S[r, u] (+ bias[n0 + u]) for u < nn (unsigned indices: vectorised)."""
+    if accumulate:
+        for u in range(nn):
+            out[row, n0 + u] += S[r, u]
+    elif has_bias:
+        for u in range(nn):
+            out[row, n0 + u] = S[r, u] + bias[n0 + u]
+    else:
+        for u in range(nn):
+            out[row, n0 + u] = S[r, u]
+
+
+@njit(**_JIT_PARALLEL)
+def gemm(a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
+    """out [M, N] = A @ B' (+ bias): A[r, k] = a[r*a_rs + k*a_ks] (``a`` flat, so A may be a
+    transposed view); B' = B_mat^T for B_mat [N, K], or B_mat [K, N] itself if ``trans_b``;
+    bias [N] or empty. B' is packed into plain panels (in parallel), then row blocks of A run
+    in parallel, GEMM_K_CHUNK deep at a time, each as register tiles against every panel."""
+    N = out.shape[1]
+    K = B_mat.shape[0] if trans_b else B_mat.shape[1]
+    L = VEC_BYTES // out.itemsize
+    W = np.empty(((N + 4 * L - 1) // (4 * L), K, 4 * L), out.dtype)
+    P = W.shape[0]
+    for p in prange(P):
+        pack_panel(B_mat, trans_b, 1, N, 4, W, p)
+    has_bias = bias.shape[0] > 0
+    for blk in prange((M + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK):
+        S = np.empty((MR4, 4 * L), out.dtype)
+        r_lo = blk * GEMM_ROW_BLOCK
+        n_tiles, base, extra = _row_tiles(min(GEMM_ROW_BLOCK, M - r_lo), MR4)
+        for k0 in range(0, K, GEMM_K_CHUNK):
+            kc = min(GEMM_K_CHUNK, K - k0)
+            for p in range(P):
+                n0 = p * 4 * L
+                nn = U(min(4 * L, N - n0))
+                r0 = r_lo
+                for tile in range(n_tiles):
+                    mr = base + (1 if tile < extra else 0)
+                    tile_gemm(a, r0 * a_rs + k0 * a_ks, a_rs, a_ks, mr, W, (p * K + k0) * 4 * L, S, 0, 4 * L, L,
+                              kc, 4, MR4)
+                    for r in range(mr):
+                        _store_row(S, U(r), out, U(r0 + r), U(n0), nn, bias, has_bias, k0 > 0)
+                    r0 += mr
+    if K == 0:
+        for r in range(M):
+            for n in range(N):
+                out[r, n] = bias[n] if has_bias else 0

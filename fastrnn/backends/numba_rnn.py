@@ -27,10 +27,20 @@ nothing and keeps only [B, H]-sized scratch.
 Dtypes and compilation
 ----------------------
 float32 and float64; every call of a kernel has the same argument types for a given dtype
-(absent optional tensors are passed as empty arrays), so there are exactly four compiled
-signatures: {forward, backward} x {float32, float64}. First use of a dtype compiles both of
-its kernels (several seconds) or loads them from the on-disk cache; ``info()`` reports how long
-that took and whether it came from the cache.
+(absent optional tensors are passed as empty arrays), so there are exactly six compiled
+signatures: {rnn_forward, rnn_backward, gemm} x {float32, float64}. First use of a dtype
+compiles its three kernels (about 30 s on this 2-core machine, most of it for the parallel
+regions) or loads them from the on-disk cache (about 1 s); ``info()`` reports how long that
+took and whether it came from the cache.
+
+Big GEMMs
+---------
+The op code lets a backend run its big GEMMs (``linear``, ``mm``, ``mm_tn`` below). This one
+does, with ``rnn_kernels.gemm`` (the same register tiles, on numba's threads): MKL's sgemm,
+which torch would use, runs AVX2 code on this AMD CPU (about half the speed), and a GEMM on
+torch's OpenMP pool would leave that pool's threads spinning for milliseconds afterwards
+(measured: 4.4 ms of CPU burnt in the 30 ms after a torch matmul), competing with the
+recurrence that follows on numba's threads.
 
 On-disk cache (choice and why)
 ------------------------------
@@ -127,7 +137,8 @@ def _example_args(k, dtype: np.dtype):
     bs = np.ones(1, np.int64)
     fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3)
     bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3)
-    return {"rnn_forward": fwd, "rnn_backward": bwd}
+    gemm = (a1, 1, 1, 1, a2, False, a1, a2)
+    return {"rnn_forward": fwd, "rnn_backward": bwd, "gemm": gemm}
 
 
 def _ensure_compiled(dtype: np.dtype) -> None:
@@ -167,7 +178,7 @@ def info(warm: bool = True) -> dict:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region has run yet
         layer = f"not started (configured: {numba.config.THREADING_LAYER})"
-    stats = {kname: getattr(k, kname).stats for kname in ("rnn_forward", "rnn_backward")}
+    stats = {kname: getattr(k, kname).stats for kname in ("rnn_forward", "rnn_backward", "gemm")}
     return {
         "available": True,
         "numba": numba.__version__,
@@ -183,53 +194,34 @@ def info(warm: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# the big GEMMs of the op code (input projection, grad_x, weight gradients)
+# the big GEMMs of the op code (input projection, grad_x, weight gradients): numba kernels on
+# numba's threads, the same as the recurrence (see rnn_kernels.gemm for why not torch's)
 # ---------------------------------------------------------------------------------------------
-_onednn_linear = None   # torch's oneDNN linear op once checked, False where unusable
-
-
-def _onednn():
-    """torch's own oneDNN matmul (``torch.ops.mkldnn._linear_pointwise``, what torch.compile's
-    CPU backend uses), or None. On this AMD CPU MKL's sgemm runs AVX2 code while oneDNN runs
-    AVX-512: measured 2.0-2.3x faster on the op code's GEMMs. float32 only (no float64)."""
-    global _onednn_linear
-    if _onednn_linear is None:
-        _onednn_linear = False
-        try:
-            op = torch.ops.mkldnn._linear_pointwise.default
-            a, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)
-            if torch.backends.mkldnn.is_available() and torch.allclose(
-                    op(a, w, b, "none", [], ""), torch.addmm(b, a, w.t()), atol=1e-5, rtol=1e-5):
-                _onednn_linear = op
-        except Exception:  # another torch build: fall back to torch's matmul
-            pass
-    return _onednn_linear or None
-
-
-def _use_onednn(*tensors) -> bool:
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and _onednn() is not None
+def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
+    k = _kernels_or_raise()
+    dt = _dtype(like, k)
+    out = torch.empty(M, N, dtype=like.dtype)
+    _run(k.gemm, dt, a_flat, a_rs, a_ks, M, _np(b), trans_b,
+         _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
+    return out
 
 
 def linear(x, w, b):
-    """x [N, I], w [G, I], b [G] | None -> x w^T + b [N, G]"""
-    if _use_onednn(x, w):
-        return _onednn()(x, w, b, "none", [], "")
-    return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
+    """x [M, I], w [G, I], b [G] | None -> x w^T + b [M, G]"""
+    x = x.detach().contiguous()
+    return _gemm(x.numpy().reshape(-1), x.shape[1], 1, x.shape[0], w, False, b, w.shape[0], x)
 
 
 def mm(a, b):
     """a [M, K], b [K, N] -> a b"""
-    if _use_onednn(a, b):
-        return _onednn()(a, b.t(), None, "none", [], "")
-    return a @ b
+    a = a.detach().contiguous()
+    return _gemm(a.numpy().reshape(-1), a.shape[1], 1, a.shape[0], b, True, None, b.shape[1], a)
 
 
 def mm_tn(a, b):
-    """a [K, M], b [K, N] -> a^T b (weight gradients: K = T*B); computed as (b^T a)^T, the
-    operand order oneDNN runs fastest (measured 211 against 160-190 GF/s)."""
-    if _use_onednn(a, b):
-        return _onednn()(b.t(), a.t(), None, "none", [], "").t()
-    return a.t() @ b
+    """a [K, M], b [K, N] -> a^T b (weight gradients: K = T*B); A = a^T is read in place."""
+    a = a.detach().contiguous()
+    return _gemm(a.numpy().reshape(-1), 1, a.shape[1], a.shape[1], b, True, None, b.shape[1], a)
 
 
 # ---------------------------------------------------------------------------------------------
