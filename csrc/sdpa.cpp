@@ -633,13 +633,15 @@ std::vector<at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tens
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels run without the GIL (arguments are converted before, results after).
   m.doc() = "fastrnn flash attention on CPU (contract: fastrnn/backends/reference_sdpa.py)";
   m.attr("blas") = gemm_name();
   m.def("sdpa_forward", &sdpa_forward, "-> [out [N, L, Ev], lse [N, L]]", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("rows"), py::arg("scale"), py::arg("causal"),
-        py::arg("dropout_p"), py::arg("seed"), py::arg("block_l"), py::arg("block_s"));
+        py::arg("dropout_p"), py::arg("seed"), py::arg("block_l"), py::arg("block_s"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("sdpa_backward", &sdpa_backward, "-> [grad_q, grad_k, grad_v]", py::arg("grad_out"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
         py::arg("rows"), py::arg("scale"), py::arg("causal"), py::arg("dropout_p"), py::arg("seed"),
-        py::arg("block_l"), py::arg("block_s"));
+        py::arg("block_l"), py::arg("block_s"), py::call_guard<py::gil_scoped_release>());
 }

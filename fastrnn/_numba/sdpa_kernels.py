@@ -134,7 +134,7 @@ def _masked_scores(qb, kb, s, n, i0, j0, bl, bs, scale, bias, rows, has_bias, ca
 
 # -- forward ----------------------------------------------------------------------------------------
 
-@njit(parallel=True, fastmath=_FM, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def sdpa_forward(q, k, v, bias, rows, has_bias, scale, causal, threshold, inv_keep, seed, BL, BS,
                  out, lse):
     """q [N, L, E], k [Nk, S, E], v [Nk, S, Ev] -> out [N, L, Ev], lse [N, L] (filled in place).
@@ -204,7 +204,7 @@ def sdpa_forward(q, k, v, bias, rows, has_bias, scale, causal, threshold, inv_ke
 
 # -- backward ---------------------------------------------------------------------------------------
 
-@njit(parallel=True, fastmath=_FM, cache=True)
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
 def sdpa_backward(dout, q, k, v, out, lse, bias, rows, has_bias, scale, causal, threshold, inv_keep,
                   seed, BL, BS, chunks, dq, dk, dv, dq_part):
     """Fills dq [N, L, E], dk [Nk, S, E], dv [Nk, S, Ev] (zeroed by the caller). With chunks > 1,
