@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import fastrnn
 from fastrnn import backends
 from fastrnn.ops.attention import SdpaMask, sdpa
-from fastrnn.testing import assert_close, assert_low_precision, max_error
+from fastrnn.testing import assert_close, assert_low_precision
 
 BACKENDS = fastrnn.available_backends("cpu", "sdpa")
 # The triton interpreter runs one program at a time in numpy: it gets the small cases only.
@@ -54,7 +54,7 @@ CASES = [
 ]
 
 
-def case_params(only_small=False):
+def case_params():
     for backend in BACKENDS:
         for case in CASES:
             if backend in SLOW and not case[5]:
@@ -248,7 +248,8 @@ def test_dropout_matches_reference(backend):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = _contract_fn(name, mask, False, 0.25, 987654321)(*leaves)
         out.backward(g)
-        res[name] = dict(out=out.detach(), grad_q=leaves[0].grad, grad_k=leaves[1].grad, grad_v=leaves[2].grad)
+        res[name] = dict(out=out.detach(), grad_q=leaves[0].grad, grad_k=leaves[1].grad,
+                         grad_v=leaves[2].grad)
     assert_all_close(res["torch"], res[backend], f"{backend}/dropout")
 
 

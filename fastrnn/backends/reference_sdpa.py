@@ -124,8 +124,8 @@ def _scores(q_blk, k_blk, mask, scale, causal, i0, j0):
         bias, rows = mask
         s = s + bias[:, i0:i0 + BL, j0:j0 + BS][rows].reshape(s.shape)
     if causal:
-        i = torch.arange(i0, i0 + BL).view(-1, 1)
-        j = torch.arange(j0, j0 + BS).view(1, -1)
+        i = torch.arange(i0, i0 + BL, device=s.device).view(-1, 1)
+        j = torch.arange(j0, j0 + BS, device=s.device).view(1, -1)
         s = s.masked_fill(j > i, float("-inf"))
     return s
 
@@ -133,8 +133,8 @@ def _scores(q_blk, k_blk, mask, scale, causal, i0, j0):
 def _dropout_scale(s, seed, dropout_p, n_idx, i0, j0):
     """z [Nk, G, BL, BS]: keep / (1 - p)."""
     BL, BS = s.shape[-2:]
-    i = torch.arange(i0, i0 + BL, dtype=torch.int64).view(-1, 1)
-    j = torch.arange(j0, j0 + BS, dtype=torch.int64).view(1, -1)
+    i = torch.arange(i0, i0 + BL, dtype=torch.int64, device=s.device).view(-1, 1)
+    j = torch.arange(j0, j0 + BS, dtype=torch.int64, device=s.device).view(1, -1)
     keep = dropout_keep(seed, n_idx, i, j, dropout_p)
     return keep.to(s.dtype) / (1.0 - dropout_p)
 
@@ -156,11 +156,11 @@ def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
     dtype = q.dtype
     qg = _grouped(q, Nk)  # [Nk, G, L, E]
     kg, vg = k.unsqueeze(1), v.unsqueeze(1)  # [Nk, 1, S, *]
-    n_idx = _grouped(torch.arange(N, dtype=torch.int64).view(N, 1, 1), Nk)  # [Nk, G, 1, 1]
+    n_idx = _grouped(torch.arange(N, device=q.device).view(N, 1, 1), Nk)  # [Nk, G, 1, 1] int64
     out = q.new_empty(N, L, Ev)
     lse = q.new_empty(N, L)
     outg, lseg = _grouped(out, Nk), _grouped(lse, Nk)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype)
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     for i0 in range(0, L, BLOCK_L):
         i1 = min(L, i0 + BLOCK_L)
         q_blk = qg[:, :, i0:i1]
@@ -193,7 +193,7 @@ def sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, s
     kg, vg = k.unsqueeze(1), v.unsqueeze(1)
     lseg = _grouped(lse, Nk).unsqueeze(-1)  # [Nk, G, L, 1]
     delta = (dog * _grouped(out, Nk)).sum(-1, keepdim=True)  # D_i [Nk, G, L, 1]
-    n_idx = _grouped(torch.arange(N, dtype=torch.int64).view(N, 1, 1), Nk)  # [Nk, G, 1, 1]
+    n_idx = _grouped(torch.arange(N, device=q.device).view(N, 1, 1), Nk)  # [Nk, G, 1, 1] int64
     grad_q = torch.zeros_like(q)
     grad_k = torch.zeros_like(k)
     grad_v = torch.zeros_like(v)
@@ -229,7 +229,7 @@ def sdpa_grad_bias(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, 
     kg, vg = k.unsqueeze(1), v.unsqueeze(1)
     lseg = _grouped(lse, Nk).unsqueeze(-1)
     delta = (dog * _grouped(out, Nk)).sum(-1, keepdim=True)
-    n_idx = _grouped(torch.arange(N, dtype=torch.int64).view(N, 1, 1), Nk)  # [Nk, G, 1, 1]
+    n_idx = _grouped(torch.arange(N, device=q.device).view(N, 1, 1), Nk)  # [Nk, G, 1, 1] int64
     grad_bias = q.new_zeros(bias.shape)
     for i0 in range(0, L, BLOCK_L):
         i1 = min(L, i0 + BLOCK_L)
