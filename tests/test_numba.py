@@ -218,6 +218,11 @@ def test_big_gemms_match_torch(dtype):
     assert_close(numba_rnn.mm(a, bb.t().contiguous().t()), a @ bb, "mm (b transposed view)", scale=10)
     a, bb = r(K * 5, M), r(K * 5, N)
     assert_close(numba_rnn.mm_tn(a, bb), a.t() @ bb, "mm_tn", scale=30)
+    # N a whole number of panels: B [K, N] is used in place, without packing
+    a, bb = r(M, K), r(K, 128)
+    assert_close(numba_rnn.mm(a, bb), a @ bb, "mm (unpacked B)", scale=10)
+    a, bb = r(K * 5, M), r(K * 5, 128)
+    assert_close(numba_rnn.mm_tn(a, bb), a.t() @ bb, "mm_tn (unpacked B)", scale=30)
 
 
 def test_long_sequence_stays_finite():

@@ -83,10 +83,11 @@ PAR_MIN_MACS = 1 << 17    # default: multiply-adds per step below which a step r
 # GEMM micro-kernel
 # ---------------------------------------------------------------------------------------------
 @intrinsic
-def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max):
-    """``c[c_off + r*ldc + v*ldv + l] = sum_k a[a_off + r*lda + k*ldk] * w[w_off + k*nv*L + v*L + l]``
-    for r < mr, v < nv, l < L (L = lanes of one vector register). ``nv`` and ``mr_max``
-    must be literal integers; ``mr`` (1..mr_max) is a runtime value."""
+def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, ldw, c, c_off, ldc, ldv, K, nv, mr_max):
+    """``c[c_off + r*ldc + v*ldv + l] = sum_k a[a_off + r*lda + k*ldk] * w[w_off + k*ldw + v*L + l]``
+    for r < mr, v < nv, l < L (L = lanes of one vector register; ``ldw`` is nv*L for a packed
+    panel). ``nv`` and ``mr_max`` must be literal integers; ``mr`` (1..mr_max) is a runtime
+    value."""
     if not (isinstance(nv, types.IntegerLiteral) and isinstance(mr_max, types.IntegerLiteral)):
         return None
     NV, MR_MAX = nv.literal_value, mr_max.literal_value
@@ -101,9 +102,9 @@ def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.{suffix}")
         a_data = context.make_array(sig.args[0])(context, builder, args[0]).data
         w_data = context.make_array(sig.args[5])(context, builder, args[5]).data
-        c_data = context.make_array(sig.args[7])(context, builder, args[7]).data
-        a_off_, lda_, ldk_, mr_, w_off_, c_off_, ldc_, ldv_, K_ = (
-            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 8, 9, 10, 11))
+        c_data = context.make_array(sig.args[8])(context, builder, args[8]).data
+        a_off_, lda_, ldk_, mr_, w_off_, ldw_, c_off_, ldc_, ldv_, K_ = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 3, 4, 6, 7, 9, 10, 11, 12))
         a_ptr = builder.gep(a_data, [a_off_])
         w_ptr = builder.gep(w_data, [w_off_])
         c_ptr = builder.gep(c_data, [c_off_])
@@ -112,40 +113,66 @@ def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K
         const = lambda v: ir.Constant(i64, v)  # noqa: E731
         end = builder.append_basic_block("tile.end")
         switch = builder.switch(mr_, end)
-        for MR in range(1, MR_MAX + 1):
-            entry = builder.append_basic_block(f"tile.mr{MR}")
-            loop = builder.append_basic_block(f"tile.mr{MR}.loop")
-            store = builder.append_basic_block(f"tile.mr{MR}.store")
-            switch.add_case(ir.Constant(mr_.type, MR), entry)
-            builder.position_at_end(entry)
-            builder.cbranch(builder.icmp_signed(">", K_, const(0)), loop, store)
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            k.add_incoming(const(0), entry)
-            acc = [builder.phi(vty) for _ in range(MR * NV)]
-            for p in acc:
-                p.add_incoming(zero, entry)
-            w_k = builder.gep(w_ptr, [builder.mul(k, const(NV * L))])
+
+        def fma_step(MR, k, acc):
+            """acc[r*NV + v] += a[r, k] * w[k, v] for one k (acc: MR*NV vectors)."""
+            w_k = builder.gep(w_ptr, [builder.mul(k, ldw_)])
             # align = element size: panels and rows are only element-aligned
             w_v = [builder.load(builder.bitcast(builder.gep(w_k, [const(v * L)]), vty.as_pointer()), align=esize)
                    for v in range(NV)]
-            new = []
+            out = []
             for r in range(MR):
                 a_rk = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(const(r), lda_), builder.mul(k, ldk_))]))
                 a_vec = builder.shuffle_vector(
                     builder.insert_element(ir.Constant(vty, ir.Undefined), a_rk, ir.Constant(ir.IntType(32), 0)),
                     ir.Constant(vty, ir.Undefined), splat_mask)
-                new.extend(builder.call(fma, [a_vec, w_v[v], acc[r * NV + v]]) for v in range(NV))
-            k_next = builder.add(k, const(1))
+                out.extend(builder.call(fma, [a_vec, w_v[v], acc[r * NV + v]]) for v in range(NV))
+            return out
+
+        def phis(n, incoming):
+            """n vector phis, each fed by (block, list of n values) pairs."""
+            ps = [builder.phi(vty) for _ in range(n)]
+            for block, values in incoming:
+                for p, v in zip(ps, values):
+                    p.add_incoming(v, block)
+            return ps
+
+        for MR in range(1, MR_MAX + 1):
+            # Few accumulators cannot hide the FMA latency: then two sets of them take even and
+            # odd k (summed at the end), so that at least 8 independent FMAs are in flight.
+            SETS = 2 if MR * NV < 8 else 1
+            n = MR * NV
+            entry = builder.append_basic_block(f"tile.mr{MR}")
+            loop = builder.append_basic_block(f"tile.mr{MR}.loop")
+            tail_check = builder.append_basic_block(f"tile.mr{MR}.tailcheck")
+            tail = builder.append_basic_block(f"tile.mr{MR}.tail")
+            store = builder.append_basic_block(f"tile.mr{MR}.store")
+            switch.add_case(ir.Constant(mr_.type, MR), entry)
+            builder.position_at_end(entry)
+            k_main = builder.sub(K_, builder.srem(K_, const(SETS)))
+            builder.cbranch(builder.icmp_signed(">", k_main, const(0)), loop, tail_check)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(const(0), entry)
+            acc = phis(SETS * n, [(entry, [zero] * (SETS * n))])
+            new = []
+            for st in range(SETS):
+                new.extend(fma_step(MR, builder.add(k, const(st)), acc[st * n:(st + 1) * n]))
+            k_next = builder.add(k, const(SETS))
             k.add_incoming(k_next, loop)
-            for p, n in zip(acc, new):
-                p.add_incoming(n, loop)
-            builder.cbranch(builder.icmp_signed("<", k_next, K_), loop, store)
+            for p, v in zip(acc, new):
+                p.add_incoming(v, loop)
+            builder.cbranch(builder.icmp_signed("<", k_next, k_main), loop, tail_check)
+            builder.position_at_end(tail_check)
+            acc = phis(SETS * n, [(entry, [zero] * (SETS * n)), (loop, new)])
+            builder.cbranch(builder.icmp_signed("<", k_main, K_), tail, store)
+            builder.position_at_end(tail)
+            tail_acc = fma_step(MR, k_main, acc[:n]) + acc[n:]
+            builder.branch(store)
             builder.position_at_end(store)
-            res = [builder.phi(vty) for _ in range(MR * NV)]   # phis first: LLVM wants them on top
-            for p, n in zip(res, new):
-                p.add_incoming(zero, entry)
-                p.add_incoming(n, loop)
+            res = phis(SETS * n, [(tail_check, acc), (tail, tail_acc)])
+            if SETS == 2:
+                res = [builder.fadd(res[i], res[n + i]) for i in range(n)]
             for r in range(MR):
                 row = builder.gep(c_ptr, [builder.mul(const(r), ldc_)])
                 for v in range(NV):
@@ -155,7 +182,7 @@ def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K
         builder.position_at_end(end)
         return context.get_dummy_value()
 
-    return types.none(a, a_off, lda, ldk, mr, w, w_off, c, c_off, ldc, ldv, K, nv, mr_max), codegen
+    return types.none(a, a_off, lda, ldk, mr, w, w_off, ldw, c, c_off, ldc, ldv, K, nv, mr_max), codegen
 
 
 @njit(**_JIT)
@@ -442,9 +469,11 @@ def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
     """S[r, s_off + v*ldv + l] = (a[r0 + r] @ panel p of W)[v*L + l]; nv is 3 or 4."""
     K = W.shape[1]
     if nv == 3:
-        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 3, MR3)
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], W.shape[2], S, s_off, S.shape[1], ldv,
+                  K, 3, MR3)
     else:
-        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], S, s_off, S.shape[1], ldv, K, 4, MR4)
+        tile_gemm(a, r0 * a.shape[1], a.shape[1], 1, mr, W, p * K * W.shape[2], W.shape[2], S, s_off, S.shape[1], ldv,
+                  K, 4, MR4)
 
 
 @njit(**_JIT)
@@ -635,23 +664,25 @@ def _zero_rows(a, r0):
             a[b, k] = 0
 
 
-@njit(**_JIT)
+@njit(**_JIT_PARALLEL)
 def _packed_forward_weights(cell, w_hh, H, dtype_probe):
     L = VEC_BYTES // dtype_probe.itemsize
     gate_layout = cell == LSTM or cell == GRU
     nv = 3 if cell == GRU else 4
     upp = L if gate_layout else nv * L
     W = np.empty(((H + upp - 1) // upp, w_hh.shape[1], nv * L), w_hh.dtype)
-    pack_panels(w_hh, False, nv if gate_layout else 1, H, nv, W)
+    for p in prange(W.shape[0]):
+        pack_panel(w_hh, False, nv if gate_layout else 1, H, nv, W, p)
     return W
 
 
-@njit(**_JIT)
+@njit(**_JIT_PARALLEL)
 def _packed_plain(M, units, K, trans):
     """Pack for ``y = x @ M'`` with ``units`` output columns, K inputs (see pack_panels)."""
     L = VEC_BYTES // M.itemsize
     W = np.empty(((units + 4 * L - 1) // (4 * L), K, 4 * L), M.dtype)
-    pack_panels(M, trans, 1, units, 4, W)
+    for p in prange(W.shape[0]):
+        pack_panel(M, trans, 1, units, 4, W, p)
     return W
 
 
@@ -841,32 +872,41 @@ def _store_row(S, r, out, row, n0, nn, bias, has_bias, accumulate):
 
 
 @njit(**_JIT_PARALLEL)
-def gemm(a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
+def gemm(nth, a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
     """out [M, N] = A @ B' (+ bias): A[r, k] = a[r*a_rs + k*a_ks] (``a`` flat, so A may be a
     transposed view); B' = B_mat^T for B_mat [N, K], or B_mat [K, N] itself if ``trans_b``;
-    bias [N] or empty. B' is packed into plain panels (in parallel), then row blocks of A run
-    in parallel, GEMM_K_CHUNK deep at a time, each as register tiles against every panel."""
+    bias [N] or empty; nth: threads. B' is packed into plain panels (in parallel) unless it
+    is B_mat [K, N] with N a multiple of the panel width (then its rows already are panel
+    rows); then row blocks of A run in parallel, GEMM_K_CHUNK deep at a time, each as
+    register tiles against every panel."""
     N = out.shape[1]
     K = B_mat.shape[0] if trans_b else B_mat.shape[1]
     L = VEC_BYTES // out.itemsize
-    W = np.empty(((N + 4 * L - 1) // (4 * L), K, 4 * L), out.dtype)
-    P = W.shape[0]
-    for p in prange(P):
-        pack_panel(B_mat, trans_b, 1, N, 4, W, p)
+    P = (N + 4 * L - 1) // (4 * L)
+    direct = trans_b and N % (4 * L) == 0
+    W = np.empty((0 if direct else P, K, 4 * L), out.dtype)
+    if not direct:
+        for p in prange(P):
+            pack_panel(B_mat, trans_b, 1, N, 4, W, p)
+    Wflat = B_mat.reshape(-1) if direct else W.reshape(-1)
+    ldw = N if direct else 4 * L
     has_bias = bias.shape[0] > 0
-    for blk in prange((M + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK):
+    # at least one block per thread, blocks of at most GEMM_ROW_BLOCK rows, balanced
+    nblk = max((M + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK, min(nth, (M + MR4 - 1) // MR4))
+    for blk in prange(nblk):
         S = np.empty((MR4, 4 * L), out.dtype)
-        r_lo = blk * GEMM_ROW_BLOCK
-        n_tiles, base, extra = _row_tiles(min(GEMM_ROW_BLOCK, M - r_lo), MR4)
+        r_lo, r_hi = blk * M // nblk, (blk + 1) * M // nblk
+        n_tiles, base, extra = _row_tiles(r_hi - r_lo, MR4)
         for k0 in range(0, K, GEMM_K_CHUNK):
             kc = min(GEMM_K_CHUNK, K - k0)
             for p in range(P):
                 n0 = p * 4 * L
                 nn = U(min(4 * L, N - n0))
+                w_off = k0 * N + n0 if direct else (p * K + k0) * 4 * L
                 r0 = r_lo
                 for tile in range(n_tiles):
                     mr = base + (1 if tile < extra else 0)
-                    tile_gemm(a, r0 * a_rs + k0 * a_ks, a_rs, a_ks, mr, W, (p * K + k0) * 4 * L, S, 0, 4 * L, L,
+                    tile_gemm(a, r0 * a_rs + k0 * a_ks, a_rs, a_ks, mr, Wflat, w_off, ldw, S, 0, 4 * L, L,
                               kc, 4, MR4)
                     for r in range(mr):
                         _store_row(S, U(r), out, U(r0 + r), U(n0), nn, bias, has_bias, k0 > 0)

@@ -137,7 +137,7 @@ def _example_args(k, dtype: np.dtype):
     bs = np.ones(1, np.int64)
     fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3)
     bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3)
-    gemm = (a1, 1, 1, 1, a2, False, a1, a2)
+    gemm = (1, a1, 1, 1, 1, a2, False, a1, a2)
     return {"rnn_forward": fwd, "rnn_backward": bwd, "gemm": gemm}
 
 
@@ -201,7 +201,7 @@ def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
     k = _kernels_or_raise()
     dt = _dtype(like, k)
     out = torch.empty(M, N, dtype=like.dtype)
-    _run(k.gemm, dt, a_flat, a_rs, a_ks, M, _np(b), trans_b,
+    _run(k.gemm, dt, k.get_num_threads(), a_flat, a_rs, a_ks, M, _np(b), trans_b,
          _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
     return out
 
