@@ -44,7 +44,7 @@ def _extensions():
         cxx.append("-DFASTRNN_MKL")  # libtorch_cpu exports MKL's (packed) GEMM entry points
     only = [o for o in os.environ.get("FASTRNN_EXTENSIONS", "").split(",") if o]
     exts = [CppExtension(name, [src], extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-                         depends=["csrc/vec_math.h"])
+                         depends=["csrc/vec_math.h", "csrc/gemm.h"])
             for name, src in EXTENSIONS.items()
             if os.path.exists(src) and (not only or name.rsplit("_", 1)[-1] in only)]
     return exts, {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}

@@ -16,216 +16,18 @@
 // Rows past batch_sizes[t] are left untouched in the states and are zero in h_seq / grad_xw.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
+#include "gemm.h"
 #include "vec_math.h"
 
 namespace fastrnn {
 namespace {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------------
-// GEMM. Everything is row-major C[M,N] (+)= A[M,K] B[K,N] with leading dimensions.
-// float: oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, JIT AVX-512/AVX2). On this
-// project's AMD EPYC machines it runs at ~165 GFLOP/s a core where MKL's sgemm (torch.mm) gets
-// ~90: MKL takes slower paths on non-Intel CPUs. brgemm is single-threaded, so `gemm` below
-// tiles the product over threads. Fallbacks: MKL sgemm_/dgemm_ (exported by libtorch_cpu), then
-// at::mm on borrowed memory.
-// ---------------------------------------------------------------------------------------------
-#ifdef FASTRNN_MKL
-extern "C" {
-// Exported by libtorch_cpu (MKL, LP64 interface). Declared here so no MKL headers are needed.
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*, const int*);
-}
-#endif
-
-bool brgemm_usable() {
-  // Probe once: brgemm throws where oneDNN's ukernel is not built in or the CPU lacks AVX-512.
-  static const bool ok = [] {
-    try {
-      float a[2] = {1.f, 2.f}, b[2] = {3.f, 4.f}, c[1] = {0.f};
-      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c[0] == 11.f;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return ok;
-}
-
-// One thread: C[M,N] = A B (+ C if add), one library call.
-template <typename T>
-void gemm_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                T* C, int64_t ldc, bool add) {
-  if (M <= 0 || N <= 0) return;
-  if (K == 0) {
-    if (!add)
-      for (int64_t r = 0; r < M; ++r) std::fill(C + r * ldc, C + r * ldc + N, T(0));
-    return;
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    if (brgemm_usable()) {
-      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
-      return;
-    }
-  }
-#ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T = B^T A^T
-    const char n = 'N';
-    const int m_ = (int)M, n_ = (int)N, k_ = (int)K, lda_ = (int)lda, ldb_ = (int)ldb, ldc_ = (int)ldc;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&n, &n, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    else
-      dgemm_(&n, &n, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    return;
-  }
-#endif
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (add) c.addmm_(a, b);
-  else at::mm_out(c, a, b);
-}
-
-// One thread, K split into blocks so the slice of B a call streams through stays in L2.
-template <typename T>
-void gemm_block(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-                T* C, int64_t ldc, bool add) {
-  constexpr int64_t KB = 256;
-  if (K <= KB) return gemm_call(M, N, K, A, lda, B, ldb, C, ldc, add);
-  for (int64_t k0 = 0; k0 < K; k0 += KB)
-    gemm_call(M, N, std::min(KB, K - k0), A + k0, lda, B + k0 * ldb, ldb, C, ldc, add || k0 > 0);
-}
-
-void release_gemm() {
-  if (brgemm_usable()) at::native::cpublas::brgemm_release(false);
-}
-
-// A right operand B [K,N] re-used by many products, stored as column panels: panel p holds
-// columns [p*NB, p*NB + width) as a contiguous [K, width] block. brgemm on contiguous panels
-// 64-256 wide runs ~15% faster than on the strided matrix (and 1.5x at M=1) because each
-// panel is one linear stream that stays in L2. `src(k, n)` reads the logical B[k, n].
-template <typename T>
-struct PackedB {
-  int64_t K = 0, N = 0, NB = 0;
-  Tensor buf;
-
-  PackedB() = default;
-  template <typename Src>
-  PackedB(int64_t K_, int64_t N_, int64_t NB_, const at::TensorOptions& opts, const Src& src)
-      : K(K_), N(N_), NB(std::max<int64_t>(1, NB_)) {
-    buf = at::empty({std::max<int64_t>(1, K * N)}, opts);
-    T* out = buf.data_ptr<T>();
-    at::parallel_for(0, panels(), 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t n0 = p * NB, w = width(p);
-        T* dst = out + n0 * K;
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t n = 0; n < w; ++n) dst[k * w + n] = src(k, n0 + n);
-      }
-    });
-  }
-  int64_t panels() const { return (N + NB - 1) / NB; }
-  int64_t width(int64_t p) const { return std::min(NB, N - p * NB); }
-  const T* panel(int64_t p) const { return buf.data_ptr<T>() + p * NB * K; }
-
-  // B given row-major [K, N] (ldb), or as W [N, K] row-major with B = W^T.
-  static PackedB rows(const T* b, int64_t K, int64_t N, int64_t ldb, int64_t NB, const at::TensorOptions& o) {
-    return PackedB(K, N, NB, o, [=](int64_t k, int64_t n) { return b[k * ldb + n]; });
-  }
-  static PackedB transposed(const T* w, int64_t N, int64_t K, int64_t NB, const at::TensorOptions& o) {
-    return PackedB(K, N, NB, o, [=](int64_t k, int64_t n) { return w[n * K + k]; });
-  }
-};
-
-// Panel width for a product with N columns: wide enough for brgemm to run at full speed, narrow
-// enough that every thread gets a panel.
-inline int64_t panel_width(int64_t N, int64_t M = 1) {
-  if (M > 256) return 256;  // many row blocks already feed every thread
-  const int64_t threads = at::get_num_threads();
-  const int64_t per_thread = (N + threads - 1) / threads;
-  return std::clamp<int64_t>((per_thread + 15) / 16 * 16, 16, 256);
-}
-
-// C[M,N] (+)= A[M,K] B (+ bias[N] broadcast over rows) with B packed; threads over
-// (row blocks x panels). The bias is written into each C tile just before its GEMM, while the
-// tile is in cache, instead of in a separate pass over all of C.
-template <typename T>
-void gemm_packed(int64_t M, const T* A, int64_t lda, const PackedB<T>& B, T* C, int64_t ldc, bool add,
-                 const T* bias = nullptr) {
-  if (M <= 0 || B.N == 0) return;
-  constexpr int64_t MB = 256;
-  const int64_t tm = (M + MB - 1) / MB, tn = B.panels();
-  auto work = [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = (k / tn) * MB, p = k % tn, rows = std::min(MB, M - r0), w = B.width(p);
-      T* c = C + r0 * ldc + p * B.NB;
-      if (bias)
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias + p * B.NB, sizeof(T) * w);
-      gemm_block(rows, w, B.K, A + r0 * lda, lda, B.panel(p), w, c, ldc, add || bias);
-    }
-    release_gemm();
-  };
-  if (tm * tn > 1 && at::get_num_threads() > 1 && M * B.N * B.K >= (1 << 16))
-    at::parallel_for(0, tm * tn, 1, work);
-  else
-    work(0, tm * tn);
-}
-
-// C[M,N] (+)= A B split into (row block x column block) tiles: cache blocking, and the unit
-// of work for the threads.
-template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-          int64_t ldc, bool add) {
-  const int64_t threads = at::get_num_threads();
-  if (M * N * K < (1 << 17)) {
-    gemm_block(M, N, K, A, lda, B, ldb, C, ldc, add);
-    release_gemm();
-    return;
-  }
-  // 256 x 256 tiles (K blocked at 256 in gemm_block): measured best for the strided weight-
-  // gradient GEMMs here (K = T*B), ~220 GFLOP/s a core against ~160 with 256 x 512 x 512.
-  const int64_t MB = 256;
-  const int64_t tm = (M + MB - 1) / MB;
-  const int64_t NB = std::clamp<int64_t>(((N + 2 * threads - 1) / (2 * threads) + 15) / 16 * 16, 64, 256);
-  const int64_t tn = (N + NB - 1) / NB;
-  at::parallel_for(0, tm * tn, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t r0 = (k / tn) * MB, c0 = (k % tn) * NB;
-      gemm_block(std::min(MB, M - r0), std::min(NB, N - c0), K, A + r0 * lda, lda, B + c0, ldb,
-                 C + r0 * ldc + c0, ldc, add);
-    }
-    release_gemm();
-  });
-}
-
-// dst[C,R] = src[R,C]^T, cache-blocked (torch's generic strided copy is ~5x slower).
-template <typename T>
-void transpose(const T* src, int64_t R, int64_t C, T* dst) {
-  constexpr int64_t kb = 32;
-  const int64_t rb = (R + kb - 1) / kb;
-  at::parallel_for(0, rb, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t bi = b0; bi < b1; ++bi) {
-      const int64_t r0 = bi * kb, r1 = std::min(R, r0 + kb);
-      for (int64_t c0 = 0; c0 < C; c0 += kb) {
-        const int64_t c1 = std::min(C, c0 + kb);
-        for (int64_t c = c0; c < c1; ++c)
-          for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
-      }
-    }
-  });
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fused cell steps. Each works on one row b and hidden units [j0, j1). The forward ones read the
@@ -835,14 +637,6 @@ Tensor mm_tn(Tensor a, Tensor b) {
   return out;
 }
 
-std::string gemm_engine() {
-  if (brgemm_usable()) return "onednn-brgemm";
-#ifdef FASTRNN_MKL
-  return "mkl-sgemm";
-#else
-  return "at::mm";
-#endif
-}
 
 }  // namespace
 }  // namespace fastrnn

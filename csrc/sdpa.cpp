@@ -52,27 +52,14 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SDPA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SDPA_CLONES
-#endif
-#define SDPA_INLINE inline __attribute__((always_inline))
+#include "gemm.h"
+#include "vec_math.h"
 
-#ifdef FASTRNN_MKL
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
-}
-#endif
+using fastrnn::gemm_block;
+using fastrnn::release_gemm;
 
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
 // Tasks are grouped so that each parallel chunk has at least this many multiply-adds: waking
 // the thread pool costs more than a tiny problem (microseconds idle, milliseconds when loaded).
 constexpr int64_t kMinChunkWork = int64_t(1) << 21;
@@ -81,68 +68,7 @@ int64_t grain_for(int64_t work_per_task) {
   return std::max<int64_t>(1, kMinChunkWork / std::max<int64_t>(1, work_per_task));
 }
 
-// ---- GEMM: row-major C[M, N] (+)= A[M, K] B[K, N] -----------------------------------------------
-
-bool brgemm_usable() {
-#ifdef FASTRNN_NO_BRGEMM  // build switch to exercise the fallbacks
-  return false;
-#endif
-  // Probe once: brgemm throws where oneDNN's ukernels are not built in or the CPU lacks AVX-512.
-  static const bool ok = [] {
-    try {
-      float a[2] = {1.f, 2.f}, b[2] = {3.f, 4.f}, c[1] = {0.f};
-      at::native::cpublas::brgemm(1, 1, 2, 2, 1, 1, false, a, b, c, false);
-      at::native::cpublas::brgemm_release(false);
-      return c[0] == 11.f;
-    } catch (...) {
-      return false;
-    }
-  }();
-  return ok;
-}
-
-const char* gemm_name() {
-  if (brgemm_usable()) return "onednn-brgemm";
-#ifdef FASTRNN_MKL
-  return "mkl";
-#else
-  return "aten";
-#endif
-}
-
-// Called at the end of every parallel chunk that used brgemm (frees its per-thread state).
-void gemm_release() {
-  if (brgemm_usable()) at::native::cpublas::brgemm_release(false);
-}
-
-template <typename T>
-void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
-          int64_t ldc, bool add) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (brgemm_usable()) {
-      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
-      return;
-    }
-  }
-#ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T = B^T A^T
-    const char nt = 'N';
-    const int m_ = int(M), n_ = int(N), k_ = int(K), lda_ = int(lda), ldb_ = int(ldb), ldc_ = int(ldc);
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&nt, &nt, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    else
-      dgemm_(&nt, &nt, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    return;
-  }
-#endif
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
-  at::Tensor b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (add) c.addmm_(a, b);
-  else at::mm_out(c, a, b);
-}
+// GEMMs: csrc/gemm.h (oneDNN brgemm, MKL and ATen fallbacks).
 
 // Transposed panels of one row-major [R, C] matrix: block b of rows [r0, r0 + w)
 // (w = min(B, R - r0)) becomes the contiguous [C, w] matrix at dst + r0 * C. Same total size as
@@ -160,43 +86,19 @@ void pack_panels(const T* src, int64_t R, int64_t C, int64_t B, T* dst) {
 
 // ---- pointwise math ----------------------------------------------------------------------------
 
-// exp(x) for float: Cody-Waite reduction, degree-6 polynomial (Cephes expf), 2^n assembled in
-// the exponent bits with the 1.5 * 2^23 rounding trick (no float->int conversion, so NaN is
-// well defined). Max error ~2 ulp. Results below ~1e-38 (x < -87.3) are exactly 0 -- masked
-// (-inf) scores must contribute exactly nothing -- and x > 88 gives +inf. NaN stays NaN.
-SDPA_INLINE float vexp(float x) {
-  float xc = x < -87.0f ? -87.0f : x;  // compares: NaN passes through unchanged
-  xc = xc > 88.0f ? 88.0f : xc;
-  const float shifted = xc * 1.44269504088896341f + 12582912.f;
-  const float n = shifted - 12582912.f;  // round(x / ln 2), in [-126, 127]
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  // the low mantissa bits of `shifted` hold n; shifting them into the exponent field drops the rest
-  const uint32_t bits = (__builtin_bit_cast(uint32_t, shifted) + 127u) << 23;
-  float y = p * __builtin_bit_cast(float, bits);
-  y = x < -87.0f ? 0.f : y;
-  return x > 88.0f ? kInf : y;
-}
-SDPA_INLINE double vexp(double x) { return std::exp(x); }
+// exp: fastrnn::vm::exp (csrc/vec_math.h): exactly 0 below ~-87 (masked scores add nothing), NaN kept.
 
 // Dropout hash (see reference_sdpa.py): 32-bit, wrapping multiplies.
 constexpr uint32_t kMix1 = 0x21F0AAADu, kMix2 = 0x735A2D97u;
 constexpr uint32_t kMulN = 0x61C88647u, kMulI = 0x165667B1u, kMulJ = 0x27D4EB2Fu;
-SDPA_INLINE uint32_t mix32(uint32_t x) {
+FASTRNN_INLINE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= kMix1;
   x ^= x >> 15;
   x *= kMix2;
   return x ^ (x >> 15);
 }
-SDPA_INLINE uint32_t row_key(uint32_t seed, int64_t n, int64_t i) {
+FASTRNN_INLINE uint32_t row_key(uint32_t seed, int64_t n, int64_t i) {
   return mix32(mix32(seed ^ (static_cast<uint32_t>(n) * kMulN)) ^ (static_cast<uint32_t>(i) * kMulI));
 }
 
@@ -204,7 +106,7 @@ SDPA_INLINE uint32_t row_key(uint32_t seed, int64_t n, int64_t i) {
 // s = s * scale + b[j * stride]: stride 1 (mask row), 0 (mask broadcast along the row) or any
 // (a transposed tile reads the mask down a column)
 template <typename T>
-SDPA_INLINE void scale_bias_t(T* s, T scale, const T* b, int64_t stride, int n) {
+FASTRNN_INLINE void scale_bias_t(T* s, T scale, const T* b, int64_t stride, int n) {
   if (!b) {
 #pragma omp simd
     for (int j = 0; j < n; ++j) s[j] *= scale;
@@ -220,7 +122,7 @@ SDPA_INLINE void scale_bias_t(T* s, T scale, const T* b, int64_t stride, int n) 
   }
 }
 template <typename T>
-SDPA_INLINE T row_max_t(const T* s, int n) {
+FASTRNN_INLINE T row_max_t(const T* s, int n) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
@@ -228,11 +130,11 @@ SDPA_INLINE T row_max_t(const T* s, int n) {
 }
 // s <- exp(s - mu); returns the row sum
 template <typename T>
-SDPA_INLINE T exp_sum_t(T* s, T mu, int n) {
+FASTRNN_INLINE T exp_sum_t(T* s, T mu, int n) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; ++j) {
-    const T e = vexp(s[j] - mu);
+    const T e = fastrnn::vm::exp(s[j] - mu);
     s[j] = e;
     sum += e;
   }
@@ -240,14 +142,14 @@ SDPA_INLINE T exp_sum_t(T* s, T mu, int n) {
 }
 // s <- exp(s - lse), lse per element (a transposed tile: one query per column)
 template <typename T>
-SDPA_INLINE void exp_sub_t(T* s, const T* lse, int n) {
+FASTRNN_INLINE void exp_sub_t(T* s, const T* lse, int n) {
 #pragma omp simd
-  for (int j = 0; j < n; ++j) s[j] = vexp(s[j] - lse[j]);
+  for (int j = 0; j < n; ++j) s[j] = fastrnn::vm::exp(s[j] - lse[j]);
 }
 // z[j] = keep / (1 - p) or 0, with hash(keys[j] ^ mul[j]): one of keys / mul is a broadcast row
 // key (forward: one query, many keys) or a per-column key (backward: one key, many queries)
 template <typename T>
-SDPA_INLINE void dropout_row_t(T* z, uint32_t key, uint32_t j0, uint32_t thr, T inv, int n) {
+FASTRNN_INLINE void dropout_row_t(T* z, uint32_t key, uint32_t j0, uint32_t thr, T inv, int n) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) {
     const uint32_t h = mix32(key ^ ((j0 + uint32_t(j)) * kMulJ));
@@ -255,7 +157,7 @@ SDPA_INLINE void dropout_row_t(T* z, uint32_t key, uint32_t j0, uint32_t thr, T 
   }
 }
 template <typename T>
-SDPA_INLINE void dropout_col_t(T* z, const uint32_t* keys, uint32_t j, uint32_t thr, T inv, int n) {
+FASTRNN_INLINE void dropout_col_t(T* z, const uint32_t* keys, uint32_t j, uint32_t thr, T inv, int n) {
   const uint32_t jm = j * kMulJ;
 #pragma omp simd
   for (int c = 0; c < n; ++c) {
@@ -265,7 +167,7 @@ SDPA_INLINE void dropout_col_t(T* z, const uint32_t* keys, uint32_t j, uint32_t 
 }
 // ds = p * (z * dp - D), in dp; D per element; z == nullptr: no dropout
 template <typename T>
-SDPA_INLINE void grad_scores_t(T* dp, const T* p, const T* z, const T* D, int n) {
+FASTRNN_INLINE void grad_scores_t(T* dp, const T* p, const T* z, const T* D, int n) {
   if (z) {
 #pragma omp simd
     for (int j = 0; j < n; ++j) dp[j] = p[j] * (z[j] * dp[j] - D[j]);
@@ -275,17 +177,17 @@ SDPA_INLINE void grad_scores_t(T* dp, const T* p, const T* z, const T* D, int n)
   }
 }
 template <typename T>
-SDPA_INLINE void mul_t(T* y, const T* a, const T* b, int n) {
+FASTRNN_INLINE void mul_t(T* y, const T* a, const T* b, int n) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) y[j] = a[j] * b[j];
 }
 template <typename T>
-SDPA_INLINE void scale_t(T* y, T a, int n) {
+FASTRNN_INLINE void scale_t(T* y, T a, int n) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) y[j] *= a;
 }
 template <typename T>
-SDPA_INLINE T dot_t(const T* a, const T* b, int n) {
+FASTRNN_INLINE T dot_t(const T* a, const T* b, int n) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < n; ++j) sum += a[j] * b[j];
@@ -310,7 +212,7 @@ SDPA_INLINE T dot_t(const T* a, const T* b, int n) {
   ATTR void mul(T* y, const T* a, const T* b, int n) { mul_t(y, a, b, n); }                          \
   ATTR void scale(T* y, T a, int n) { scale_t(y, a, n); }                                            \
   ATTR T dot(const T* a, const T* b, int n) { return dot_t(a, b, n); }
-SDPA_ROW_OPS(float, SDPA_CLONES)
+SDPA_ROW_OPS(float, FASTRNN_CLONES)
 SDPA_ROW_OPS(double, )
 #undef SDPA_ROW_OPS
 
@@ -333,7 +235,7 @@ struct Problem {
 template <typename T>
 void scores(const Problem& P, const T* Qb, const T* kt, int64_t n, int64_t i0, int bl, int64_t j0,
             int bs, T* s) {
-  gemm<T>(bl, bs, P.E, Qb, P.E, kt, bs, s, bs, false);
+  gemm_block<T>(bl, bs, P.E, Qb, P.E, kt, bs, s, bs, false);
   const T* bias = static_cast<const T*>(P.bias);
   for (int r = 0; r < bl; ++r) {
     T* srow = s + int64_t(r) * bs;
@@ -351,7 +253,7 @@ void scores(const Problem& P, const T* Qb, const T* kt, int64_t n, int64_t i0, i
 template <typename T>
 void scores_transposed(const Problem& P, const T* Kb, const T* qt, int64_t n, int64_t i0, int bl,
                        int64_t j0, int bs, T* st) {
-  gemm<T>(bs, bl, P.E, Kb, P.E, qt, bl, st, bl, false);
+  gemm_block<T>(bs, bl, P.E, Kb, P.E, qt, bl, st, bl, false);
   const T* bias = static_cast<const T*>(P.bias);
   for (int r = 0; r < bs; ++r) {
     T* srow = st + int64_t(r) * bl;
@@ -407,7 +309,7 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
             T& mi = m[i0 + r];
             const T m_new = std::max(mi, row_max(srow, bs));
             const T mu = m_new == -inf ? T(0) : m_new;  // nothing visible yet: every exp is 0
-            const T alpha = vexp(mi - mu);
+            const T alpha = fastrnn::vm::exp(mi - mu);
             l[i0 + r] = alpha * l[i0 + r] + exp_sum(srow, mu, bs);
             if (P.dropout) {  // values see P * Z; l keeps the undropped sum
               dropout_row(zbuf.data(), row_key(P.seed, n, i0 + r), uint32_t(j0), P.threshold, T(P.inv_keep), bs);
@@ -417,7 +319,7 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
             mi = m_new;
           }
           // -- acc += P V --
-          gemm<T>(bl, P.Ev, bs, s, bs, Vb, P.Ev, Ob, P.Ev, true);
+          gemm_block<T>(bl, P.Ev, bs, s, bs, Vb, P.Ev, Ob, P.Ev, true);
         }
       }
       for (int64_t ib = c; ib < nqb; ib += splits) {
@@ -434,7 +336,7 @@ void forward_impl(const Problem& P, const T* q, const T* k, const T* v, T* out, 
         }
       }
     }
-    gemm_release();
+    release_gemm();
   });
 }
 
@@ -517,23 +419,23 @@ void backward_impl(const Problem& P, const T* dout, const T* q, const T* k, cons
               pzt = pzbuf.data();
             }
             // -- dV += (P Z)^T dO;  dP^T = V dO^T --
-            gemm<T>(bs, P.Ev, bl, pzt, bl, dout + row0 * P.Ev, P.Ev, dVb, P.Ev, true);
-            gemm<T>(bs, bl, P.Ev, Vb, P.Ev, dot_.data() + grow0 * P.Ev, bl, dpt, bl, false);
+            gemm_block<T>(bs, P.Ev, bl, pzt, bl, dout + row0 * P.Ev, P.Ev, dVb, P.Ev, true);
+            gemm_block<T>(bs, bl, P.Ev, Vb, P.Ev, dot_.data() + grow0 * P.Ev, bl, dpt, bl, false);
             // -- dS^T = P^T (Z dP^T - D) --
             for (int r = 0; r < bs; ++r) {
               const int64_t o = int64_t(r) * bl;
               grad_scores(dpt + o, pt + o, zt ? zt + o : nullptr, D.data() + grow0, bl);
             }
             // -- dK += dS^T Q;  dQ^T += K^T dS^T  (scale applied once at the end) --
-            gemm<T>(bs, P.E, bl, dpt, bl, q + row0 * P.E, P.E, dKb, P.E, true);
-            gemm<T>(P.E, bl, bs, kt.data(), bs, dpt, bl, dqt + grow0 * P.E, bl, true);
+            gemm_block<T>(bs, P.E, bl, dpt, bl, q + row0 * P.E, P.E, dKb, P.E, true);
+            gemm_block<T>(P.E, bl, bs, kt.data(), bs, dpt, bl, dqt + grow0 * P.E, bl, true);
           }
         }
         scale(dKb, T(P.scale), bs * static_cast<int>(P.E));
       }
       if (chunks == 1) unpack_dq(P, dqt, kv, dq);
     }
-    gemm_release();
+    release_gemm();
   });
   if (chunks > 1) {  // sum the chunks' dQ^T (few rows: this is the small-batch case)
     at::parallel_for(0, P.Nk, 1, [&](int64_t begin, int64_t end) {
@@ -635,7 +537,7 @@ std::vector<at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels run without the GIL (arguments are converted before, results after).
   m.doc() = "fastrnn flash attention on CPU (contract: fastrnn/backends/reference_sdpa.py)";
-  m.attr("blas") = gemm_name();
+  m.attr("blas") = fastrnn::gemm_engine();
   m.def("sdpa_forward", &sdpa_forward, "-> [out [N, L, Ev], lse [N, L]]", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("rows"), py::arg("scale"), py::arg("causal"),
         py::arg("dropout_p"), py::arg("seed"), py::arg("block_l"), py::arg("block_s"),

@@ -22,15 +22,17 @@
 namespace fastrnn {
 namespace vm {
 
-// exp for float: Cody-Waite range reduction to r in [-ln2/2, ln2/2], degree-6 polynomial
-// (Cephes expf coefficients), scale by 2^n built in the exponent bits. Max error ~2 ulp.
-// Inputs are clamped to [-87.3, 88.7] so 2^n stays a normal float; exp(-87.3) ~ 1e-38
-// stands in for smaller results, which only ever feed sigmoid/tanh here.
+// exp for float: Cody-Waite reduction to r in [-ln2/2, ln2/2], degree-6 polynomial (Cephes expf
+// coefficients), 2^n assembled in the exponent bits with the 1.5 * 2^23 rounding trick (no
+// float->int conversion, so NaN is well defined). Max error ~2 ulp. Results below ~1e-38
+// (x < -87) are exactly 0 -- a masked (-inf) attention score must contribute exactly nothing --
+// and x > 88 gives +inf. NaN stays NaN (all clamps are compares, which keep a NaN operand).
 FASTRNN_INLINE float exp(float x) {
-  x = x < -87.3f ? -87.3f : x;  // written as compares so a NaN x passes through unchanged
-  x = x > 88.7f ? 88.7f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round(x / ln2)
-  float r = x - n * 0.693359375f;
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float shifted = xc * 1.44269504088896341f + 12582912.f;
+  const float n = shifted - 12582912.f;  // round(x / ln 2), in [-126, 127]
+  float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -39,8 +41,10 @@ FASTRNN_INLINE float exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
+  // the low mantissa bits of `shifted` hold n; shifting them into the exponent field drops the rest
+  const uint32_t bits = (__builtin_bit_cast(uint32_t, shifted) + 127u) << 23;
+  const float y = p * __builtin_bit_cast(float, bits);
+  return x < -87.0f ? 0.f : (x > 88.0f ? __builtin_inff() : y);
 }
 
 FASTRNN_INLINE double exp(double x) { return std::exp(x); }
