@@ -86,9 +86,10 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("bench", help="time fastrnn against torch (correctness gate first)")
-    b.add_argument("--ops", nargs="+", default=["lstm", "gru", "rnn"], choices=["lstm", "gru", "rnn"])
+    b.add_argument("--ops", nargs="+", default=["lstm", "gru", "rnn", "sdpa"], choices=["lstm", "gru", "rnn", "sdpa"])
     b.add_argument("--backends", nargs="+", default=None, help="default: every usable one but the reference")
-    b.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    b.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"],
+                   help="infer: forward under no_grad; train: forward + backward")
     b.add_argument("--quick", action="store_true", help="one small shape, few rounds (a smoke test)")
     b.add_argument("--rounds", type=int, default=None)
     b.add_argument("--threads", type=int, default=None)

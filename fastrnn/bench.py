@@ -49,6 +49,7 @@ class Result:
     gate_ok: bool
     rounds: int
     spread: float = 0.0  # (max - min) / median of the backend's rounds: how noisy it was
+    best_speedup: float = 0.0  # torch's fastest round / the backend's fastest round
     extra: dict = field(default_factory=dict)
 
 
@@ -160,19 +161,81 @@ def run_rnn_case(op, shape, mode, backends, rounds=7, device="cpu", dtype=torch.
         t = statistics.median(samples[b])
         err, ok = gates[b]
         out.append(Result(op, shape_id(*shape), mode, b, t_ref, t, t_ref / t, err, ok, rounds,
-                          (max(samples[b]) - min(samples[b])) / t))
+                          (max(samples[b]) - min(samples[b])) / t, min(samples[BASE]) / min(samples[b])))
+    return out
+
+
+# attention: (B, H, L, S, E, causal); the issue's grid, and a small one for --quick
+SDPA_FULL = [(4, 8, 512, 512, 64, False), (4, 8, 512, 512, 64, True), (1, 8, 2048, 2048, 64, False)]
+SDPA_QUICK = [(1, 2, 64, 48, 16, False)]
+
+
+def sdpa_id(B, H, L, S, E, causal):
+    return f"B{B}_H{H}_L{L}_S{S}_E{E}" + ("_causal" if causal else "")
+
+
+def run_sdpa_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.float32):
+    """fastrnn.scaled_dot_product_attention per backend vs F.scaled_dot_product_attention."""
+    import torch.nn.functional as F
+    B, H, L, S, E, causal = shape
+    device = torch.device(device)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, E, device=device, dtype=dtype) for n in (L, S, S))
+
+    def runner(fn):
+        if mode == "infer":
+            def run():
+                with torch.no_grad():
+                    return fn(q, k, v)
+            return run
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+        def run():
+            fn(qg, kg, vg).sum().backward()
+        return run
+
+    def gate(fn):
+        ins = [t.detach().clone().requires_grad_(mode == "train") for t in (q, k, v)]
+        ref_ins = [t.detach().clone().requires_grad_(mode == "train") for t in (q, k, v)]
+        out, ref = fn(*ins), F.scaled_dot_product_attention(*ref_ins, is_causal=causal)
+        errs = [max_error(out, ref)]
+        if mode == "train":
+            g = torch.randn_like(ref)
+            errs += [max_error(a, b) for a, b in zip(torch.autograd.grad((out * g).sum(), ins),
+                                                    torch.autograd.grad((ref * g).sum(), ref_ins))]
+        err = max(errs)
+        return err, err <= 1e-5 * (S * E) ** 0.5 * (10 if mode == "train" else 1)
+
+    BASE = "F.sdpa"
+    fns = {BASE: runner(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))}
+    gates = {}
+    for b in backends:
+        fn = (lambda b: lambda q, k, v: fastrnn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=b))(b)
+        gates[b] = gate(fn)
+        fns[b] = runner(fn)
+    samples = _time(fns, rounds, 1, device)
+    t_ref = statistics.median(samples[BASE])
+    flops = 4 * B * H * L * S * E // (2 if causal else 1) * (3.5 if mode == "train" else 1)
+    out = []
+    for b in backends:
+        t = statistics.median(samples[b])
+        err, ok = gates[b]
+        out.append(Result("sdpa", sdpa_id(*shape), mode, b, t_ref, t, t_ref / t, err, ok, rounds,
+                          (max(samples[b]) - min(samples[b])) / t, min(samples[BASE]) / min(samples[b]),
+                          {"gflops_per_s": flops / t / 1e6, "torch_gflops_per_s": flops / t_ref / 1e6}))
     return out
 
 
 def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, quick=False, rounds=None,
         device="cpu", progress=True):
     """Run the benchmark grid; returns a list of Result."""
-    if backends is None:
-        backends = [b for b in fastrnn.available_backends(device, "rnn") if b != "torch"
-                    and not (b == "triton" and device == "cpu")]
+    def default_backends(op):
+        return [b for b in fastrnn.available_backends(device, op) if b != "torch"
+                and not (b == "triton" and device == "cpu")]
     shapes = QUICK_SHAPES if quick else FULL_SHAPES
+    sdpa_shapes = SDPA_QUICK if quick else SDPA_FULL
     rounds = rounds or (3 if quick else 7)
-    cases = [(op, s, m) for op in ops for s in shapes for m in modes]
+    cases = [(op, s, m) for op in ops for s in (sdpa_shapes if op == "sdpa" else shapes) for m in modes]
     bar = None
     if progress:
         try:
@@ -182,11 +245,18 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, quick=False, rou
             pass
     results = []
     for op, shape, mode in cases:
+        name = sdpa_id(*shape) if op == "sdpa" else shape_id(*shape)
         if bar is not None:
-            bar.set_postfix_str(f"{op} {shape_id(*shape)} {mode}")
+            bar.set_postfix_str(f"{op} {name} {mode}")
         elif progress:
-            print(f"  {op} {shape_id(*shape)} {mode} ...", file=sys.stderr, flush=True)
-        results += run_rnn_case(op, shape, mode, backends, rounds, device)
+            print(f"  {op} {name} {mode} ...", file=sys.stderr, flush=True)
+        family = "sdpa" if op == "sdpa" else "rnn"
+        bks = backends if backends is not None else default_backends(family)
+        bks = [b for b in bks if fastrnn.backends.unavailable_reason(b, device, family) is None]
+        if op == "sdpa":
+            results += run_sdpa_case(shape, mode, bks, rounds, device)
+        else:
+            results += run_rnn_case(op, shape, mode, bks, rounds, device)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -195,10 +265,10 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, quick=False, rou
 
 
 def table(results) -> str:
-    head = f"{'op':<5} {'shape':<20} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} {'speedup':>8} {'max err':>9}  gate"
+    head = f"{'op':<5} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} {'speedup':>8} {'max err':>9}  gate"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.op:<5} {r.shape:<20} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
+        lines.append(f"{r.op:<5} {r.shape:<27} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
                      f"{r.speedup:>7.2f}x {r.max_error:>9.1e}  {'ok' if r.gate_ok else 'FAIL'}")
     return "\n".join(lines)
 

@@ -33,3 +33,10 @@ def test_profile_trace_names_fastrnn_kernels(tmp_path, capsys):
     names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
     assert "fastrnn::gru_layer_fwd[torch]" in names and "fastrnn::gru_layer_bwd[torch]" in names
     assert "fastrnn::gru_layer_fwd[torch]" in capsys.readouterr().out
+
+
+def test_bench_sdpa_quick(tmp_path):
+    assert main(["bench", "--quick", "--ops", "sdpa", "--backends", "torch", "--modes", "train",
+                 "--rounds", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert r["op"] == "sdpa" and r["gate_ok"] and r["extra"]["gflops_per_s"] > 0

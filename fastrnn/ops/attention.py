@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch.autograd.profiler import record_function
 
 from .. import backends
+from .profiling import kernel_range
 
 
 class SdpaMask(NamedTuple):
@@ -27,7 +27,7 @@ class _SDPA(torch.autograd.Function):
     def forward(ctx, impl, q, k, v, bias, rows, scale, causal, dropout_p, seed):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         mask = SdpaMask(bias, rows) if bias is not None else None
-        with record_function(f"fastrnn::sdpa_fwd[{impl.name}]"):
+        with kernel_range(f"fastrnn::sdpa_fwd[{impl.name}]", q.device):
             out, lse = impl.sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed)
         ctx.impl, ctx.scale, ctx.causal, ctx.dropout_p, ctx.seed = impl, scale, causal, dropout_p, seed
         ctx.save_for_backward(q, k, v, out, lse, bias, rows)
@@ -43,12 +43,12 @@ class _SDPA(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_q = grad_k = grad_v = grad_bias = None
         if any(need[1:4]):
-            with record_function(f"fastrnn::sdpa_bwd[{ctx.impl.name}]"):
+            with kernel_range(f"fastrnn::sdpa_bwd[{ctx.impl.name}]", q.device):
                 grad_q, grad_k, grad_v = ctx.impl.sdpa_backward(*args)
         if need[4]:
             # A float mask that requires grad: d(loss)/d(bias) is the full [N, L, S] score
             # gradient, O(L*S) by nature, so it is computed by the reference, blockwise.
-            with record_function("fastrnn::sdpa_bwd_mask[torch]"):
+            with kernel_range("fastrnn::sdpa_bwd_mask[torch]", q.device):
                 grad_bias = backends.load("torch", "sdpa").sdpa_grad_bias(*args)
         return (None, grad_q if need[1] else None, grad_k if need[2] else None,
                 grad_v if need[3] else None, grad_bias, None, None, None, None, None)

@@ -11,9 +11,9 @@ does (oneDNN's brgemm runs ~1.8x faster than MKL's sgemm on AMD CPUs). Otherwise
 from __future__ import annotations
 
 import torch
-from torch.autograd.profiler import record_function
 
 from .. import backends
+from .profiling import kernel_range
 from .recurrence import previous_states
 
 
@@ -42,7 +42,7 @@ class _RNNLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, impl, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse):
         xw = _input_projection(impl, x, w_ih, b_ih)
-        with record_function(f"fastrnn::{cell}_layer_fwd[{impl.name}]"):
+        with kernel_range(f"fastrnn::{cell}_layer_fwd[{impl.name}]", x.device):
             h_seq, h_T, c_T, saved = impl.rnn_forward(
                 cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, True)
         ctx.impl, ctx.cell, ctx.reverse, ctx.batch_sizes = impl, cell, reverse, batch_sizes
@@ -58,7 +58,7 @@ class _RNNLayer(torch.autograd.Function):
         x, w_ih, w_hh, w_hr, h0, c0, h_seq, *saved = ctx.saved_tensors
         impl, cell = ctx.impl, ctx.cell
         T, B, I = x.shape
-        with record_function(f"fastrnn::{cell}_layer_bwd[{impl.name}]"):
+        with kernel_range(f"fastrnn::{cell}_layer_bwd[{impl.name}]", x.device):
             grad_xw, grad_hw, grad_h0, grad_c0, grad_w_hr = impl.rnn_backward(
                 cell, grad_h_seq.contiguous(), grad_h_T.contiguous(),
                 grad_c_T.contiguous() if grad_c_T is not None else None,
@@ -94,7 +94,7 @@ def rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, batch_siz
         out = _RNNLayer.apply(impl, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse)
         return out if cell == "lstm" else (out[0], out[1], None)
     xw = _input_projection(impl, x, w_ih, b_ih)
-    with record_function(f"fastrnn::{cell}_layer_fwd[{impl.name}]"):
+    with kernel_range(f"fastrnn::{cell}_layer_fwd[{impl.name}]", x.device):
         h_seq, h_T, c_T, _ = impl.rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, False)
     return h_seq, h_T, c_T
 

@@ -1,0 +1,22 @@
+"""One range per fastrnn kernel call, visible by name in torch.profiler (CPU and CUDA) and, on
+CUDA, as an NVTX range for Nsight Systems."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.autograd.profiler import record_function
+
+
+@contextlib.contextmanager
+def kernel_range(name: str, device: torch.device):
+    """``with kernel_range("fastrnn::lstm_layer_fwd[cpp]", x.device): ...``"""
+    with record_function(name):
+        if device.type == "cuda":
+            torch.cuda.nvtx.range_push(name)
+            try:
+                yield
+            finally:
+                torch.cuda.nvtx.range_pop()
+        else:
+            yield
