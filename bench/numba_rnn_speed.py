@@ -1,13 +1,19 @@
 """Speed of the numba backend against torch.nn.LSTM / GRU (oneDNN on CPU), in one process.
 
     python bench/numba_rnn_speed.py [--rounds 9] [--backends numba] [--shapes all|small]
+                                    [--threads N] [--clock wall|thread]
 
 For each (cell, shape, mode) it first checks that the outputs (and, for training, the input
 gradient) agree with torch, then runs ``rounds`` rounds; each round times torch and every
 backend once each (``inner`` calls, averaged), alternating which goes first, so that noise from
-other processes hits all of them alike. It prints the median time of each and the median,
-min and max over rounds of the per-round ratio torch time / backend time (> 1: faster than
-torch). Modes: inference = forward under torch.no_grad(); training = forward + backward.
+other processes hits all of them alike. It prints the median time of each, the median, min and
+max over rounds of the per-round ratio torch time / backend time (> 1: faster than torch), and
+the ratio of the best (minimum) times, the least disturbed runs on a shared machine.
+Modes: inference = forward under torch.no_grad(); training = forward + backward.
+
+``--clock thread`` (only with ``--threads 1``) measures the CPU time of the calling thread
+instead of wall time: time other processes take from the core is then not counted, which
+makes single-thread comparisons stable on a loaded machine.
 """
 from __future__ import annotations
 
@@ -66,11 +72,14 @@ def check(ref, fast, x, grad, training, name):
         assert gerr < 1e-3, f"{name}: grad_x differs from torch by {gerr:.3g}"
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn, inner):
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(inner):
         fn()
-    return (time.perf_counter() - t0) / inner
+    return (CLOCK() - t0) / inner
 
 
 def machine() -> str:
@@ -90,12 +99,23 @@ def main():
     ap.add_argument("--shapes", default="all", choices=list(SHAPES))
     ap.add_argument("--kinds", default="LSTM,GRU")
     ap.add_argument("--modes", default="inference,training")
+    ap.add_argument("--threads", type=int, default=None, help="fastrnn.set_num_threads(n) first")
+    ap.add_argument("--clock", default="wall", choices=["wall", "thread"])
     args = ap.parse_args()
+    global CLOCK
+    if args.threads:
+        fastrnn.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            raise SystemExit("--clock thread needs --threads 1 (other threads' time would be missed)")
+        CLOCK = time.thread_time
     names = args.backends.split(",")
     print(machine())
+    print(f"clock: {args.clock}, threads: torch {torch.get_num_threads()}, rounds: {args.rounds}")
     print()
-    print("| cell | T | B | I=H | mode | torch ms | " + " | ".join(f"{b} ms | torch/{b} median [min, max]" for b in names) + " |")
-    print("|---|---|---|---|---|---|" + "---|---|" * len(names))
+    print("| cell | T | B | I=H | mode | torch ms | " + " | ".join(
+        f"{b} ms | torch/{b} median [min, max] | best/best" for b in names) + " |")
+    print("|---|---|---|---|---|---|" + "---|---|---|" * len(names))
     for kind in args.kinds.split(","):
         for T, B, H in SHAPES[args.shapes]:
             ref, fast = make(kind, H, names)
@@ -115,13 +135,16 @@ def main():
                 order = list(fns)
                 for r in range(args.rounds):
                     for k in (order if r % 2 == 0 else order[::-1]):
+                        # torch's OpenMP pool and numba's spin for milliseconds after their last
+                        # parallel region; let the previous contender's threads go idle first
+                        time.sleep(0.03)
                         times[k].append(timed(fns[k], inner))
                 med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
                 cells = []
                 for b in names:
                     ratios = sorted(t / n for t, n in zip(times["torch"], times[b]))
                     cells.append(f"{med[b]:.2f} | **{statistics.median(ratios):.2f}** "
-                                 f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]")
+                                 f"[{ratios[0]:.2f}, {ratios[-1]:.2f}] | {min(times['torch']) / min(times[b]):.2f}")
                 print(f"| {kind} | {T} | {B} | {H} | {mode} | {med['torch']:.2f} | " + " | ".join(cells) + " |",
                       flush=True)
 

@@ -6,7 +6,8 @@ direction, the whole sequence per call) and is tested against that reference.
 How a call runs
 ---------------
 Tensors cross as zero-copy numpy views (``t.detach().contiguous().numpy()``); the kernels
-``rnn_kernels.rnn_forward`` / ``rnn_backward`` run the whole time loop in compiled code. They
+``rnn_kernels.rnn_forward`` / ``rnn_backward`` run the whole time loop in compiled code,
+``rnn_kernels.gemm`` the op code's big GEMMs (``linear``, ``mm``, ``mm_tn`` below). They
 pack ``W_hh`` (and ``W_hr``) once per call into register-tile panels, then each step is, per
 thread and per group of hidden units, a register-blocked AVX-512 GEMM tile (``tile_gemm``,
 written in LLVM IR) of ``h_{t-1} W_hh^T`` followed at once by the fused cell step on those
@@ -62,9 +63,12 @@ Threads
 A step runs as one ``prange`` region (two with a projection) over numba's threads, each thread
 owning a contiguous share of the hidden units (and so of ``W_hh``, which stays in its core's
 L2 across steps); a step with fewer than ``PAR_MIN_MACS`` multiply-adds runs on the calling
-thread, because waking the pool costs more than it saves. ``fastrnn.set_num_threads(n)`` sets
-torch and numba together. Numba can reset torch's thread count when its OpenMP pool starts
-(numba#9387): every kernel call here restores ``torch.get_num_threads()`` if it changed.
+thread, because waking the pool costs more than it saves. The big GEMMs run on the same pool.
+``fastrnn.set_num_threads(n)`` sets torch and numba together. Numba can reset torch's thread
+count when its OpenMP pool starts (numba#9387): every kernel call here restores
+``torch.get_num_threads()`` if it changed. Both pools spin for milliseconds after their last
+parallel region (GNU OpenMP's default), so work that alternates between torch ops and numba
+kernels on a 2-core machine pays for it where the switch happens.
 """
 from __future__ import annotations
 
@@ -117,8 +121,10 @@ def _cache_lock(dispatcher):
     path = getattr(dispatcher.stats, "cache_path", None)
     try:
         import fcntl
+        if path:
+            os.makedirs(path, exist_ok=True)   # numba creates it only when it first saves
         f = open(os.path.join(path, "fastrnn-compile.lock"), "a") if path else None
-    except (ImportError, OSError):
+    except (ImportError, OSError):  # no fcntl (Windows) or a read-only cache: compile unlocked
         f = None
     if f is None:
         yield
