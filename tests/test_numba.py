@@ -83,6 +83,7 @@ def test_backend_restores_torch_threads_reset_by_numba(restore_threads, monkeypa
     """numba#9387: where numba and torch share one OpenMP runtime, starting numba's pool resets
     torch's thread count. Simulate that inside the kernel; the backend must undo it."""
     k = numba_rnn._kernels_or_raise()
+    numba_rnn._ensure_compiled(np.dtype(np.float32))   # before the kernel is swapped out
     real = k.rnn_forward
 
     class ResettingKernel:
