@@ -1,8 +1,10 @@
-"""Numba kernels for fastrnn's ``"numba"`` backend (see ``fastrnn.backends.numba_rnn``).
+"""Numba kernels for fastrnn's ``"numba"`` backend (``fastrnn.backends.numba_rnn``,
+``fastrnn.backends.numba_sdpa``).
 
-Everything that Numba compiles lives in one file, ``rnn_kernels.py``: Numba's on-disk cache
-checks only the timestamp of the file that defines a cached function, so a helper kept in a
-second file could change without invalidating the cached kernels that inlined it.
+One file per op family, and everything a cached kernel inlines lives in that same file
+(``rnn_kernels.py`` for the recurrence): Numba's on-disk cache checks only the timestamp of
+the file that defines a cached function, so a helper kept in another file could change
+without invalidating the cached kernels that inlined it.
 
 This package is imported only when the numba backend is used; ``import fastrnn`` never
 imports numba.
