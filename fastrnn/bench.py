@@ -294,7 +294,7 @@ def chart(results, path) -> bool:
         return False
     cases = list(dict.fromkeys(f"{r.op} {r.shape} {r.mode}" for r in results))
     backends = list(dict.fromkeys(r.backend for r in results))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(cases) * max(1, len(backends))), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.45 * len(cases))), 5.5))
     width = 0.8 / max(1, len(backends))
     for k, b in enumerate(backends):
         vals = {f"{r.op} {r.shape} {r.mode}": r.speedup for r in results if r.backend == b}
