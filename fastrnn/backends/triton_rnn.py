@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import collections
 import importlib
-import importlib.util
 import os
 
 import torch
+
+from .. import _triton as _triton_pkg
 
 from ..ops.recurrence import GATES, time_steps
 
@@ -66,24 +67,7 @@ def _kernels():
 
 
 def availability(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if device_type == "cpu" and not interpret:
-        return ("triton runs on CPU only through the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported (slow; meant for tests)")
-    if device_type not in ("cpu", "cuda"):
-        return f"triton backend does not support device type {device_type!r}"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available to torch"
-    try:
-        kernels = _kernels()
-    except Exception as exc:  # a broken triton install: report it, don't crash the registry
-        return f"importing the triton kernels failed: {type(exc).__name__}: {exc}"
-    if device_type == "cpu" and not kernels.INTERPRETED:
-        return ("the triton kernels were already compiled for the GPU: TRITON_INTERPRET=1 was set "
-                "after they were imported")
-    return None
+    return _triton_pkg.availability(device_type, _kernels)
 
 
 # ----------------------------------------------------------------------------------------------

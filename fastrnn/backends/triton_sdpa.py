@@ -14,10 +14,11 @@ low-precision inputs are computed in float32 and cast back. Float32 ``tl.dot`` i
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 
 import torch
+
+from .. import _triton as _triton_pkg
 
 name = "triton"
 dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -42,20 +43,7 @@ def _kernels():
 
 
 def availability(device_type: str) -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
-    if device_type == "cpu" and not _interpreted():
-        return ("triton runs on CPU only through the Triton interpreter: set TRITON_INTERPRET=1 "
-                "before triton is imported (slow; meant for tests)")
-    if device_type not in ("cpu", "cuda"):
-        return f"triton backend does not support device type {device_type!r}"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available to torch"
-    try:
-        _kernels()
-    except Exception as exc:  # a broken triton install: report, don't crash
-        return f"importing the triton kernels failed: {type(exc).__name__}: {exc}"
-    return None
+    return _triton_pkg.availability(device_type, _kernels)
 
 
 def _split(x: float):

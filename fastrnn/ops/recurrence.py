@@ -41,7 +41,7 @@ def previous_states(seq: torch.Tensor, init: torch.Tensor, batch_sizes: torch.Te
         return torch.cat([init.unsqueeze(0), seq[:-1]], 0)
     prev = torch.cat([seq[1:], init.unsqueeze(0)], 0)
     if batch_sizes is not None:
-        T, B = seq.shape[0], seq.shape[1]
+        B = seq.shape[1]
         next_bs = torch.cat([batch_sizes[1:], batch_sizes.new_zeros(1)]).to(seq.device)
         started = torch.arange(B, device=seq.device).unsqueeze(0) < next_bs.unsqueeze(1)  # [T, B]
         prev = torch.where(started.unsqueeze(-1), prev, init.unsqueeze(0))
