@@ -47,8 +47,9 @@ Backward (``dh`` = total gradient reaching h_t: from the output and from step t+
 
 What is saved: LSTM the activated gates [T,B,4H], cell states [T,B,H] and, with a projection,
 the unprojected outputs [T,B,H]; GRU the activated gates r, z, n [T,B,3H] and h_n [T,B,H];
-RNN nothing beyond ``h_seq``. All backends save the same things (so their ``saved`` tuples
-could even be swapped), though only their own backward reads them.
+RNN nothing beyond ``h_seq``. All backends save the same things in float32/float64 (the triton
+backend keeps the LSTM cell states in float32 when running float16/bfloat16); only a backend's own
+backward reads its ``saved`` tuple.
 """
 from __future__ import annotations
 
