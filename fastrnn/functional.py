@@ -72,7 +72,7 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
 
-def _cell(cell, name, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
+def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
     """One step of a cell. input [B, I]; hx [B, H]; cx [B, H] (LSTM) or None."""
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
@@ -92,16 +92,16 @@ def _cell(cell, name, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """LSTM cell step: input [B, I], hx = (h [B, H], c [B, H]) -> (h' [B, H], c' [B, H])."""
-    return _cell("lstm", "LSTMCell", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend)
+    return _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend)
 
 
 def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
     """GRU cell step: input [B, I], hx [B, H] -> h' [B, H]."""
-    return _cell("gru", "GRUCell", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
 
 
 def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
     """Elman cell step: input [B, I], hx [B, H] -> h' [B, H]."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    return _cell(f"rnn_{nonlinearity}", "RNNCell", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+    return _cell(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]

@@ -94,32 +94,28 @@ class _FusedRNNBase:
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
 
-class LSTM(_FusedRNNBase, nn.LSTM):
+class _BackendArg:
+    """torch's constructor plus the keyword-only ``backend=``."""
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+
+class LSTM(_BackendArg, _FusedRNNBase, nn.LSTM):
     """``torch.nn.LSTM`` with a fused recurrence. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
 
-
-class GRU(_FusedRNNBase, nn.GRU):
+class GRU(_BackendArg, _FusedRNNBase, nn.GRU):
     """``torch.nn.GRU`` with a fused recurrence. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
 
-
-class RNN(_FusedRNNBase, nn.RNN):
+class RNN(_BackendArg, _FusedRNNBase, nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) with a fused recurrence. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
 
-
-def _cell_inputs(name, input, states, hidden_size):
-    """torch's cell-input handling: 1-D (unbatched) or 2-D; zero states when none are given."""
+def _cell_inputs(name, input, states):
+    """torch's cell-input handling: 1-D (unbatched) or 2-D input and states."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
     for idx, s in enumerate(states or ()):
@@ -138,15 +134,11 @@ def _zeros(input, hidden_size):
     return torch.zeros(input.size(0), hidden_size, dtype=input.dtype, device=input.device)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_BackendArg, nn.LSTMCell):
     """``torch.nn.LSTMCell`` running the fused cell step. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
     def forward(self, input, hx=None):
-        input, hx, is_batched = _cell_inputs("LSTMCell", input, hx, self.hidden_size)
+        input, hx, is_batched = _cell_inputs("LSTMCell", input, hx)
         if hx is None:
             hx = (_zeros(input, self.hidden_size), _zeros(input, self.hidden_size))
         h, c = FR.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
@@ -154,34 +146,30 @@ class LSTMCell(nn.LSTMCell):
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
-class GRUCell(nn.GRUCell):
+class _OneStateCell(_BackendArg):
+    """forward() of the cells with one state (GRUCell, RNNCell); `_step` is the functional op."""
+
+    def forward(self, input, hx=None):
+        input, hx, is_batched = _cell_inputs(self._get_name(), input, None if hx is None else (hx,))
+        hx = _zeros(input, self.hidden_size) if hx is None else hx[0]
+        h = self._step(input, hx)
+        return h if is_batched else h.squeeze(0)
+
+
+class GRUCell(_OneStateCell, nn.GRUCell):
     """``torch.nn.GRUCell`` running the fused cell step. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None):
-        input, hx, is_batched = _cell_inputs("GRUCell", input, None if hx is None else (hx,), self.hidden_size)
-        hx = _zeros(input, self.hidden_size) if hx is None else hx[0]
-        h = FR.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                        backend=self.backend)
-        return h if is_batched else h.squeeze(0)
+    def _step(self, input, hx):
+        return FR.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                           backend=self.backend)
 
 
-class RNNCell(nn.RNNCell):
+class RNNCell(_OneStateCell, nn.RNNCell):
     """``torch.nn.RNNCell`` (tanh or relu) running the fused cell step. Extra keyword: ``backend``."""
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None):
-        input, hx, is_batched = _cell_inputs("RNNCell", input, None if hx is None else (hx,), self.hidden_size)
-        hx = _zeros(input, self.hidden_size) if hx is None else hx[0]
-        h = FR.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                        nonlinearity=self.nonlinearity, backend=self.backend)
-        return h if is_batched else h.squeeze(0)
+    def _step(self, input, hx):
+        return FR.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                           nonlinearity=self.nonlinearity, backend=self.backend)
 
 
 # torch class -> fastrnn class. Exact types only: a user subclass may have its own forward.
