@@ -5,6 +5,8 @@ G gate width (4H LSTM, 3H GRU, H RNN).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
@@ -52,3 +54,104 @@ def packed_mask(batch_sizes: torch.Tensor, B: int, device) -> torch.Tensor:
     """[T, B] boolean, True where row b is active at step t. Row-major order over this mask is
     exactly the order of ``PackedSequence.data`` (time-major, active prefix per step)."""
     return torch.arange(B, device=device).unsqueeze(0) < batch_sizes.to(device).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants beyond cuDNN (layer norm, peephole, recurrent dropout, zoneout, GRU reset-before,
+# state resets). The equations are in docs/variants.md and in the reference backend; this is the
+# contract's data. ``variant=None`` (the default everywhere) is the plain cell, bit for bit.
+# ---------------------------------------------------------------------------------------------
+
+LN_EPS = 1e-5
+
+
+class Variant(NamedTuple):
+    """What a backend needs to run a variant of one layer and direction (all optional).
+
+    ln_hh_weight, ln_hh_bias [G]   layer norm of the hidden product ``h_in W_hh^T`` over its G
+                                   entries (both present or both None)
+    ln_c_weight, ln_c_bias  [H]    LSTM: ``h = o * tanh(LN(c_t))`` (both present or both None)
+    peephole                [3, H] LSTM: diagonal peephole weights for i, f (see c_{t-1}) and o (sees c_t)
+    rec_mask                [B, Hr] multiplier of ``h_{t-1}`` in the recurrent product
+                                   (recurrent dropout: 0 or 1/(1-p), one mask per sequence)
+    zoneout_h               [T, B, Hr] weight of the previous state: ``h_t = z h_prev + (1-z) h_new``
+                                   (training: 0/1 draws; eval: the probability p)
+    zoneout_c               [T, B, H]  the same for the LSTM cell state
+    reset                   [T, B] bool: before step t (in the direction's visiting order) the
+                                   row's state is replaced by its initial state (h0, c0)
+    reset_after             GRU only: False = ``n = tanh(x_n + (r * h_in) W_hn^T + b_hn)``
+    """
+    ln_hh_weight: torch.Tensor | None = None
+    ln_hh_bias: torch.Tensor | None = None
+    ln_c_weight: torch.Tensor | None = None
+    ln_c_bias: torch.Tensor | None = None
+    peephole: torch.Tensor | None = None
+    rec_mask: torch.Tensor | None = None
+    zoneout_h: torch.Tensor | None = None
+    zoneout_c: torch.Tensor | None = None
+    reset: torch.Tensor | None = None
+    reset_after: bool = True
+
+
+class VariantGrads(NamedTuple):
+    """The sixth element of ``rnn_backward``'s result when a variant ran (None when absent).
+
+    ln_hh_weight, ln_hh_bias [G]; ln_c_weight, ln_c_bias [H]; peephole [3, H];
+    w_hn [H, H]: GRU with reset_after=False only, the gradient of rows 2H:3H of W_hh (the op code
+    cannot form it from grad_hw, because that product's left operand is ``r * h_in``).
+    """
+    ln_hh_weight: torch.Tensor | None = None
+    ln_hh_bias: torch.Tensor | None = None
+    ln_c_weight: torch.Tensor | None = None
+    ln_c_bias: torch.Tensor | None = None
+    peephole: torch.Tensor | None = None
+    w_hn: torch.Tensor | None = None
+
+
+def is_plain(variant: Variant | None) -> bool:
+    return variant is None or variant == Variant()
+
+
+def recurrent_inputs(h_seq, h0, batch_sizes, reverse, variant: Variant | None):
+    """``h_in`` [T, B, Hr]: the left operand of step t's recurrent product, for dW_hh.
+
+    ``h_prev`` (previous_states), replaced by ``h0`` where ``reset`` is set, times ``rec_mask``.
+    """
+    prev = previous_states(h_seq, h0, batch_sizes, reverse)
+    if variant is None:
+        return prev
+    if variant.reset is not None:
+        prev = torch.where(variant.reset.unsqueeze(-1), h0.unsqueeze(0), prev)
+    if variant.rec_mask is not None:
+        prev = prev * variant.rec_mask
+    return prev
+
+
+def saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant: Variant | None = None,
+                 state_dtype=None):
+    """Shapes and dtypes of the ``saved`` tuple of the default layout (reference, cpp, numba;
+    see ``reference_rnn`` and docs/variants.md): a list of ``(shape, dtype)``.
+
+    ``state_dtype``: the dtype of LSTM's ``c_seq`` when it differs from ``dtype`` (triton keeps
+    float32 cell states for float16 / bfloat16). Shapes may be symbolic (torch.compile's fake
+    kernels call this).
+    """
+    if not training:
+        return []
+    G = GATES[cell] * H
+    out = [((T, B, Hr), dtype)]
+    if cell == "lstm":
+        out += [((T, B, G), dtype), ((T, B, H), state_dtype or dtype)]
+        if has_proj:
+            out.append(((T, B, H), dtype))
+    elif cell == "gru":
+        out += [((T, B, G), dtype), ((T, B, H), dtype)]
+    if variant is None:
+        return out
+    if variant.ln_hh_weight is not None:
+        out += [((T, B, G), dtype), ((T, B), dtype)]
+        if cell == "lstm" and variant.ln_c_weight is not None:
+            out += [((T, B, H), dtype), ((T, B), dtype)]
+    if variant.zoneout_h is not None and cell != "gru":
+        out.append(((T, B, H), dtype))
+    return out
