@@ -1,14 +1,23 @@
 """Functional API: validate inputs, run layers and directions, call the recurrence op.
 
-Shape letters: T time, B batch, I input, H hidden, Hr projected hidden, L layers, D directions.
+Shape letters: T time, B batch, I input, H hidden, Hr projected hidden, G gate width (4H LSTM,
+3H GRU, H RNN), L layers, D directions.
+
+The variants of docs/variants.md (layer norm, peephole, recurrent dropout, zoneout, GRU
+``reset_after=False``, state resets) are keyword arguments here; with all of them off the op is
+called exactly as before (no ``ln_ih`` / ``variant``), so the plain path is untouched.
 """
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
 
-from .ops.recurrence import packed_mask
+from .ops.recurrence import GATES, Variant, packed_mask
 from .ops.rnn_layer import rnn_layer
+
+_CELL_KIND = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 
 
 def _check_same(tensors, what, ref):
@@ -23,8 +32,125 @@ def _check_same(tensors, what, ref):
                                "all inputs, states and weights must be on one device")
 
 
+_MEANING = {"recurrent_dropout": "the probability of dropping a unit of h in the recurrent product",
+            "zoneout": "the probability of a unit keeping its previous value"}
+
+
+def _check_probability(name, p):
+    # torch's own rule for nn.LSTM(dropout=): a real number in [0, 1], not a bool.
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p <= 1:
+        raise ValueError(f"fastrnn: {name} should be a number in range [0, 1] ({_MEANING[name]}), got {p!r}")
+
+
+def check_options(cell, *, layer_norm=False, peephole=False, recurrent_dropout=0.0, zoneout=0.0,
+                  reset_after=True, forget_bias=0.0, bias=True):
+    """Validate the variant options for ``cell`` (shared by the modules' constructors and the
+    functional API). An option that does not exist for the cell raises TypeError, a value out of
+    range or an impossible combination ValueError."""
+    kind = _CELL_KIND[cell]
+    if peephole and cell != "lstm":
+        raise TypeError(f"fastrnn: peephole=True applies to LSTM only (got it for {kind})")
+    if forget_bias and cell != "lstm":
+        raise TypeError(f"fastrnn: forget_bias applies to LSTM only (got it for {kind})")
+    if reset_after is not True and cell != "gru":
+        raise TypeError(f"fastrnn: reset_after applies to GRU only (got it for {kind})")
+    if not isinstance(reset_after, bool):
+        raise TypeError(f"fastrnn: reset_after must be a bool, got {reset_after!r}")
+    if not reset_after and layer_norm:
+        raise ValueError("fastrnn: layer_norm=True with reset_after=False is not supported: the layer "
+                         "norm over all G hidden-side entries would need n's product before r exists")
+    _check_probability("recurrent_dropout", recurrent_dropout)
+    _check_probability("zoneout", zoneout)
+    if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real):
+        raise TypeError(f"fastrnn: forget_bias must be a number, got {forget_bias!r}")
+    if forget_bias and not bias:
+        raise ValueError("fastrnn: forget_bias needs bias=True (it is added to bias_ih's forget gate)")
+
+
+def _check_extras(cell, x, H, G, n_groups, layer_norm, peephole):
+    """Shapes, dtypes and devices of the per-group layer-norm and peephole parameters."""
+    n_ln = 6 if cell == "lstm" else 4
+    for what, groups, per in (("layer_norm", layer_norm, n_ln), ("peephole", peephole, None)):
+        if groups is None:
+            continue
+        if len(groups) != n_groups:
+            raise ValueError(f"fastrnn: expected {n_groups} {what} groups, got {len(groups)}")
+        for k, group in enumerate(groups):
+            if per is None:
+                shapes = {"peephole": (group, (3, H))}
+            else:
+                if len(group) != per:
+                    raise ValueError(f"fastrnn: layer_norm group {k} must hold {per} tensors "
+                                     "(ih weight, ih bias, hh weight, hh bias"
+                                     f"{', c weight, c bias' if cell == 'lstm' else ''}), got {len(group)}")
+                names = ["ih_weight", "ih_bias", "hh_weight", "hh_bias", "c_weight", "c_bias"][:per]
+                shapes = {f"layer_norm_{n}": (t, (H,) if n.startswith("c_") else (G,)) for n, t in zip(names, group)}
+            for name, (t, shape) in shapes.items():
+                if tuple(t.shape) != shape:
+                    raise ValueError(f"fastrnn: {name} of group {k} has shape {tuple(t.shape)}, expected {shape}")
+                _check_same([(f"{name} of group {k}", t)], "input", x)
+
+
+def _check_reset_mask(reset_mask, T, B, x):
+    """reset_mask [T, B] bool (time-major; the functional layer's layout)."""
+    if not isinstance(reset_mask, torch.Tensor) or reset_mask.dtype != torch.bool:
+        got = reset_mask.dtype if isinstance(reset_mask, torch.Tensor) else type(reset_mask).__name__
+        raise TypeError(f"fastrnn: reset_mask must be a bool tensor, got {got}")
+    if tuple(reset_mask.shape) != (T, B):
+        raise ValueError(f"fastrnn: reset_mask has shape {tuple(reset_mask.shape)}, expected "
+                         f"[T, B] = {(T, B)} (time-major, in the padded layout of the batch)")
+    return reset_mask.to(x.device).contiguous()
+
+
+def _draw_masks(cell, T, B, H, Hr, like, training, recurrent_dropout, zoneout):
+    """This direction's random tensors, in the documented draw order: rec_mask [B, Hr], then
+    zoneout_h [T, B, Hr], then (LSTM) zoneout_c [T, B, H]. None where the option is off."""
+    kw = dict(dtype=like.dtype, device=like.device)
+    rec_mask = zoneout_h = zoneout_c = None
+    if training and recurrent_dropout > 0:
+        keep = 1.0 - recurrent_dropout
+        rec_mask = torch.empty(B, Hr, **kw).bernoulli_(keep)
+        if keep > 0:  # p = 1: all zeros (bernoulli(0)), not 0/0
+            rec_mask.div_(keep)
+    if zoneout > 0:
+        # Training: each unit keeps its previous value with probability p (0/1 draws);
+        # eval: the expectation, a constant p.
+        shapes = [(T, B, Hr)] + ([(T, B, H)] if cell == "lstm" else [])
+        draws = [torch.empty(s, **kw).bernoulli_(zoneout) if training else torch.full(s, float(zoneout), **kw)
+                 for s in shapes]
+        zoneout_h = draws[0]
+        zoneout_c = draws[1] if cell == "lstm" else None
+    return rec_mask, zoneout_h, zoneout_c
+
+
+def _direction_inputs(cell, ln, peephole, masks, reset, reset_after):
+    """``(ln_ih, variant)`` for one layer and direction; ``variant`` is None when nothing is on,
+    so the op runs its plain path."""
+    ln_ih = (ln[0], ln[1]) if ln is not None else None
+    rec_mask, zoneout_h, zoneout_c = masks
+    variant = Variant(
+        ln_hh_weight=ln[2] if ln is not None else None, ln_hh_bias=ln[3] if ln is not None else None,
+        ln_c_weight=ln[4] if ln is not None and cell == "lstm" else None,
+        ln_c_bias=ln[5] if ln is not None and cell == "lstm" else None,
+        peephole=peephole, rec_mask=rec_mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+        reset=reset, reset_after=reset_after)
+    plain = all(v is None for v in variant[:-1]) and variant.reset_after
+    return ln_ih, (None if plain else variant)
+
+
+def _variant_kwargs(ln_ih, variant):
+    # Only pass what is on: the plain call stays exactly the op's plain signature.
+    kw = {}
+    if ln_ih is not None:
+        kw["ln_ih"] = ln_ih
+    if variant is not None:
+        kw["variant"] = variant
+    return kw
+
+
 def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, training=False,
-        batch_sizes=None, backend=None):
+        batch_sizes=None, backend=None, layer_norm=None, peephole=None, recurrent_dropout=0.0,
+        zoneout=0.0, reset_after=True, reset_mask=None):
     """Multi-layer, optionally bidirectional recurrence in time-major layout.
 
     x        [T, B, I], or PackedSequence data [N, I] when ``batch_sizes`` [T] is given
@@ -35,12 +161,38 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
 
     Dropout with probability ``dropout`` is applied to the output of every layer but the last,
     in training only (as torch).
+
+    Variants (docs/variants.md), all off by default:
+
+    layer_norm         None, or one tuple per layer and direction (the order of ``weights``):
+                       ``(ih_weight [G], ih_bias [G], hh_weight [G], hh_bias [G])`` and, for
+                       LSTM, ``+ (c_weight [H], c_bias [H])``
+    peephole           None, or one [3, H] tensor (rows i, f, o) per layer and direction (LSTM)
+    recurrent_dropout  p: ``h_{t-1}`` in the recurrent product times a mask of 0 or 1/(1-p),
+                       one mask [B, Hr] per layer and direction per call; training only
+    zoneout            p: training: each unit of h (and LSTM c) keeps its previous value with
+                       probability p (fresh 0/1 draws [T, B, *] per layer and direction); eval:
+                       the expectation ``h_t = p h_prev + (1-p) h_new``
+    reset_after        GRU: False = ``n = tanh(x_n + (r * h) W_hn^T + b_hn)``
+    reset_mask         [T, B] bool (with ``batch_sizes``: the padded layout of the packed batch,
+                       i.e. its sorted order): a row's state is reset to its initial state before
+                       step t. The reverse direction gets ``reset[t + 1]`` at step t (False at
+                       T-1), so both directions see the same episodes.
+
+    RNG draw order (the benchmark reproduces it): for each layer, for each direction (forward,
+    then reverse): ``rec_mask = empty(B, Hr).bernoulli_(1-p).div_(1-p)`` (training and p > 0),
+    then ``zoneout_h = empty(T, B, Hr).bernoulli_(p)``, then (LSTM) ``zoneout_c =
+    empty(T, B, H).bernoulli_(p)`` (training and p > 0); then the between-layer dropout of that
+    layer (as torch). B and T are the padded shape (packed batches included: the backends ignore
+    masks on inactive rows). Eval mode draws nothing.
     """
     D = 2 if bidirectional else 1
     if len(weights) != num_layers * D:
         raise ValueError(f"fastrnn: expected {num_layers * D} weight groups, got {len(weights)}")
     _check_same([("hx" if c0 is not None else "h0", h0), ("cx", c0)], "input", x)
     _check_same([(f"weight group {k}", w) for k, group in enumerate(weights) for w in group], "input", x)
+    check_options(cell, layer_norm=layer_norm is not None, peephole=peephole is not None,
+                  recurrent_dropout=recurrent_dropout, zoneout=zoneout, reset_after=reset_after)
 
     mask = None
     if batch_sizes is not None:
@@ -52,15 +204,36 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     if x.shape[0] == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
+    T, B = x.shape[0], x.shape[1]
+    Hr, H = h0.shape[-1], weights[0][1].shape[0] // GATES[cell]
+    _check_extras(cell, x, H, GATES[cell] * H, num_layers * D, layer_norm, peephole)
+    resets = None
+    if reset_mask is not None:
+        reset = _check_reset_mask(reset_mask, T, B, x)
+        # The reverse direction visits t = T-1 .. 0: an episode boundary before step t (forward
+        # time) is crossed right before it visits step t-1.
+        resets = (reset, torch.cat([reset[1:], reset.new_zeros(1, B)]))
+
+    # Nothing on: skip building per-direction variants altogether (the plain path as it was).
+    plain = (layer_norm is None and peephole is None and not (training and recurrent_dropout > 0)
+             and zoneout == 0 and reset_after and resets is None)
     h_n, c_n = [], []
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            ln_ih = variant = None
+            if not plain:
+                masks = _draw_masks(cell, T, B, H, Hr, x, training, recurrent_dropout, zoneout)
+                ln_ih, variant = _direction_inputs(
+                    cell, layer_norm[k] if layer_norm is not None else None,
+                    peephole[k] if peephole is not None else None, masks,
+                    resets[d] if resets is not None else None, reset_after)
             h_seq, h_T, c_T = rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0[k],
                                         c0[k] if c0 is not None else None, w_hr,
-                                        batch_sizes, reverse=d == 1, backend=backend)
+                                        batch_sizes, reverse=d == 1, backend=backend,
+                                        **_variant_kwargs(ln_ih, variant))
             outs.append(h_seq)
             h_n.append(h_T)
             c_n.append(c_T)
@@ -72,8 +245,14 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
 
-def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
-    """One step of a cell. input [B, I]; hx [B, H]; cx [B, H] (LSTM) or None."""
+def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None, peephole=None,
+          zoneout=0.0, training=False, rec_mask=None, reset_after=True):
+    """One step of a cell. input [B, I]; hx [B, H]; cx [B, H] (LSTM) or None.
+
+    layer_norm: None or the tuple of ``rnn``'s layer_norm groups; peephole [3, H] or None;
+    rec_mask [B, H] or None (the caller's recurrent-dropout mask: a cell cannot know where a
+    sequence starts, so it never draws one); zoneout p (training: one 0/1 draw [1, B, H] for h,
+    then one for c; eval: p)."""
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
     for k, state in enumerate((hx, cx)):
@@ -86,22 +265,47 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
             raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{k} batch size {state.shape[0]}")
     _check_same([("hx", hx), ("cx", cx)], "input", input)
     _check_same([("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)], "input", input)
-    _, h, c = rnn_layer(cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, cx, backend=backend)
+    check_options(cell, layer_norm=layer_norm is not None, peephole=peephole is not None,
+                  zoneout=zoneout, reset_after=reset_after)
+    B, H = input.shape[0], w_hh.shape[1]
+    _check_extras(cell, input, H, w_hh.shape[0], 1, None if layer_norm is None else [layer_norm],
+                  None if peephole is None else [peephole])
+    if rec_mask is not None:
+        if tuple(rec_mask.shape) != (B, H):
+            raise ValueError(f"fastrnn: rec_mask has shape {tuple(rec_mask.shape)}, expected [B, H] = {(B, H)}")
+        _check_same([("rec_mask", rec_mask)], "input", input)
+        rec_mask = rec_mask.contiguous()
+    _, zoneout_h, zoneout_c = _draw_masks(cell, 1, B, H, H, input, training, 0.0, zoneout)
+    ln_ih, variant = _direction_inputs(cell, layer_norm, peephole, (rec_mask, zoneout_h, zoneout_c),
+                                       None, reset_after)
+    _, h, c = rnn_layer(cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, cx, backend=backend,
+                        **_variant_kwargs(ln_ih, variant))
     return h, c
 
 
-def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
-    """LSTM cell step: input [B, I], hx = (h [B, H], c [B, H]) -> (h' [B, H], c' [B, H])."""
-    return _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend)
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None, *, layer_norm=None,
+              peephole=None, zoneout=0.0, training=False, rec_mask=None):
+    """LSTM cell step: input [B, I], hx = (h [B, H], c [B, H]) -> (h' [B, H], c' [B, H]).
+
+    layer_norm: None or ``(ih_weight [4H], ih_bias [4H], hh_weight [4H], hh_bias [4H],
+    c_weight [H], c_bias [H])``; peephole: [3, H] or None; zoneout: p (``training`` decides draws
+    vs expectation); rec_mask: [B, H] recurrent-dropout multiplier of h, or None."""
+    return _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend, layer_norm, peephole,
+                 zoneout, training, rec_mask)
 
 
-def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None):
-    """GRU cell step: input [B, I], hx [B, H] -> h' [B, H]."""
-    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None, *, layer_norm=None,
+             zoneout=0.0, training=False, rec_mask=None, reset_after=True):
+    """GRU cell step: input [B, I], hx [B, H] -> h' [B, H]. Variant keywords as ``lstm_cell``
+    (layer_norm without the c entries) plus ``reset_after``."""
+    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm, None,
+                 zoneout, training, rec_mask, reset_after)[0]
 
 
-def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None):
-    """Elman cell step: input [B, I], hx [B, H] -> h' [B, H]."""
+def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", backend=None, *,
+             layer_norm=None, zoneout=0.0, training=False, rec_mask=None):
+    """Elman cell step: input [B, I], hx [B, H] -> h' [B, H]. Variant keywords as ``gru_cell``."""
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
-    return _cell(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend)[0]
+    return _cell(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm,
+                 None, zoneout, training, rec_mask)[0]

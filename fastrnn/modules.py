@@ -2,17 +2,28 @@
 ``state_dict``, ``repr`` and ``isinstance`` checks are torch's own; only ``forward`` runs fastrnn.
 
 Every class takes torch's constructor arguments plus keyword-only ``backend=`` (``None`` picks
-by the registry's rule; see ``fastrnn.backends``).
+by the registry's rule; see ``fastrnn.backends``) and the variant options of docs/variants.md
+(``layer_norm``, ``peephole``, ``recurrent_dropout``, ``zoneout``, ``reset_after``,
+``forget_bias``), each where it applies. With every option off a module has exactly torch's
+parameters, RNG draws and numbers; options add parameters registered after torch's.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
+from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional as FR
+from .ops.recurrence import GATES
+
+# option -> its "off" value. Also the class-level defaults: convert() builds a module from a torch
+# module's __dict__, which has none of these attributes.
+_OPTIONS = dict(layer_norm=False, peephole=False, recurrent_dropout=0.0, zoneout=0.0,
+                reset_after=True, forget_bias=0.0)
 
 
 class _FusedRNNBase:
@@ -33,7 +44,41 @@ class _FusedRNNBase:
                            ws.get("weight_hr")))
         return groups
 
-    def forward(self, input, hx=None):
+    def _torch_parameter_names(self):
+        return self._flat_weights_names
+
+    def _group_suffixes(self):
+        return [f"_l{layer}{sfx}" for layer in range(self.num_layers)
+                for sfx in ("", "_reverse")[:2 if self.bidirectional else 1]]
+
+    def _reset_layout(self, reset_mask, packed, is_batched, T, B, sorted_indices):
+        """The caller's reset_mask ([T, B]; [B, T] with batch_first; [T] unbatched; [T, B] in the
+        original batch order for a PackedSequence) -> [T, B] time-major in the layout that
+        functional.rnn sees (for packed input: the sorted order)."""
+        if not isinstance(reset_mask, torch.Tensor) or reset_mask.dtype != torch.bool:
+            got = reset_mask.dtype if isinstance(reset_mask, torch.Tensor) else type(reset_mask).__name__
+            raise TypeError(f"fastrnn: reset_mask must be a bool tensor, got {got}")
+        if packed:
+            want, layout = (T, B), "[T, B] (the padded layout of the packed batch, original order)"
+        elif not is_batched:
+            want, layout = (T,), "[T] (unbatched input)"
+        elif self.batch_first:
+            want, layout = (B, T), "[B, T] (batch_first)"
+        else:
+            want, layout = (T, B), "[T, B]"
+        if tuple(reset_mask.shape) != want:
+            raise ValueError(f"fastrnn: reset_mask has shape {tuple(reset_mask.shape)}, expected "
+                             f"{layout} = {want}")
+        if packed:
+            return reset_mask if sorted_indices is None else reset_mask[:, sorted_indices.to(reset_mask.device)]
+        if not is_batched:
+            return reset_mask.unsqueeze(1)
+        return reset_mask.t() if self.batch_first else reset_mask
+
+    def forward(self, input, hx=None, *, reset_mask=None):
+        """torch's forward, plus ``reset_mask`` (bool; [T, B], [B, T] with batch_first, [T]
+        unbatched, [T, B] in the original batch order for a PackedSequence): a row's state is
+        reset to its initial state (hx, or zeros) before that step (docs/variants.md)."""
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
@@ -73,11 +118,15 @@ class _FusedRNNBase:
         if self.batch_first and not packed:
             x = x.transpose(0, 1)
         h0, c0 = hx if is_lstm else (hx, None)
+        if reset_mask is not None:
+            T = len(batch_sizes) if packed else x.shape[0]
+            reset_mask = self._reset_layout(reset_mask, packed, is_batched, T, B, sorted_indices)
 
         out, h_n, c_n = FR.rnn(self._cell_name(), x, h0, c0, self._weight_groups(),
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training,
-                               batch_sizes=batch_sizes, backend=self.backend)
+                               batch_sizes=batch_sizes, backend=self.backend,
+                               **self._variant_kwargs(self._group_suffixes()), reset_mask=reset_mask)
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), \
@@ -89,29 +138,129 @@ class _FusedRNNBase:
             hidden = tuple(s.squeeze(1) for s in hidden) if is_lstm else hidden.squeeze(1)
         return out, hidden
 
+
+class _BackendArg:
+    """torch's constructor plus the keyword-only ``backend=`` and variant options; the variant
+    parameters, their initialisation and ``extra_repr`` (shared by the six classes)."""
+
+    layer_norm = _OPTIONS["layer_norm"]
+    peephole = _OPTIONS["peephole"]
+    recurrent_dropout = _OPTIONS["recurrent_dropout"]
+    zoneout = _OPTIONS["zoneout"]
+    reset_after = _OPTIONS["reset_after"]
+    forget_bias = _OPTIONS["forget_bias"]
+    _variant_names = ()  # names of the variant parameters, in registration order
+
+    def __init__(self, *args, backend: str | None = None, layer_norm=False, peephole=False,
+                 recurrent_dropout=0.0, zoneout=0.0, reset_after=True, forget_bias=0.0, **kwargs):
+        # torch's __init__ draws torch's parameters (through our reset_parameters, which at that
+        # point sees the class defaults: no variant parameters, no forget_bias).
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+        if recurrent_dropout and isinstance(self, nn.RNNCellBase):
+            raise TypeError("fastrnn: recurrent_dropout is one mask per sequence, which a cell cannot "
+                            "see; use the layer module, or functional.*_cell(..., rec_mask=) with your "
+                            "own mask")
+        FR.check_options(self._cell_name(), layer_norm=layer_norm, peephole=peephole,
+                         recurrent_dropout=recurrent_dropout, zoneout=zoneout, reset_after=reset_after,
+                         forget_bias=forget_bias, bias=self.bias)
+        self.layer_norm, self.peephole = bool(layer_norm), bool(peephole)
+        self.recurrent_dropout, self.zoneout = float(recurrent_dropout), float(zoneout)
+        self.reset_after, self.forget_bias = reset_after, float(forget_bias)
+        self._register_variant_parameters()
+        self._reset_variant_parameters()
+
+    def _register_variant_parameters(self):
+        """Per layer and direction (suffix ``_l{k}[_reverse]``; cells: none): layer-norm gains and
+        biases (ih [G], hh [G], LSTM c [H]) and the LSTM peephole [3, H], after torch's."""
+        H = self.hidden_size
+        G = GATES[self._cell_name()] * H
+        ref = getattr(self, self._torch_parameter_names()[0])
+        names = []
+        for sfx in self._group_suffixes():
+            shapes = []
+            if self.layer_norm:
+                for side in ("ih", "hh") + (("c",) if self._cell_name() == "lstm" else ()):
+                    n = H if side == "c" else G
+                    shapes += [(f"layer_norm_{side}_weight{sfx}", n), (f"layer_norm_{side}_bias{sfx}", n)]
+            if self.peephole:
+                shapes.append((f"weight_peephole{sfx}", (3, H)))
+            for name, shape in shapes:
+                self.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=ref.dtype, device=ref.device)))
+                names.append(name)
+        self._variant_names = tuple(names)
+
+    def _reset_variant_parameters(self):
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        with torch.no_grad():
+            for name in self._variant_names:
+                p = getattr(self, name)
+                if name.startswith("weight_peephole"):
+                    init.uniform_(p, -stdv, stdv)
+                elif name.startswith("layer_norm_") and "_weight" in name:
+                    init.ones_(p)
+                else:
+                    init.zeros_(p)
+            if self.forget_bias:
+                H = self.hidden_size
+                for name in self._torch_parameter_names():
+                    if name.startswith("bias_ih"):
+                        getattr(self, name)[H:2 * H] += self.forget_bias
+
+    def reset_parameters(self) -> None:
+        """torch's initialisation of torch's parameters (the same draws in the same order), then
+        the variant parameters (layer norm 1 / 0, peephole U(-1/sqrt(H), 1/sqrt(H))) and
+        forget_bias."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name in self._torch_parameter_names():
+            w = getattr(self, name)
+            if w is not None:
+                init.uniform_(w, -stdv, stdv)
+        self._reset_variant_parameters()
+
+    def _variant_kwargs(self, suffixes):
+        """functional's variant keywords, parameters read fresh from the attributes (so
+        ``functional_call`` works)."""
+        kw = {}
+        if self.layer_norm:
+            sides = ("ih", "hh") + (("c",) if self._cell_name() == "lstm" else ())
+            kw["layer_norm"] = [tuple(getattr(self, f"layer_norm_{side}_{wb}{sfx}")
+                                      for side in sides for wb in ("weight", "bias")) for sfx in suffixes]
+        if self.peephole:
+            kw["peephole"] = [getattr(self, f"weight_peephole{sfx}") for sfx in suffixes]
+        if self.recurrent_dropout:
+            kw["recurrent_dropout"] = self.recurrent_dropout
+        if self.zoneout:
+            kw["zoneout"] = self.zoneout
+        if not self.reset_after:
+            kw["reset_after"] = False
+        return kw
+
     def extra_repr(self) -> str:
         s = super().extra_repr()
+        for opt, off in _OPTIONS.items():
+            value = getattr(self, opt)
+            if value != off:
+                s += f", {opt}={value!r}"
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
 
-class _BackendArg:
-    """torch's constructor plus the keyword-only ``backend=``."""
-
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-
 class LSTM(_BackendArg, _FusedRNNBase, nn.LSTM):
-    """``torch.nn.LSTM`` with a fused recurrence. Extra keyword: ``backend``."""
+    """``torch.nn.LSTM`` with a fused recurrence. Extra keywords: ``backend``, ``layer_norm``,
+    ``peephole``, ``recurrent_dropout``, ``zoneout``, ``forget_bias`` (docs/variants.md);
+    ``forward(input, hx=None, *, reset_mask=None)``."""
 
 
 class GRU(_BackendArg, _FusedRNNBase, nn.GRU):
-    """``torch.nn.GRU`` with a fused recurrence. Extra keyword: ``backend``."""
+    """``torch.nn.GRU`` with a fused recurrence. Extra keywords: ``backend``, ``layer_norm``,
+    ``recurrent_dropout``, ``zoneout``, ``reset_after`` (docs/variants.md);
+    ``forward(input, hx=None, *, reset_mask=None)``."""
 
 
 class RNN(_BackendArg, _FusedRNNBase, nn.RNN):
-    """``torch.nn.RNN`` (tanh or relu) with a fused recurrence. Extra keyword: ``backend``."""
+    """``torch.nn.RNN`` (tanh or relu) with a fused recurrence. Extra keywords: ``backend``,
+    ``layer_norm``, ``recurrent_dropout``, ``zoneout`` (docs/variants.md);
+    ``forward(input, hx=None, *, reset_mask=None)``."""
 
 
 def _cell_inputs(name, input, states):
@@ -134,19 +283,44 @@ def _zeros(input, hidden_size):
     return torch.zeros(input.size(0), hidden_size, dtype=input.dtype, device=input.device)
 
 
-class LSTMCell(_BackendArg, nn.LSTMCell):
-    """``torch.nn.LSTMCell`` running the fused cell step. Extra keyword: ``backend``."""
+class _CellBase(_BackendArg):
+    """What the three cells share: torch's parameter names, no suffix on the variant parameters,
+    and the functional keywords for one step."""
+
+    def _torch_parameter_names(self):
+        return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+
+    def _group_suffixes(self):
+        return [""]
+
+    def _step_kwargs(self):
+        kw = self._variant_kwargs([""])
+        if "layer_norm" in kw:
+            kw["layer_norm"] = kw["layer_norm"][0]
+        if "peephole" in kw:
+            kw["peephole"] = kw["peephole"][0]
+        if "zoneout" in kw:
+            kw["training"] = self.training
+        return kw
+
+
+class LSTMCell(_CellBase, nn.LSTMCell):
+    """``torch.nn.LSTMCell`` running the fused cell step. Extra keywords: ``backend``,
+    ``layer_norm``, ``peephole``, ``zoneout``, ``forget_bias`` (docs/variants.md)."""
+
+    def _cell_name(self):
+        return "lstm"
 
     def forward(self, input, hx=None):
         input, hx, is_batched = _cell_inputs("LSTMCell", input, hx)
         if hx is None:
             hx = (_zeros(input, self.hidden_size), _zeros(input, self.hidden_size))
         h, c = FR.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                            backend=self.backend)
+                            backend=self.backend, **self._step_kwargs())
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
-class _OneStateCell(_BackendArg):
+class _OneStateCell(_CellBase):
     """forward() of the cells with one state (GRUCell, RNNCell); `_step` is the functional op."""
 
     def forward(self, input, hx=None):
@@ -157,19 +331,27 @@ class _OneStateCell(_BackendArg):
 
 
 class GRUCell(_OneStateCell, nn.GRUCell):
-    """``torch.nn.GRUCell`` running the fused cell step. Extra keyword: ``backend``."""
+    """``torch.nn.GRUCell`` running the fused cell step. Extra keywords: ``backend``,
+    ``layer_norm``, ``zoneout``, ``reset_after`` (docs/variants.md)."""
+
+    def _cell_name(self):
+        return "gru"
 
     def _step(self, input, hx):
         return FR.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                           backend=self.backend)
+                           backend=self.backend, **self._step_kwargs())
 
 
 class RNNCell(_OneStateCell, nn.RNNCell):
-    """``torch.nn.RNNCell`` (tanh or relu) running the fused cell step. Extra keyword: ``backend``."""
+    """``torch.nn.RNNCell`` (tanh or relu) running the fused cell step. Extra keywords:
+    ``backend``, ``layer_norm``, ``zoneout`` (docs/variants.md)."""
+
+    def _cell_name(self):
+        return f"rnn_{self.nonlinearity}"
 
     def _step(self, input, hx):
         return FR.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                           nonlinearity=self.nonlinearity, backend=self.backend)
+                           nonlinearity=self.nonlinearity, backend=self.backend, **self._step_kwargs())
 
 
 # torch class -> fastrnn class. Exact types only: a user subclass may have its own forward.
