@@ -39,18 +39,31 @@ using at::Tensor;
 using vm::sigmoid;
 using vm::tanh;
 
+// Compile-time variant flags of the LSTM kernels (docs/variants.md); 0 is the plain cell and
+// compiles to exactly the plain code.
+enum VariantFlags : int {
+  kPeep = 1,   // peephole: i, f see c_prev, o sees c_new
+  kSepC = 2,   // forward: c_new goes to its own buffer; a row pass then updates the state (zoneout, LN)
+  kLnC = 4,    // layer norm of c_new before its tanh (forward: the row pass computes hu)
+  kZoneC = 8,  // backward: zoneout of the cell state
+};
+
 template <typename T>
 struct LstmFwd {
   T* gates;        // [B,4H] xw_t in, activated i,f,g,o out (saved for backward)
   const T* hs;     // hidden side h_prev W_hh^T, chunk layout, row stride 4H
   const T* bias;   // [4H] b_hh (zeros when absent)
-  T* c;            // [B,H] cell state in/out
-  T* hu;           // [B,H] o * tanh(c) out
+  T* c;            // [B,H] cell state in/out (kSepC: in only)
+  T* hu;           // [B,H] o * tanh(c) out (not with kLnC)
   int64_t H;
+  const T* peep = nullptr;  // kPeep: [3,H] rows i, f, o
+  T* c_new = nullptr;       // kSepC: [B,H] c_new out
 };
 
-template <typename T>
+template <int F, typename T>
 FASTRNN_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+  constexpr bool peep = F & kPeep, sep = F & kSepC, lnc = F & kLnC;
+  static_assert(!lnc || sep, "the layer norm of c needs c_new in its own buffer");
   const int64_t H = a.H, w = j1 - j0;
   T* __restrict gi = a.gates + b * 4 * H + j0;
   T* __restrict gf = gi + H;
@@ -60,15 +73,23 @@ FASTRNN_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t b, int64_t j0, in
   const T* __restrict bias = a.bias + j0;
   T* __restrict c = a.c + b * H + j0;
   T* __restrict hu = a.hu + b * H + j0;
+  const T* __restrict pi = peep ? a.peep + j0 : nullptr;
+  T* __restrict cnew = sep ? a.c_new + b * H + j0 : nullptr;
   FASTRNN_IVDEP
   for (int64_t j = 0; j < w; ++j) {
-    const T i = sigmoid(gi[j] + si[j] + bias[j]);
-    const T f = sigmoid(gf[j] + si[w + j] + bias[H + j]);
+    const T cp = c[j];
+    T pre_i = gi[j] + si[j] + bias[j], pre_f = gf[j] + si[w + j] + bias[H + j];
+    if constexpr (peep) pre_i += pi[j] * cp, pre_f += pi[H + j] * cp;
+    const T i = sigmoid(pre_i);
+    const T f = sigmoid(pre_f);
     const T g = tanh(gg[j] + si[2 * w + j] + bias[2 * H + j]);
-    const T o = sigmoid(go[j] + si[3 * w + j] + bias[3 * H + j]);
-    const T cn = f * c[j] + i * g;
-    c[j] = cn;
-    hu[j] = o * tanh(cn);
+    const T cn = f * cp + i * g;
+    T pre_o = go[j] + si[3 * w + j] + bias[3 * H + j];
+    if constexpr (peep) pre_o += pi[2 * H + j] * cn;
+    const T o = sigmoid(pre_o);
+    if constexpr (sep) cnew[j] = cn;
+    else c[j] = cn;
+    if constexpr (!lnc) hu[j] = o * tanh(cn);
     gi[j] = i, gf[j] = f, gg[j] = g, go[j] = o;
   }
 }
@@ -136,17 +157,28 @@ FASTRNN_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t b, int64_t j0, int6
 template <typename T>
 struct LstmBwd {
   const T* acts;     // [B,4H] activated i,f,g,o of this step
-  const T* c;        // [B,H] c_t
+  const T* c;        // [B,H] c_new of this step (= c_t without zoneout)
   const T* dh_a;     // [B,H] gradient reaching o*tanh(c) is dh_a + dh_b
   const T* dh_b;     // row stride ld_b (0: a broadcast zero row)
   T* dc;             // [B,H] in: from step t+1, out: to step t-1
   T* grad;           // [B,4H] pre-activation gradients out
   int64_t H, ld_b;
+  const T* peep = nullptr;      // kPeep: [3,H]
+  T* acc_peep = nullptr;        // kPeep: [B,3H] per-row running sums of the peephole gradient
+  const T* zc = nullptr;        // kZoneC: [B,H] zoneout weights of c at this step
+  const T* c_hat = nullptr;     // kLnC: [B,H] normalised c_new, and its [B] rstd
+  const T* c_rstd = nullptr;
+  const T* lnc_w = nullptr;     // kLnC: [H] gain, bias
+  const T* lnc_b = nullptr;
+  T* acc_lnc = nullptr;         // kLnC: [B,2H] per-row running sums of the gain and bias gradients
 };
 
-template <typename T>
+// kLnC needs whole rows (j0 = 0, j1 = H): the layer norm's backward takes two row means first.
+// The per-row accumulators are owned by the work item of (row, units), so threads never share one.
+template <int F, typename T>
 FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t b, int64_t j0,
                                   int64_t j1) {
+  constexpr bool peep = F & kPeep, zone = F & kZoneC, lnc = F & kLnC;
   const int64_t H = a.H;
   const T* __restrict ai = a.acts + b * 4 * H;
   const T* __restrict c = a.c + b * H;
@@ -155,17 +187,55 @@ FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t 
   const T* __restrict db = a.dh_b + b * a.ld_b;
   T* __restrict dc = a.dc + b * H;
   T* __restrict gr = a.grad + b * 4 * H;
+  const T* __restrict pp = peep ? a.peep : nullptr;
+  T* __restrict ap = peep ? a.acc_peep + b * 3 * H : nullptr;
+  const T* __restrict zc = zone ? a.zc + b * H : nullptr;
+  const T* __restrict ch = lnc ? a.c_hat + b * H : nullptr;
+  const T* __restrict lw = a.lnc_w;
+  const T* __restrict lb = a.lnc_b;
+  T* __restrict al = lnc ? a.acc_lnc + b * 2 * H : nullptr;
+  T mean_g = 0, mean_gx = 0, rstd = 0;
+  if constexpr (lnc) {
+    // y = LN(c_new): dc_new = rstd (dy w - mean(dy w) - c_hat mean(dy w c_hat))
+    T s1 = 0, s2 = 0;
+    for (int64_t j = 0; j < H; ++j) {
+      const T ty = tanh(lw[j] * ch[j] + lb[j]), o = ai[3 * H + j];
+      const T gy = (da[j] + db[j]) * o * (T(1) - ty * ty) * lw[j];
+      s1 += gy, s2 += gy * ch[j];
+    }
+    mean_g = s1 / T(H), mean_gx = s2 / T(H), rstd = a.c_rstd[b];
+  }
   FASTRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
     const T i = ai[j], f = ai[H + j], g = ai[2 * H + j], o = ai[3 * H + j];
-    const T tc = tanh(c[j]);
     const T dh = da[j] + db[j];
-    const T dct = dc[j] + dh * o * (T(1) - tc * tc);
-    gr[j] = dct * g * i * (T(1) - i);
-    gr[H + j] = dct * cp[j] * f * (T(1) - f);
+    T tc, dcn;  // tanh of what o multiplies, and the gradient reaching c_new through it
+    if constexpr (lnc) {
+      tc = tanh(lw[j] * ch[j] + lb[j]);
+      const T dy = dh * o * (T(1) - tc * tc);
+      al[j] += dy * ch[j], al[H + j] += dy;
+      dcn = rstd * (dy * lw[j] - mean_g - ch[j] * mean_gx);
+    } else {
+      tc = tanh(c[j]);
+      dcn = dh * o * (T(1) - tc * tc);
+    }
+    const T dc_in = dc[j];
+    T dct = (zone ? (T(1) - zc[j]) * dc_in : dc_in) + dcn;
+    const T d_o = dh * tc * o * (T(1) - o);
+    if constexpr (peep) dct += d_o * pp[2 * H + j];
+    const T d_i = dct * g * i * (T(1) - i);
+    const T d_f = dct * cp[j] * f * (T(1) - f);
+    gr[j] = d_i;
+    gr[H + j] = d_f;
     gr[2 * H + j] = dct * i * (T(1) - g * g);
-    gr[3 * H + j] = dh * tc * o * (T(1) - o);
-    dc[j] = dct * f;
+    gr[3 * H + j] = d_o;
+    T dcp = dct * f;
+    if constexpr (zone) dcp += zc[j] * dc_in;
+    if constexpr (peep) {
+      dcp += d_i * pp[j] + d_f * pp[H + j];
+      ap[j] += d_i * cp[j], ap[H + j] += d_f * cp[j], ap[2 * H + j] += d_o * c[j];
+    }
+    dc[j] = dcp;
   }
 }
 
@@ -240,7 +310,6 @@ FASTRNN_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t b, int64_t j0, int6
   inline void step_rows(const ARGS<double>& a, int64_t b, int64_t j0, int64_t j1) {          \
     NAME(a, b, j0, j1);                                                                      \
   }
-FASTRNN_F32_CLONE(lstm_fwd_rows, LstmFwd)
 FASTRNN_F32_CLONE(gru_fwd_rows, GruFwd)
 FASTRNN_F32_CLONE(rnn_fwd_rows, RnnFwd)
 FASTRNN_F32_CLONE(rnn_bwd_rows, RnnBwd)
@@ -260,9 +329,309 @@ FASTRNN_F32_CLONE(rnn_bwd_rows, RnnBwd)
                         int64_t j1) {                                                       \
     NAME(a, p, b, j0, j1);                                                                  \
   }
-FASTRNN_F32_CLONE_PREV(lstm_bwd_rows, LstmBwd)
 FASTRNN_F32_CLONE_PREV(gru_bwd_rows, GruBwd)
 #undef FASTRNN_F32_CLONE_PREV
+
+// The LSTM kernels take compile-time variant flags (F = 0: the plain cell); GCC clones templates
+// per ISA just as it does plain functions.
+template <int F>
+FASTRNN_CLONES void lstm_fwd_f32(const LstmFwd<float>& a, int64_t b, int64_t j0, int64_t j1) {
+  lstm_fwd_rows<F>(a, b, j0, j1);
+}
+template <int F>
+inline void step_rows(const LstmFwd<float>& a, int64_t b, int64_t j0, int64_t j1) {
+  lstm_fwd_f32<F>(a, b, j0, j1);
+}
+template <int F>
+inline void step_rows(const LstmFwd<double>& a, int64_t b, int64_t j0, int64_t j1) {
+  lstm_fwd_rows<F>(a, b, j0, j1);
+}
+template <int F>
+FASTRNN_CLONES void lstm_bwd_f32(const LstmBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) {
+  lstm_bwd_rows<F>(a, p, b, j0, j1);
+}
+template <int F>
+inline void step_rows(const LstmBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) {
+  lstm_bwd_f32<F>(a, p, b, j0, j1);
+}
+template <int F>
+inline void step_rows(const LstmBwd<double>& a, const double* p, int64_t b, int64_t j0, int64_t j1) {
+  lstm_bwd_rows<F>(a, p, b, j0, j1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant kernels (docs/variants.md): what the plain kernels above do not cover.
+// ---------------------------------------------------------------------------------------------
+constexpr double kLnEps = 1e-5;  // fastrnn.ops.recurrence.LN_EPS
+
+// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
+template <typename T, typename F>
+FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
+  constexpr int L = 16;
+  T acc[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int l = 0; l < L; ++l) acc[l] += f(k + l);
+  T s = 0;
+  for (; k < n; ++k) s += f(k);
+  for (int l = 0; l < L; ++l) s += acc[l];
+  return s;
+}
+
+// Layer norm of one row of the hidden product, in place in the chunk layout of `fused_step`
+// (hs[ng*j0 + q*w + jj] is gate q, unit j0 + jj): hs = LN(hs) * w + b, with w, b and the saved
+// hat [G] in torch's gate layout. Mean and variance are two passes (no cancellation).
+template <typename T>
+FASTRNN_INLINE void ln_hh_row(T* hs, const T* lw, const T* lb, int64_t ng, int64_t H, int64_t CH,
+                              T* hat, T* rstd_out) {
+  const int64_t G = ng * H;
+  const T mean = lane_sum<T>(G, [&](int64_t k) { return hs[k]; }) / T(G);
+  const T sq = lane_sum<T>(G, [&](int64_t k) { return (hs[k] - mean) * (hs[k] - mean); });
+  const T rstd = T(1) / std::sqrt(sq / T(G) + T(kLnEps));
+  if (rstd_out) *rstd_out = rstd;
+  for (int64_t j0 = 0; j0 < H; j0 += CH) {
+    const int64_t w = std::min(CH, H - j0);
+    for (int64_t q = 0; q < ng; ++q) {
+      T* __restrict x = hs + ng * j0 + q * w;
+      const T* __restrict gw = lw + q * H + j0;
+      const T* __restrict gb = lb + q * H + j0;
+      if (hat) {
+        T* __restrict h = hat + q * H + j0;
+        FASTRNN_IVDEP
+        for (int64_t jj = 0; jj < w; ++jj) {
+          const T v = (x[jj] - mean) * rstd;
+          h[jj] = v, x[jj] = v * gw[jj] + gb[jj];
+        }
+      } else {
+        FASTRNN_IVDEP
+        for (int64_t jj = 0; jj < w; ++jj) x[jj] = (x[jj] - mean) * rstd * gw[jj] + gb[jj];
+      }
+    }
+  }
+}
+
+// Backward of hw = LN(a) w + b for one row (torch layout): da = rstd (g - mean(g) - hat mean(g hat)),
+// g = dhw w. `da` may be `dhw` (in place). acc_w, acc_b [G]: the row's running gain/bias sums.
+template <typename T>
+FASTRNN_INLINE void ln_hh_bwd_row(const T* dhw, const T* hat, T rstd, const T* lw, T* da, T* acc_w,
+                                  T* acc_b, int64_t G) {
+  const T m1 = lane_sum<T>(G, [&](int64_t k) { return dhw[k] * lw[k]; }) / T(G);
+  const T m2 = lane_sum<T>(G, [&](int64_t k) { return dhw[k] * lw[k] * hat[k]; }) / T(G);
+  for (int64_t k = 0; k < G; ++k) acc_w[k] += dhw[k] * hat[k], acc_b[k] += dhw[k];
+  for (int64_t k = 0; k < G; ++k) da[k] = rstd * (dhw[k] * lw[k] - m1 - hat[k] * m2);
+}
+
+// LSTM with kSepC, once the whole row's c_new is known: the layer norm of c_new (kLnC: hu =
+// o * tanh(LN(c_new)), saving c_hat and rstd) and the state update c = zc c + (1 - zc) c_new.
+template <typename T>
+struct LstmState {
+  using scalar = T;
+  const T* c_new;   // [B,H]
+  T* c;             // [B,H] state: c_prev in, c_t out
+  const T* gates;   // [B,4H] activated (o read)
+  const T* zc;      // [B,H] or null
+  const T* lnc_w;   // [H] (kLnC)
+  const T* lnc_b;
+  T* c_hat;         // [B,H] out (kLnC)
+  T* c_rstd;        // [B] out (kLnC) or null
+  T* hu;            // [B,H] out (kLnC)
+  int64_t H;
+};
+
+template <int F, typename T>
+FASTRNN_INLINE void lstm_state_row(const LstmState<T>& a, int64_t b) {
+  constexpr bool lnc = F & kLnC, zone = F & kZoneC;
+  const int64_t H = a.H;
+  const T* __restrict cn = a.c_new + b * H;
+  T* __restrict c = a.c + b * H;
+  if constexpr (lnc) {
+    const T mean = lane_sum<T>(H, [&](int64_t j) { return cn[j]; }) / T(H);
+    const T sq = lane_sum<T>(H, [&](int64_t j) { return (cn[j] - mean) * (cn[j] - mean); });
+    const T rstd = T(1) / std::sqrt(sq / T(H) + T(kLnEps));
+    if (a.c_rstd) a.c_rstd[b] = rstd;
+    const T* __restrict o = a.gates + b * 4 * H + 3 * H;
+    const T* __restrict lw = a.lnc_w;
+    const T* __restrict lb = a.lnc_b;
+    T* __restrict ch = a.c_hat + b * H;
+    T* __restrict hu = a.hu + b * H;
+    FASTRNN_IVDEP
+    for (int64_t j = 0; j < H; ++j) {
+      const T v = (cn[j] - mean) * rstd;
+      ch[j] = v, hu[j] = o[j] * tanh(v * lw[j] + lb[j]);
+    }
+  }
+  if constexpr (zone) {
+    const T* __restrict z = a.zc + b * H;
+    FASTRNN_IVDEP
+    for (int64_t j = 0; j < H; ++j) c[j] = z[j] * c[j] + (T(1) - z[j]) * cn[j];
+  } else {
+    std::memcpy(c, cn, sizeof(T) * H);
+  }
+}
+
+// GRU reset_after=False, forward: r, z from the first product (chunk layout of the [r, z] rows,
+// row stride 2H), and u = r * h_in, the left operand of the second product.
+template <typename T>
+struct GruRzFwd {
+  using scalar = T;
+  T* xw;            // [B,3H] x_r, x_z in, activated r, z out
+  const T* hs;      // [B,2H] h_in W_h{r,z}^T, chunk layout
+  const T* bias;    // [3H]
+  const T* h_in;    // [B,H]
+  T* u;             // [B,H] r * h_in out
+  int64_t H;
+};
+
+template <typename T>
+FASTRNN_INLINE void gru_rz_rows(const GruRzFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = a.H, w = j1 - j0;
+  T* __restrict xr = a.xw + b * 3 * H + j0;
+  const T* __restrict sr = a.hs + b * 2 * H + 2 * j0;
+  const T* __restrict bias = a.bias + j0;
+  const T* __restrict hin = a.h_in + b * H + j0;
+  T* __restrict u = a.u + b * H + j0;
+  FASTRNN_IVDEP
+  for (int64_t j = 0; j < w; ++j) {
+    const T r = sigmoid(xr[j] + sr[j] + bias[j]);
+    const T z = sigmoid(xr[H + j] + sr[w + j] + bias[H + j]);
+    xr[j] = r, xr[H + j] = z, u[j] = r * hin[j];
+  }
+}
+
+// ... then n from the second product u W_hn^T (plain layout, row stride H).
+template <typename T>
+struct GruNFwd {
+  using scalar = T;
+  T* xw;            // [B,3H] z read, x_n in, activated n out
+  const T* hs;      // [B,H] u W_hn^T
+  const T* bias;    // [3H]
+  const T* h;       // [B,H] h_prev
+  T* h_out;         // [B,H] h_new
+  T* hn;            // [B,H] u W_hn^T + b_hn out (saved)
+  int64_t H;
+};
+
+template <typename T>
+FASTRNN_INLINE void gru_n_rows(const GruNFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = a.H;
+  T* __restrict x = a.xw + b * 3 * H;
+  const T* __restrict s = a.hs + b * H;
+  const T* __restrict bias = a.bias + 2 * H;
+  const T* __restrict h = a.h + b * H;
+  T* __restrict ho = a.h_out + b * H;
+  T* __restrict hn = a.hn + b * H;
+  FASTRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const T hnj = s[j] + bias[j], z = x[H + j];
+    const T n = tanh(x[2 * H + j] + hnj);
+    ho[j] = (T(1) - z) * n + z * h[j];
+    hn[j] = hnj, x[2 * H + j] = n;
+  }
+}
+
+// GRU reset_after=False, backward, first half: dz, dn (= the gradient of the product u W_hn^T);
+// `d` holds dh_new in and its direct part d * z out.
+template <typename T>
+struct GruNBwd {
+  using scalar = T;
+  const T* acts;    // [B,3H] r, z, n
+  T* d;             // [B,H]
+  T* grad_x;        // [B,3H]
+  T* grad_h;        // [B,3H]
+  int64_t H;
+};
+
+template <typename T>
+FASTRNN_INLINE void gru_n_bwd_rows(const GruNBwd<T>& a, const T* h_prev, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = a.H;
+  const T* __restrict ac = a.acts + b * 3 * H;
+  const T* __restrict hp = h_prev;
+  T* __restrict d = a.d + b * H;
+  T* __restrict gx = a.grad_x + b * 3 * H;
+  T* __restrict gw = a.grad_h + b * 3 * H;
+  FASTRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const T z = ac[H + j], n = ac[2 * H + j], dj = d[j];
+    const T dn = dj * (T(1) - z) * (T(1) - n * n);
+    const T dz = dj * (hp[j] - n) * z * (T(1) - z);
+    gx[H + j] = dz, gx[2 * H + j] = dn;
+    gw[H + j] = dz, gw[2 * H + j] = dn;
+    d[j] = dj * z;
+  }
+}
+
+// ... second half, once du = dn W_hn is known: dr, the h_in part du * r (in place in du) and
+// u = r * h_in for the op code's dW_hn.
+template <typename T>
+struct GruRBwd {
+  using scalar = T;
+  const T* acts;    // [B,3H]
+  const T* mask;    // [B,H] rec_mask (ones when absent)
+  T* du;            // [B,H]
+  T* grad_x;        // [B,3H]
+  T* grad_h;        // [B,3H]
+  T* u;             // [B,H] out
+  int64_t H;
+};
+
+template <typename T>
+FASTRNN_INLINE void gru_r_bwd_rows(const GruRBwd<T>& a, const T* h_prev, int64_t b, int64_t j0, int64_t j1) {
+  const int64_t H = a.H;
+  const T* __restrict ac = a.acts + b * 3 * H;
+  const T* __restrict hp = h_prev;
+  const T* __restrict mk = a.mask + b * H;
+  T* __restrict du = a.du + b * H;
+  T* __restrict gx = a.grad_x + b * 3 * H;
+  T* __restrict gw = a.grad_h + b * 3 * H;
+  T* __restrict u = a.u + b * H;
+  FASTRNN_IVDEP
+  for (int64_t j = j0; j < j1; ++j) {
+    const T r = ac[j], hin = hp[j] * mk[j], duj = du[j];
+    const T dr = duj * hin * r * (T(1) - r);
+    gx[j] = dr, gw[j] = dr;
+    du[j] = duj * r, u[j] = r * hin;
+  }
+}
+
+// Per-ISA float entry points of the variant kernels (double calls the template).
+template <typename T> FASTRNN_INLINE void vk(const GruRzFwd<T>& a, int64_t b, int64_t j0, int64_t j1) { gru_rz_rows(a, b, j0, j1); }
+template <typename T> FASTRNN_INLINE void vk(const GruNFwd<T>& a, int64_t b, int64_t j0, int64_t j1) { gru_n_rows(a, b, j0, j1); }
+template <typename T> FASTRNN_INLINE void vk(const GruNBwd<T>& a, const T* p, int64_t b, int64_t j0, int64_t j1) { gru_n_bwd_rows(a, p, b, j0, j1); }
+template <typename T> FASTRNN_INLINE void vk(const GruRBwd<T>& a, const T* p, int64_t b, int64_t j0, int64_t j1) { gru_r_bwd_rows(a, p, b, j0, j1); }
+
+FASTRNN_CLONES void vk_f32(const GruRzFwd<float>& a, int64_t b, int64_t j0, int64_t j1) { vk(a, b, j0, j1); }
+FASTRNN_CLONES void vk_f32(const GruNFwd<float>& a, int64_t b, int64_t j0, int64_t j1) { vk(a, b, j0, j1); }
+FASTRNN_CLONES void vk_f32(const GruNBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) { vk(a, p, b, j0, j1); }
+FASTRNN_CLONES void vk_f32(const GruRBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) { vk(a, p, b, j0, j1); }
+template <int F>
+FASTRNN_CLONES void vk_state_f32(const LstmState<float>& a, int64_t b) { lstm_state_row<F>(a, b); }
+FASTRNN_CLONES void ln_row(float* hs, const float* lw, const float* lb, int64_t ng, int64_t H, int64_t CH,
+                           float* hat, float* rstd) {
+  ln_hh_row(hs, lw, lb, ng, H, CH, hat, rstd);
+}
+inline void ln_row(double* hs, const double* lw, const double* lb, int64_t ng, int64_t H, int64_t CH,
+                   double* hat, double* rstd) {
+  ln_hh_row(hs, lw, lb, ng, H, CH, hat, rstd);
+}
+FASTRNN_CLONES void ln_bwd_row(const float* dhw, const float* hat, float rstd, const float* lw, float* da,
+                               float* acc_w, float* acc_b, int64_t G) {
+  ln_hh_bwd_row(dhw, hat, rstd, lw, da, acc_w, acc_b, G);
+}
+inline void ln_bwd_row(const double* dhw, const double* hat, double rstd, const double* lw, double* da,
+                       double* acc_w, double* acc_b, int64_t G) {
+  ln_hh_bwd_row(dhw, hat, rstd, lw, da, acc_w, acc_b, G);
+}
+template <typename A, typename... R>
+inline void vrows(const A& a, R... r) {
+  if constexpr (std::is_same_v<typename A::scalar, float>) vk_f32(a, r...);
+  else vk(a, r...);
+}
+template <int F, typename T>
+inline void state_row(const LstmState<T>& a, int64_t b) {
+  if constexpr (std::is_same_v<T, float>) vk_state_f32<F>(a, b);
+  else lstm_state_row<F>(a, b);
+}
+
 
 // The recurrent weight as the forward step uses it: B = W_hh^T [Hr, ng*H] packed so that the
 // panel of each chunk of hidden units [j0, j0+w) holds that chunk's gate columns gate-major
@@ -416,7 +785,7 @@ std::vector<Tensor> forward_impl(int64_t cell, Tensor xw, const Tensor& w_hh,
       T* h_t = hseq_p + t * B * Hr;
       T* hu = proj ? hu_seq.data_ptr<T>() + (training ? t * B * H : 0) : h_t;
       const LstmFwd<T> a{xw_p + t * B * G, hs_p, bias_p, c.data_ptr<T>(), hu, H};
-      fused_step(W, m, h_p, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
+      fused_step(W, m, h_p, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { step_rows<0>(a, b, j0, j1); });
       if (proj) gemm_packed(m, (const T*)hu, H, *P, h_t, Hr, false);
       std::memcpy(h_p, h_t, sizeof(T) * m * Hr);
       if (training) std::memcpy(c_seq.data_ptr<T>() + t * B * H, c.data_ptr<T>(), sizeof(T) * m * H);
@@ -510,7 +879,7 @@ std::vector<Tensor> backward_impl(int64_t cell, const Tensor& grad_h_seq, const 
       const LstmBwd<T> a{acts.data_ptr<T>() + t * B * G, cs_p + t * B * H, dh_a, dh_b,
                          dc.data_ptr<T>(), gx_p + t * B * G, H, ld_b};
       for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        step_rows(a, s.prev_row(cs_p, c0_p, t, b, H), b, j0, j1);
+        step_rows<0>(a, s.prev_row(cs_p, c0_p, t, b, H), b, j0, j1);
       });
       gemm_packed(m, (const T*)(gx_p + t * B * G), G, W, dh_p, Hr, false);
     }
@@ -541,6 +910,457 @@ std::vector<Tensor> backward_impl(int64_t cell, const Tensor& grad_h_seq, const 
     gemm_packed(m, (const T*)(gx_p + t * B * G), G, W, dh_p, H, false);
   }
   return {grad_xw, grad_xw, dh, Tensor(), Tensor()};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variants: the same time loops with the options of docs/variants.md. Kept apart from the plain
+// loops above so that `variant=None` runs exactly the plain code; the cell kernels are shared
+// (the LSTM ones through compile-time flags).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Var {
+  const T *ln_w = nullptr, *ln_b = nullptr;    // [G]
+  const T *lnc_w = nullptr, *lnc_b = nullptr;  // [H]
+  const T* peep = nullptr;                     // [3,H]
+  const T* mask = nullptr;                     // [B,Hr]
+  const T *zh = nullptr, *zc = nullptr;        // [T,B,Hr], [T,B,H]
+  const bool* reset = nullptr;                 // [T,B]
+  bool reset_after = true;
+};
+
+// fn(std::integral_constant<int, F>()) for the runtime flags F, one of Fs: compile-time LSTM
+// flags, instantiated only for the combinations that can occur.
+template <int... Fs, typename Fn>
+void with_flags(int flags, const Fn& fn) {
+  const bool done = ((flags == Fs ? (fn(std::integral_constant<int, Fs>()), true) : false) || ...);
+  TORCH_CHECK(done, "fastrnn: unsupported LSTM variant flags ", flags);
+}
+
+// One variant forward step: hs = h_in W^T per chunk, then either the gate math per chunk while the
+// chunk is in cache (no layer norm), or, with the layer norm of the hidden product (which needs
+// each row's whole product), per row: normalise, gate math of all chunks. Then row_end(b) for
+// what needs a whole row of gates (LSTM state update, layer norm of c).
+template <typename T, typename Rows, typename RowEnd>
+void variant_step(const ChunkedWeight<T>& W, int64_t m, const T* h_in, T* hs, const T* ln_w,
+                  const T* ln_b, T* hat, T* rstd, const Rows& rows, bool has_end, const RowEnd& row_end) {
+  const int64_t G = W.ng * W.H, nch = W.chunks();
+  const bool par = nch > 1 && at::get_num_threads() > 1 && m * G * W.Hr >= (1 << 16);
+  if (!ln_w) {
+    fused_step(W, m, h_in, hs, rows);
+    if (!has_end) return;
+  } else {
+    auto gemm_work = [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        gemm_block(m, W.B.width(c), W.Hr, h_in, W.Hr, W.B.panel(c), W.B.width(c), hs + W.ng * c * W.CH, G, false);
+      release_gemm();
+    };
+    if (par) at::parallel_for(0, nch, 1, gemm_work);
+    else gemm_work(0, nch);
+  }
+  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / G), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (ln_w) {
+        ln_row(hs + b * G, ln_w, ln_b, W.ng, W.H, W.CH, hat ? hat + b * G : nullptr, rstd ? rstd + b : nullptr);
+        for (int64_t j0 = 0; j0 < W.H; j0 += W.CH) rows(b, j0, std::min(W.H, j0 + W.CH));
+      }
+      if (has_end) row_end(b);
+    }
+  });
+}
+
+// dst[b, :] = z a[b, :] + (1 - z) b[b, :] for rows [0, m): zoneout of a state.
+template <typename T>
+void zoneout_mix(int64_t m, int64_t K, const T* z, const T* prev, const T* next, T* dst) {
+  for (int64_t i = 0; i < m * K; ++i) dst[i] = z[i] * prev[i] + (T(1) - z[i]) * next[i];
+}
+
+template <typename T>
+std::vector<Tensor> forward_variant_impl(int64_t cell, Tensor xw, const Tensor& w_hh,
+                                         const c10::optional<Tensor>& b_hh, const Tensor& h0,
+                                         const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr,
+                                         const c10::optional<Tensor>& batch_sizes, bool reverse,
+                                         bool training, const Var<T>& v) {
+  const Steps s = make_steps(xw, reverse, batch_sizes);
+  const int64_t B = s.B, G = xw.size(2), Hr = h0.size(1);
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, H = G / ng;
+  const bool lstm = cell == kLSTM, gru_before = cell == kGRU && !v.reset_after;
+  const bool ln = v.ln_w, lnc = lstm && v.lnc_w, zone_c = lstm && v.zc;
+  auto opts = xw.options();
+  const Tensor bias = bias_or_zeros(b_hh, G, opts);
+  Tensor h_seq = new_seq(s, Hr, opts);
+  Tensor h = h0.clone();
+  Tensor hs = at::empty({B, G}, opts);
+  Tensor hin = v.mask ? at::empty({B, Hr}, opts) : Tensor();   // h_prev * rec_mask
+  Tensor hnew = v.zh ? at::empty({B, Hr}, opts) : Tensor();    // h_new before zoneout
+  T* xw_p = xw.data_ptr<T>();
+  T* hs_p = hs.data_ptr<T>();
+  T* hseq_p = h_seq.data_ptr<T>();
+  T* h_p = h.data_ptr<T>();
+  const T* h0_p = h0.data_ptr<T>();
+  const T* bias_p = bias.data_ptr<T>();
+  Tensor hw_hat, hw_rstd;  // saved layer-norm statistics of the hidden product
+  if (ln && training) hw_hat = new_seq(s, G, opts), hw_rstd = at::zeros({s.T, B}, opts);
+  // The step's left operand: h_prev (after reset) times the dropout mask.
+  auto begin_step = [&](int64_t t, int64_t m, T* c_p, const T* c0_p) -> const T* {
+    if (v.reset)
+      for (int64_t b = 0; b < m; ++b)
+        if (v.reset[t * B + b]) {
+          std::memcpy(h_p + b * Hr, h0_p + b * Hr, sizeof(T) * Hr);
+          if (c_p) std::memcpy(c_p + b * H, c0_p + b * H, sizeof(T) * H);
+        }
+    if (!v.mask) return h_p;
+    T* hi = hin.data_ptr<T>();
+    for (int64_t i = 0; i < m * Hr; ++i) hi[i] = h_p[i] * v.mask[i];
+    return hi;
+  };
+  // h_t = zh h_prev + (1 - zh) h_new into h_seq[t], then the running state.
+  auto end_step = [&](int64_t t, int64_t m, const T* h_new) {
+    T* h_t = hseq_p + t * B * Hr;
+    if (v.zh) zoneout_mix(m, Hr, v.zh + t * B * Hr, (const T*)h_p, h_new, h_t);
+    std::memcpy(h_p, h_t, sizeof(T) * m * Hr);
+  };
+  auto hat_at = [&](int64_t t) { return hw_hat.defined() ? hw_hat.data_ptr<T>() + t * B * G : nullptr; };
+  auto rstd_at = [&](int64_t t) { return hw_rstd.defined() ? hw_rstd.data_ptr<T>() + t * B : nullptr; };
+  std::vector<Tensor> out, extra;
+
+  if (lstm) {
+    Tensor c = c0->clone();
+    T* c_p = c.data_ptr<T>();
+    const T* c0_p = c0->data_ptr<T>();
+    Tensor c_seq = training ? new_seq(s, H, opts) : Tensor();
+    Tensor hu_seq = proj ? (training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts)) : Tensor();
+    const bool sep = zone_c || lnc;
+    // c_new: saved with zoneout (c_seq holds c_t), else scratch; c_hat, c_rstd saved with LN of c
+    const bool save_cnew = training && (v.zh || v.zc);
+    Tensor cnew_seq = save_cnew ? new_seq(s, H, opts) : (sep ? at::empty({1, B, H}, opts) : Tensor());
+    Tensor c_hat = lnc ? (training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts)) : Tensor();
+    Tensor c_rstd = lnc && training ? at::zeros({s.T, B}, opts) : Tensor();
+    c10::optional<PackedB<T>> P;
+    if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
+    const ChunkedWeight<T> W(w_hh, ng, H);
+    const int flags = (v.peep ? kPeep : 0) | (sep ? kSepC : 0) | (lnc ? kLnC : 0);
+    const int state_flags = (lnc ? kLnC : 0) | (zone_c ? kZoneC : 0);
+    for (int64_t k = 0; k < s.T; ++k) {
+      const int64_t t = s.at(k), m = s.rows(t);
+      if (m == 0) continue;
+      const T* h_in = begin_step(t, m, c_p, c0_p);
+      T* h_t = hseq_p + t * B * Hr;
+      T* h_new = v.zh ? hnew.data_ptr<T>() : h_t;
+      T* hu = proj ? hu_seq.data_ptr<T>() + (training ? t * B * H : 0) : h_new;
+      T* cn = sep ? cnew_seq.data_ptr<T>() + (save_cnew ? t * B * H : 0) : nullptr;
+      LstmFwd<T> a{xw_p + t * B * G, hs_p, bias_p, c_p, hu, H};
+      a.peep = v.peep, a.c_new = cn;
+      const LstmState<T> st{cn, c_p, a.gates, v.zc ? v.zc + t * B * H : nullptr, v.lnc_w, v.lnc_b,
+                            lnc ? c_hat.data_ptr<T>() + (training ? t * B * H : 0) : nullptr,
+                            c_rstd.defined() ? c_rstd.data_ptr<T>() + t * B : nullptr, hu, H};
+      auto row_end = [&](int64_t b) {
+        switch (state_flags) {
+          case 0: return state_row<0>(st, b);
+          case kLnC: return state_row<kLnC>(st, b);
+          case kZoneC: return state_row<kZoneC>(st, b);
+          default: return state_row<kLnC | kZoneC>(st, b);
+        }
+      };
+      with_flags<0, kPeep, kSepC, kSepC | kPeep, kSepC | kLnC, kSepC | kLnC | kPeep>(flags, [&](auto fc) {
+        constexpr int F = decltype(fc)::value;
+        variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
+                     [&](int64_t b, int64_t j0, int64_t j1) { step_rows<F>(a, b, j0, j1); }, sep, row_end);
+      });
+      if (proj) gemm_packed(m, (const T*)hu, H, *P, h_new, Hr, false);
+      end_step(t, m, h_new);
+      if (training) std::memcpy(c_seq.data_ptr<T>() + t * B * H, c_p, sizeof(T) * m * H);
+    }
+    out = {h_seq, h, c};
+    if (training) {
+      out.insert(out.end(), {h_seq, xw, c_seq});
+      if (proj) out.push_back(hu_seq);
+      if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
+      if (lnc) out.insert(out.end(), {c_hat, c_rstd});
+      if (save_cnew) out.push_back(cnew_seq);
+    }
+    return out;
+  }
+
+  if (cell == kGRU) {
+    Tensor hn_seq = training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts);
+    if (gru_before) {
+      // two products per step: [r, z] rows of W_hh on h_in, then the n rows on u = r * h_in
+      const ChunkedWeight<T> Wrz(w_hh.narrow(0, 0, 2 * H), 2, H), Wn(w_hh.narrow(0, 2 * H, H), 1, H);
+      Tensor u = at::empty({B, H}, opts);
+      for (int64_t k = 0; k < s.T; ++k) {
+        const int64_t t = s.at(k), m = s.rows(t);
+        if (m == 0) continue;
+        const T* h_in = begin_step(t, m, nullptr, nullptr);
+        T* h_new = v.zh ? hnew.data_ptr<T>() : hseq_p + t * B * H;
+        const GruRzFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_in, u.data_ptr<T>(), H};
+        fused_step(Wrz, m, h_in, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { vrows(a, b, j0, j1); });
+        const GruNFwd<T> n{xw_p + t * B * G, hs_p, bias_p, h_p, h_new,
+                           hn_seq.data_ptr<T>() + (training ? t * B * H : 0), H};
+        fused_step(Wn, m, (const T*)u.data_ptr<T>(), hs_p, [&](int64_t b, int64_t j0, int64_t j1) { vrows(n, b, j0, j1); });
+        end_step(t, m, h_new);
+      }
+    } else {
+      const ChunkedWeight<T> W(w_hh, ng, H);
+      for (int64_t k = 0; k < s.T; ++k) {
+        const int64_t t = s.at(k), m = s.rows(t);
+        if (m == 0) continue;
+        const T* h_in = begin_step(t, m, nullptr, nullptr);
+        T* h_new = v.zh ? hnew.data_ptr<T>() : hseq_p + t * B * H;
+        const GruFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_p, h_new,
+                          hn_seq.data_ptr<T>() + (training ? t * B * H : 0), H};
+        variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
+                     [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); }, false, [](int64_t) {});
+        end_step(t, m, h_new);
+      }
+    }
+    out = {h_seq, h, Tensor()};
+    if (training) {
+      out.insert(out.end(), {h_seq, xw, hn_seq});
+      if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
+    }
+    return out;
+  }
+
+  // RNN: with zoneout, h_new is saved (the activation's derivative needs it)
+  Tensor hnew_seq = v.zh && training ? new_seq(s, H, opts) : Tensor();
+  const ChunkedWeight<T> W(w_hh, ng, H);
+  for (int64_t k = 0; k < s.T; ++k) {
+    const int64_t t = s.at(k), m = s.rows(t);
+    if (m == 0) continue;
+    const T* h_in = begin_step(t, m, nullptr, nullptr);
+    T* h_new = !v.zh ? hseq_p + t * B * H : hnew_seq.defined() ? hnew_seq.data_ptr<T>() + t * B * H : hnew.data_ptr<T>();
+    const RnnFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_new, H, cell == kRNNRelu};
+    variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
+                 [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); }, false, [](int64_t) {});
+    end_step(t, m, h_new);
+  }
+  out = {h_seq, h, Tensor()};
+  if (training) {
+    out.push_back(h_seq);
+    if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
+    if (v.zh) out.push_back(hnew_seq);
+  }
+  return out;
+}
+
+// Variant backward. Per step: dh_new = (1 - zh) (dh + grad_h_seq[t]) and the zoneout part zh (...)
+// kept in dh; the cell's gate gradients; the layer norm's backward turning the gradient of hw into
+// that of the raw product (grad_hw); dg = grad_hw W_hh; then dh_prev = dh + (GRU: dh_new z) +
+// rec_mask dg, which a reset row hands to grad_h0 instead (and likewise dc to grad_c0).
+// Returns {grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
+// peephole, u_seq}: u_seq [T,B,H] = r * h_in (GRU reset_after=False) for dW_hn = grad_hw[..., 2H:]^T u.
+template <typename T>
+std::vector<Tensor> backward_variant_impl(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
+                                          const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh,
+                                          const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                          const c10::optional<Tensor>& c0,
+                                          const c10::optional<Tensor>& batch_sizes, bool reverse,
+                                          const std::vector<Tensor>& saved, const Var<T>& v) {
+  const Tensor& h_seq = saved.at(0);
+  const Steps s = make_steps(h_seq, reverse, batch_sizes);
+  const int64_t B = s.B, Hr = h_seq.size(2), G = w_hh.size(0);
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
+  const bool lstm = cell == kLSTM, gru = cell == kGRU, gru_before = gru && !v.reset_after;
+  const bool ln = v.ln_w, lnc = lstm && v.lnc_w;
+  auto opts = h_seq.options();
+  // the saved layout of forward_variant_impl
+  size_t idx = lstm ? 3 + proj : gru ? 3 : 1;
+  Tensor hw_hat, hw_rstd, c_hat, c_rstd, new_saved;
+  if (ln) hw_hat = saved.at(idx), hw_rstd = saved.at(idx + 1), idx += 2;
+  if (lnc) c_hat = saved.at(idx), c_rstd = saved.at(idx + 1), idx += 2;
+  if ((lstm && (v.zh || v.zc)) || (!lstm && !gru && v.zh)) new_saved = saved.at(idx++);
+
+  Tensor grad_xw = new_seq(s, G, opts);
+  Tensor grad_hw = (gru || ln) ? new_seq(s, G, opts) : grad_xw;
+  Tensor dh = grad_h_T.clone();
+  Tensor dnew = at::empty({B, Hr}, opts), dg = at::empty({B, Hr}, opts), zeros = at::zeros({B, H}, opts);
+  Tensor gh0 = v.reset ? at::zeros_like(h0) : Tensor();
+  Tensor acc_ln = ln ? at::zeros({B, 2 * G}, opts) : Tensor();
+  T* dh_p = dh.data_ptr<T>();
+  T* dnew_p = dnew.data_ptr<T>();
+  T* dg_p = dg.data_ptr<T>();
+  T* gx_p = grad_xw.data_ptr<T>();
+  T* gw_p = grad_hw.data_ptr<T>();
+  const T* gh_p = grad_h_seq.data_ptr<T>();
+  const T* hs_p = h_seq.data_ptr<T>();
+  const T* h0_p = h0.data_ptr<T>();
+  const T* zeros_p = zeros.data_ptr<T>();
+  auto h_prev = [&](int64_t t, int64_t b) -> const T* {
+    return (v.reset && v.reset[t * B + b]) ? h0_p + b * Hr : s.prev_row(hs_p, h0_p, t, b, Hr);
+  };
+  auto pre = [&](int64_t t, int64_t m) {
+    const T* gh = gh_p + t * B * Hr;
+    if (v.zh) {
+      const T* z = v.zh + t * B * Hr;
+      for (int64_t i = 0; i < m * Hr; ++i) {
+        const T tot = dh_p[i] + gh[i];
+        dnew_p[i] = (T(1) - z[i]) * tot, dh_p[i] = z[i] * tot;
+      }
+    } else {
+      for (int64_t i = 0; i < m * Hr; ++i) dnew_p[i] = dh_p[i] + gh[i], dh_p[i] = T(0);
+    }
+  };
+  auto ln_bwd = [&](int64_t t, int64_t m) {
+    if (!ln) return;
+    const T* dhw = (gru ? gw_p : gx_p) + t * B * G;
+    at::parallel_for(0, m, std::max<int64_t>(1, 4096 / G), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        ln_bwd_row(dhw + b * G, hw_hat.data_ptr<T>() + (t * B + b) * G, hw_rstd.data_ptr<T>()[t * B + b],
+                   v.ln_w, gw_p + (t * B + b) * G, acc_ln.data_ptr<T>() + b * 2 * G,
+                   acc_ln.data_ptr<T>() + b * 2 * G + G, G);
+    });
+  };
+  auto post = [&](int64_t t, int64_t m, bool add_dnew, T* dc_p, T* gc0_p) {
+    for (int64_t b = 0; b < m; ++b) {
+      T* d = dh_p + b * Hr;
+      const T* g = dg_p + b * Hr;
+      const T* dn = dnew_p + b * Hr;
+      const T* mk = v.mask ? v.mask + b * Hr : nullptr;
+      for (int64_t j = 0; j < Hr; ++j) d[j] += (add_dnew ? dn[j] : T(0)) + (mk ? mk[j] * g[j] : g[j]);
+      if (v.reset && v.reset[t * B + b]) {
+        T* g0 = gh0.data_ptr<T>() + b * Hr;
+        for (int64_t j = 0; j < Hr; ++j) g0[j] += d[j], d[j] = T(0);
+        if (dc_p)
+          for (int64_t j = 0; j < H; ++j) gc0_p[b * H + j] += dc_p[b * H + j], dc_p[b * H + j] = T(0);
+      }
+    }
+  };
+  auto grads = [&](std::vector<Tensor> out) {
+    const Tensor none;
+    if (ln) {
+      const Tensor sum = acc_ln.sum(0);
+      out.insert(out.end(), {sum.narrow(0, 0, G), sum.narrow(0, G, G)});
+    } else {
+      out.insert(out.end(), {none, none});
+    }
+    return out;
+  };
+
+  if (lstm) {
+    const Tensor &acts = saved.at(1), &c_seq = saved.at(2);
+    Tensor dc = grad_c_T->clone();
+    Tensor gc0 = v.reset ? at::zeros_like(*c0) : Tensor();
+    Tensor grad_hproj, dhu;
+    c10::optional<PackedB<T>> P;
+    if (proj) {
+      grad_hproj = new_seq(s, Hr, opts);
+      dhu = at::empty({B, H}, opts);
+      P.emplace(PackedB<T>::rows(w_hr->data_ptr<T>(), Hr, H, H, panel_width(H), opts));
+    }
+    Tensor acc_peep = v.peep ? at::zeros({B, 3 * H}, opts) : Tensor();
+    Tensor acc_lnc = lnc ? at::zeros({B, 2 * H}, opts) : Tensor();
+    const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
+    const T* c0_p = c0->data_ptr<T>();
+    const T* cs_p = c_seq.data_ptr<T>();
+    const T* cn_p = new_saved.defined() ? new_saved.data_ptr<T>() : cs_p;  // c_new
+    T* dc_p = dc.data_ptr<T>();
+    const int flags = (v.peep ? kPeep : 0) | (lnc ? kLnC : 0) | (v.zc ? kZoneC : 0);
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      const int64_t t = s.at(k), m = s.rows(t);
+      if (m == 0) continue;
+      pre(t, m);
+      const T* dh_a = dnew_p;
+      if (proj) {
+        std::memcpy(grad_hproj.data_ptr<T>() + t * B * Hr, dnew_p, sizeof(T) * m * Hr);
+        gemm_packed(m, (const T*)dnew_p, Hr, *P, dhu.data_ptr<T>(), H, false);
+        dh_a = dhu.data_ptr<T>();
+      }
+      LstmBwd<T> a{acts.data_ptr<T>() + t * B * G, cn_p + t * B * H, dh_a, zeros_p, dc_p, gx_p + t * B * G, H, 0};
+      a.peep = v.peep, a.acc_peep = v.peep ? acc_peep.data_ptr<T>() : nullptr;
+      a.zc = v.zc ? v.zc + t * B * H : nullptr;
+      if (lnc) {
+        a.c_hat = c_hat.data_ptr<T>() + t * B * H, a.c_rstd = c_rstd.data_ptr<T>() + t * B;
+        a.lnc_w = v.lnc_w, a.lnc_b = v.lnc_b, a.acc_lnc = acc_lnc.data_ptr<T>();
+      }
+      auto c_prev = [&](int64_t b) {
+        return (v.reset && v.reset[t * B + b]) ? c0_p + b * H : s.prev_row(cs_p, c0_p, t, b, H);
+      };
+      with_flags<0, kPeep, kLnC, kLnC | kPeep, kZoneC, kZoneC | kPeep, kZoneC | kLnC, kZoneC | kLnC | kPeep>(
+          flags, [&](auto fc) {
+            constexpr int F = decltype(fc)::value;
+            if constexpr (F & kLnC) {  // whole rows: the layer norm's backward needs row means
+              at::parallel_for(0, m, std::max<int64_t>(1, 2048 / H), [&](int64_t b0, int64_t b1) {
+                for (int64_t b = b0; b < b1; ++b) step_rows<F>(a, c_prev(b), b, 0, H);
+              });
+            } else {
+              for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows<F>(a, c_prev(b), b, j0, j1); });
+            }
+          });
+      ln_bwd(t, m);
+      gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, Hr, false);
+      post(t, m, false, dc_p, v.reset ? gc0.data_ptr<T>() : nullptr);
+    }
+    std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, v.reset ? dc + gc0 : dc, grad_hproj});
+    if (lnc) {
+      const Tensor sum = acc_lnc.sum(0);
+      out.insert(out.end(), {sum.narrow(0, 0, H), sum.narrow(0, H, H)});
+    } else {
+      out.insert(out.end(), {Tensor(), Tensor()});
+    }
+    out.push_back(v.peep ? acc_peep.sum(0).view({3, H}) : Tensor());
+    out.push_back(Tensor());
+    return out;
+  }
+
+  if (gru) {
+    const Tensor &acts = saved.at(1), &hn_seq = saved.at(2);
+    Tensor u_seq;
+    if (gru_before) {
+      u_seq = new_seq(s, H, opts);
+      const T* w = w_hh.data_ptr<T>();
+      const PackedB<T> Wn = PackedB<T>::rows(w + 2 * H * H, H, H, H, panel_width(H), opts);
+      const PackedB<T> Wrz = PackedB<T>::rows(w, 2 * H, H, H, panel_width(H), opts);
+      const Tensor ones = v.mask ? Tensor() : at::ones({B, H}, opts);
+      for (int64_t k = s.T - 1; k >= 0; --k) {
+        const int64_t t = s.at(k), m = s.rows(t);
+        if (m == 0) continue;
+        pre(t, m);
+        const T* ac = acts.data_ptr<T>() + t * B * G;
+        T *gx = gx_p + t * B * G, *gw = gw_p + t * B * G;
+        const GruNBwd<T> a{ac, dnew_p, gx, gw, H};
+        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { vrows(a, h_prev(t, b), b, j0, j1); });
+        gemm_packed(m, (const T*)(gw + 2 * H), G, Wn, dg_p, H, false);
+        const GruRBwd<T> r{ac, v.mask ? v.mask : ones.data_ptr<T>(), dg_p, gx, gw, u_seq.data_ptr<T>() + t * B * H, H};
+        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { vrows(r, h_prev(t, b), b, j0, j1); });
+        gemm_packed(m, (const T*)gw, G, Wrz, dg_p, H, true);
+        post(t, m, true, nullptr, nullptr);
+      }
+    } else {
+      const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
+      for (int64_t k = s.T - 1; k >= 0; --k) {
+        const int64_t t = s.at(k), m = s.rows(t);
+        if (m == 0) continue;
+        pre(t, m);
+        const GruBwd<T> a{acts.data_ptr<T>() + t * B * G, hn_seq.data_ptr<T>() + t * B * H, zeros_p, dnew_p,
+                          gx_p + t * B * G, gw_p + t * B * G, H};
+        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, h_prev(t, b), b, j0, j1); });
+        ln_bwd(t, m);
+        gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, H, false);
+        post(t, m, true, nullptr, nullptr);
+      }
+    }
+    std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, Tensor(), Tensor()});
+    out.insert(out.end(), {Tensor(), Tensor(), Tensor(), u_seq});
+    return out;
+  }
+
+  const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
+  const T* hn_p = new_saved.defined() ? new_saved.data_ptr<T>() : hs_p;  // h_new
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    const int64_t t = s.at(k), m = s.rows(t);
+    if (m == 0) continue;
+    pre(t, m);
+    const RnnBwd<T> a{hn_p + t * B * H, dnew_p, zeros_p, gx_p + t * B * G, H, cell == kRNNRelu};
+    for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
+    ln_bwd(t, m);
+    gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, H, false);
+    post(t, m, false, nullptr, nullptr);
+  }
+  std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, Tensor(), Tensor()});
+  out.insert(out.end(), {Tensor(), Tensor(), Tensor(), Tensor()});
+  return out;
 }
 
 void check_inputs(const Tensor& ref, std::initializer_list<c10::optional<Tensor>> ts) {
@@ -575,6 +1395,83 @@ std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_
   return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward", [&] {
     return backward_impl<scalar_t>(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                                    batch_sizes, reverse, saved);
+  });
+}
+
+bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Checks the variant tensors (docs/variants.md, fastrnn.ops.recurrence.Variant) and points a Var at them.
+template <typename T>
+Var<T> make_var(const Tensor& ref, int64_t cell, int64_t steps, int64_t B, int64_t G, int64_t Hr,
+                const c10::optional<Tensor>& ln_w, const c10::optional<Tensor>& ln_b,
+                const c10::optional<Tensor>& lnc_w, const c10::optional<Tensor>& lnc_b,
+                const c10::optional<Tensor>& peep, const c10::optional<Tensor>& mask,
+                const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
+                const c10::optional<Tensor>& reset, bool reset_after) {
+  check_inputs(ref, {ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc});
+  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
+  auto check = [](const c10::optional<Tensor>& t, int64_t n, const char* what) {
+    TORCH_CHECK(!has(t) || t->numel() == n, "fastrnn cpp backend: ", what, " has ", t->numel(),
+                " elements, expected ", n);
+  };
+  TORCH_CHECK(has(ln_w) == has(ln_b) && has(lnc_w) == has(lnc_b),
+              "fastrnn cpp backend: a layer norm needs both its weight and its bias");
+  TORCH_CHECK(cell == kLSTM || (!has(lnc_w) && !has(peep) && !has(zc)),
+              "fastrnn cpp backend: ln_c, peephole and zoneout_c are LSTM options");
+  TORCH_CHECK(reset_after || cell == kGRU, "fastrnn cpp backend: reset_after=False is a GRU option");
+  TORCH_CHECK(reset_after || !has(ln_w),
+              "fastrnn cpp backend: layer norm with reset_after=False is not defined (docs/variants.md)");
+  check(ln_w, G, "ln_hh_weight"), check(ln_b, G, "ln_hh_bias"), check(lnc_w, H, "ln_c_weight");
+  check(lnc_b, H, "ln_c_bias"), check(peep, 3 * H, "peephole"), check(mask, B * Hr, "rec_mask");
+  check(zh, steps * B * Hr, "zoneout_h"), check(zc, steps * B * H, "zoneout_c");
+  if (has(reset))
+    TORCH_CHECK(reset->scalar_type() == at::kBool && reset->is_contiguous() && reset->numel() == steps * B &&
+                    reset->device().is_cpu(),
+                "fastrnn cpp backend: reset must be a contiguous [T, B] bool CPU tensor");
+  auto p = [](const c10::optional<Tensor>& t) { return has(t) ? t->data_ptr<T>() : nullptr; };
+  Var<T> v;
+  v.ln_w = p(ln_w), v.ln_b = p(ln_b), v.lnc_w = p(lnc_w), v.lnc_b = p(lnc_b), v.peep = p(peep);
+  v.mask = p(mask), v.zh = p(zh), v.zc = p(zc);
+  v.reset = has(reset) ? reset->data_ptr<bool>() : nullptr;
+  v.reset_after = reset_after;
+  return v;
+}
+
+std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
+                                        Tensor h0, c10::optional<Tensor> c0, c10::optional<Tensor> w_hr,
+                                        c10::optional<Tensor> batch_sizes, bool reverse, bool training,
+                                        c10::optional<Tensor> ln_w, c10::optional<Tensor> ln_b,
+                                        c10::optional<Tensor> lnc_w, c10::optional<Tensor> lnc_b,
+                                        c10::optional<Tensor> peep, c10::optional<Tensor> mask,
+                                        c10::optional<Tensor> zh, c10::optional<Tensor> zc,
+                                        c10::optional<Tensor> reset, bool reset_after) {
+  check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
+  TORCH_CHECK(cell != kLSTM || has(c0), "LSTM needs c0");
+  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward_variant", [&] {
+    const auto v = make_var<scalar_t>(xw, cell, xw.size(0), xw.size(1), xw.size(2), h0.size(1), ln_w, ln_b,
+                                      lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after);
+    return forward_variant_impl<scalar_t>(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, v);
+  });
+}
+
+std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor grad_h_T,
+                                         c10::optional<Tensor> grad_c_T, Tensor w_hh,
+                                         c10::optional<Tensor> w_hr, Tensor h0, c10::optional<Tensor> c0,
+                                         c10::optional<Tensor> batch_sizes, bool reverse,
+                                         std::vector<Tensor> saved, c10::optional<Tensor> ln_w,
+                                         c10::optional<Tensor> ln_b, c10::optional<Tensor> lnc_w,
+                                         c10::optional<Tensor> lnc_b, c10::optional<Tensor> peep,
+                                         c10::optional<Tensor> mask, c10::optional<Tensor> zh,
+                                         c10::optional<Tensor> zc, c10::optional<Tensor> reset,
+                                         bool reset_after) {
+  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
+  TORCH_CHECK(!saved.empty(), "rnn_backward needs the tensors saved by a training forward");
+  return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward_variant", [&] {
+    const auto v = make_var<scalar_t>(grad_h_seq, cell, grad_h_seq.size(0), grad_h_seq.size(1), w_hh.size(0),
+                                      grad_h_seq.size(2), ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset,
+                                      reset_after);
+    return backward_variant_impl<scalar_t>(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
+                                           batch_sizes, reverse, saved, v);
   });
 }
 
@@ -653,6 +1550,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "training) -> [h_seq, h_T, c_T, *saved]");
   m.def("rnn_backward", &fastrnn::rnn_backward, nogil(),
         "One layer/direction backward: -> [grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj]");
+  m.def("rnn_forward_variant", &fastrnn::rnn_forward_variant, nogil(),
+        "rnn_forward with the variant tensors (ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, "
+        "peephole, rec_mask, zoneout_h, zoneout_c, reset, reset_after) appended");
+  m.def("rnn_backward_variant", &fastrnn::rnn_backward_variant, nogil(),
+        "rnn_backward with the variant tensors appended -> [grad_xw, grad_hw, grad_h0, grad_c0, "
+        "grad_hproj, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, peephole, u_seq]");
   m.def("linear", &fastrnn::linear, nogil(), "x [N,I], w [G,I], b [G] -> x w^T + b");
   m.def("mm", &fastrnn::mm, nogil(), "a [M,K], b [K,N] -> a b");
   m.def("mm_tn", &fastrnn::mm_tn, nogil(), "a [K,M], b [K,N] -> a^T b");
