@@ -119,8 +119,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     mask = _flatten_mask(attn_mask, batch, L, S, dtype) if attn_mask is not None else None
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     p = float(dropout_p) if dropout_p > 0 else 0.0
-    seed = int(torch.randint(0, 2 ** 32, (1,))) if 0 < p < 1 else 0
-    out = sdpa(impl, q3.to(dtype), k3.to(dtype), v3.to(dtype), mask, scale, bool(is_causal),
+    # a tensor, not a Python int: drawing it is then part of a compiled graph, not a graph break
+    seed = torch.randint(0, 2 ** 32, ()) if 0 < p < 1 else None
+    out = sdpa(impl.name, q3.to(dtype), k3.to(dtype), v3.to(dtype), mask, scale, bool(is_causal),
                p if p < 1 else 0.0, seed)
     if p >= 1:
         out = out * 0.0  # every weight dropped (torch returns zeros; NaN still propagates)
