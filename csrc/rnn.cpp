@@ -39,6 +39,41 @@ using at::Tensor;
 using vm::sigmoid;
 using vm::tanh;
 
+// (sum_k f(k), sum_k f(k) w[k]), k < n, in 16 independent lanes: vectorises without
+// reassociating (no -ffast-math), f evaluated once per k.
+template <typename T, typename F>
+FASTRNN_INLINE std::pair<T, T> lane_sum2(int64_t n, const F& f, const T* w) {
+  constexpr int L = 16;
+  T a1[L] = {}, a2[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int l = 0; l < L; ++l) {
+      const T v = f(k + l);
+      a1[l] += v, a2[l] += v * w[k + l];
+    }
+  T s1 = 0, s2 = 0;
+  for (; k < n; ++k) {
+    const T v = f(k);
+    s1 += v, s2 += v * w[k];
+  }
+  for (int l = 0; l < L; ++l) s1 += a1[l], s2 += a2[l];
+  return {s1, s2};
+}
+
+// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
+template <typename T, typename F>
+FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
+  constexpr int L = 16;
+  T acc[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int l = 0; l < L; ++l) acc[l] += f(k + l);
+  T s = 0;
+  for (; k < n; ++k) s += f(k);
+  for (int l = 0; l < L; ++l) s += acc[l];
+  return s;
+}
+
 // Compile-time variant flags of the LSTM kernels (docs/variants.md); 0 is the plain cell and
 // compiles to exactly the plain code.
 enum VariantFlags : int {
@@ -197,13 +232,12 @@ FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t 
   T mean_g = 0, mean_gx = 0, rstd = 0;
   if constexpr (lnc) {
     // y = LN(c_new): dc_new = rstd (dy w - mean(dy w) - c_hat mean(dy w c_hat))
-    T s1 = 0, s2 = 0;
-    for (int64_t j = 0; j < H; ++j) {
-      const T ty = tanh(lw[j] * ch[j] + lb[j]), o = ai[3 * H + j];
-      const T gy = (da[j] + db[j]) * o * (T(1) - ty * ty) * lw[j];
-      s1 += gy, s2 += gy * ch[j];
-    }
-    mean_g = s1 / T(H), mean_gx = s2 / T(H), rstd = a.c_rstd[b];
+    const auto [s1, s2] = lane_sum2<T>(H, [&](int64_t j) {
+      const T ty = tanh(lw[j] * ch[j] + lb[j]);
+      return (da[j] + db[j]) * ai[3 * H + j] * (T(1) - ty * ty) * lw[j];
+    }, ch);
+    mean_g = s1 / T(H), mean_gx = s2 / T(H);
+    rstd = a.c_rstd[b];
   }
   FASTRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
@@ -364,20 +398,6 @@ inline void step_rows(const LstmBwd<double>& a, const double* p, int64_t b, int6
 // ---------------------------------------------------------------------------------------------
 constexpr double kLnEps = 1e-5;  // fastrnn.ops.recurrence.LN_EPS
 
-// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
-template <typename T, typename F>
-FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
-  constexpr int L = 16;
-  T acc[L] = {};
-  int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int l = 0; l < L; ++l) acc[l] += f(k + l);
-  T s = 0;
-  for (; k < n; ++k) s += f(k);
-  for (int l = 0; l < L; ++l) s += acc[l];
-  return s;
-}
-
 // Layer norm of one row of the hidden product, in place in the chunk layout of `fused_step`
 // (hs[ng*j0 + q*w + jj] is gate q, unit j0 + jj): hs = LN(hs) * w + b, with w, b and the saved
 // hat [G] in torch's gate layout. Mean and variance are two passes (no cancellation).
@@ -415,8 +435,8 @@ FASTRNN_INLINE void ln_hh_row(T* hs, const T* lw, const T* lb, int64_t ng, int64
 template <typename T>
 FASTRNN_INLINE void ln_hh_bwd_row(const T* dhw, const T* hat, T rstd, const T* lw, T* da, T* acc_w,
                                   T* acc_b, int64_t G) {
-  const T m1 = lane_sum<T>(G, [&](int64_t k) { return dhw[k] * lw[k]; }) / T(G);
-  const T m2 = lane_sum<T>(G, [&](int64_t k) { return dhw[k] * lw[k] * hat[k]; }) / T(G);
+  const auto [s1, s2] = lane_sum2<T>(G, [&](int64_t k) { return dhw[k] * lw[k]; }, hat);
+  const T m1 = s1 / T(G), m2 = s2 / T(G);
   for (int64_t k = 0; k < G; ++k) acc_w[k] += dhw[k] * hat[k], acc_b[k] += dhw[k];
   for (int64_t k = 0; k < G; ++k) da[k] = rstd * (dhw[k] * lw[k] - m1 - hat[k] * m2);
 }
