@@ -14,6 +14,17 @@
 //         (unprojected o*tanh(c), only with w_hr);  GRU: h_seq, xw overwritten with r,z,n,
 //         hn_seq [T,B,H] (= W_hn h + b_hn);  RNN: h_seq.
 // Rows past batch_sizes[t] are left untouched in the states and are zero in h_seq / grad_xw.
+//
+// Variants (docs/variants.md; rnn_forward_variant / rnn_backward_variant): separate time loops so
+// the plain ones stay exactly as they are, sharing the cell kernels (the LSTM ones through
+// compile-time flags). Per step: reset rows reload h0/c0, h_in = h_prev * rec_mask, the chunked
+// GEMM; without layer norm the gate math follows per chunk in cache as above, with it each row's
+// whole product is normalised first (row statistics span every chunk), then its gate math; a row
+// pass handles what needs whole rows (LSTM: layer norm of c, zoneout of c); then zoneout of h.
+// Saved: the plain tuple (c_seq = c_t after zoneout), then hw_hat [T,B,G], hw_rstd [T,B] (layer
+// norm), c_hat [T,B,H], c_rstd [T,B] (LSTM layer norm), c_new (LSTM) / h_new (RNN) [T,B,H]
+// (zoneout): fastrnn.ops.recurrence.saved_layout. GRU reset_after=False runs two products per step
+// ([r, z] rows on h_in, then the n rows on r * h_in); its backward also returns u = r * h_in.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -988,7 +999,7 @@ void variant_step(const ChunkedWeight<T>& W, int64_t m, const T* h_in, T* hs, co
   });
 }
 
-// dst[b, :] = z a[b, :] + (1 - z) b[b, :] for rows [0, m): zoneout of a state.
+// dst = z prev + (1 - z) next over rows [0, m) of K units: zoneout of a state.
 template <typename T>
 void zoneout_mix(int64_t m, int64_t K, const T* z, const T* prev, const T* next, T* dst) {
   for (int64_t i = 0; i < m * K; ++i) dst[i] = z[i] * prev[i] + (T(1) - z[i]) * next[i];
