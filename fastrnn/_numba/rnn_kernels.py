@@ -912,3 +912,654 @@ def gemm(nth, a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
         for r in range(M):
             for n in range(N):
                 out[r, n] = bias[n] if has_bias else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants beyond cuDNN (docs/variants.md): layer norm, peephole, recurrent dropout, zoneout,
+# state resets, GRU reset_after=False. Separate kernels, so that the plain kernels above stay
+# exactly as they are (and so that their compile time does not grow): these compile on the
+# first call with a variant.
+#
+# A layer norm over all G entries of a row needs the whole row's product before any gate can
+# be computed, so the per-unit fusion of the plain step does not apply. A variant step is a
+# short sequence of phases, each one parallel region over numba's threads:
+#
+#   GEMM phases: panels of the packed weights split between threads (each thread's share of
+#                W stays in its core's L2 across steps), register tiles as the plain path;
+#   row phases:  batch rows split between threads; one pass over a row does its layer-norm
+#                statistics, gate math, cell state, zoneout and what backward needs saved.
+#
+# Forward: [A = h_in W^T] -> rows (LN, cell)  [GRU reset_after=False: -> An = (r*h_in) W_hn^T
+# -> rows (n, h)]  [projection: -> h_new = hu W_hr^T -> rows (zoneout)].
+# Backward: rows (dh_new)  [projection: -> dhu = dh_new W_hr]  -> rows (cell backward, LN
+# backward)  [GRU reset_after=False: -> d(r h_in) = d_n W_hn -> rows (d_r)]  -> dh_in = grad_hw
+# W_hh -> rows (rec_mask, zoneout, reset). All phases run through one dispatcher
+# (``_fwd_phase`` / ``_bwd_phase``) and a single ``prange`` per kernel, which keeps the number of
+# outlined parallel regions (the dominant part of compile time) at one.
+# Presence of each option is read off the array shapes (absent = empty array), which keeps one
+# compiled signature per dtype; the branches are loop-invariant and sit outside the unit loops
+# where it matters.
+# ---------------------------------------------------------------------------------------------
+_JIT_REASSOC = dict(_JIT, fastmath={"contract", "reassoc"})   # sums: vectorised; NaN still propagates
+
+
+@njit(**_JIT_REASSOC)
+def _row_sum(a, b, n):
+    """sum(a[b, :n]), reassociated (vector partial sums); not inlined, so the flag stays local."""
+    s = a.dtype.type(0)
+    for k in range(n):
+        s += a[b, k]
+    return s
+
+
+@njit(**_JIT_REASSOC)
+def _row_sq_dev(a, b, n, mean):
+    """sum((a[b, :n] - mean)^2)."""
+    s = a.dtype.type(0)
+    for k in range(n):
+        d = a[b, k] - mean
+        s += d * d
+    return s
+
+
+@njit(**_JIT_REASSOC)
+def _row_dot2(d, b, w, hat, n):
+    """(sum(d[b] * w), sum(d[b] * w * hat[b])) over n entries: the layer-norm backward sums."""
+    s1 = d.dtype.type(0)
+    s2 = d.dtype.type(0)
+    for k in range(n):
+        x = d[b, k] * w[k]
+        s1 += x
+        s2 += x * hat[b, k]
+    return s1, s2
+
+
+@njit(**_JIT)
+def _ln_stats(a, b, n):
+    """mean and 1 / sqrt(biased var + eps) of a[b, :n] (two passes: no cancellation)."""
+    one, nf = a.dtype.type(1), a.dtype.type(n)
+    mean = _row_sum(a, b, n) / nf
+    var = _row_sq_dev(a, b, n, mean) / nf
+    return mean, one / math.sqrt(var + a.dtype.type(LN_EPS))
+
+
+LN_EPS = 1e-5   # fastrnn.ops.recurrence.LN_EPS (not imported: this file must not depend on torch)
+
+
+@njit(**_JIT)
+def _hw_row(b, ts, n, A, bh, ln_w, ln_b, hat, rstd):
+    """A[b, :n] (= h_in W^T) <- LN(A[b]; ln) + b_hh, saving the normalised row and its rstd
+    at step slot ts; without layer norm A[b] + b_hh."""
+    ub = U(b)
+    if ln_w.shape[0] > 0:
+        mean, rs = _ln_stats(A, b, n)
+        rstd[ts, b] = rs
+        ht = hat[ts]
+        for k in range(U(n)):
+            h = (A[ub, k] - mean) * rs
+            ht[ub, k] = h
+            A[ub, k] = h * ln_w[k] + ln_b[k] + bh[k]
+    else:
+        for k in range(U(n)):
+            A[ub, k] += bh[k]
+
+
+@njit(**_JIT)
+def _ln_bwd_row(b, t, c, n, D, dst, ln_w, hat, rstd, g_w, g_b):
+    """Layer-norm backward of one row: D[b, :n] = gradient of y = w * v_hat + bias ->
+    dst[b] = gradient of v (dst may be D); g_w[c], g_b[c] += this row's weight / bias grads."""
+    ub = U(b)
+    ht = hat[t]
+    s1, s2 = _row_dot2(D, b, ln_w, ht, n)
+    rs = rstd[t, b]
+    nf = D.dtype.type(n)
+    m1, m2 = s1 / nf, s2 / nf
+    gw, gb = g_w[c], g_b[c]
+    for k in range(U(n)):
+        d, h = D[ub, k], ht[ub, k]
+        gw[k] += d * h
+        gb[k] += d
+        dst[ub, k] = rs * (d * ln_w[k] - m1 - h * m2)
+
+
+@njit(**_JIT)
+def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd, c_seq, new_seq, hu):
+    """LSTM step of row b: X[b] xw_t in, activated i, f, g, o out; A[b]: hw (after norm and
+    bias); C[b]: c_prev in (reset applied), c_t out; cn [B, H] scratch <- c_new; hu[b] <- o tanh(y)."""
+    one = X.dtype.type(1)
+    has_peep, has_zc = peep.shape[0] > 0, zc.shape[0] > 0
+    save_new = new_seq.shape[0] > 0
+    ub, uH = U(b), U(H)
+    cs = c_seq[ts]
+    for j in range(uH):
+        cp = C[ub, j]
+        pi = X[ub, j] + A[ub, j]
+        pf = X[ub, uH + j] + A[ub, uH + j]
+        pg = X[ub, uH + uH + j] + A[ub, uH + uH + j]
+        po = X[ub, uH + uH + uH + j] + A[ub, uH + uH + uH + j]
+        if has_peep:
+            pi += peep[0, j] * cp
+            pf += peep[1, j] * cp
+        i, f, g = sigmoid(pi), sigmoid(pf), tanh(pg)
+        c_new = f * cp + i * g
+        if has_peep:
+            po += peep[2, j] * c_new
+        o = sigmoid(po)
+        X[ub, j], X[ub, uH + j], X[ub, uH + uH + j], X[ub, uH + uH + uH + j] = i, f, g, o
+        cn[ub, j] = c_new
+        c_t = zc[t, ub, j] * cp + (one - zc[t, ub, j]) * c_new if has_zc else c_new
+        C[ub, j] = c_t
+        cs[ub, j] = c_t
+        if save_new:
+            new_seq[ts, ub, j] = c_new
+    if lnc_w.shape[0] > 0:
+        mean, rs = _ln_stats(cn, b, H)
+        c_rstd[ts, b] = rs
+        ch = c_hat[ts]
+        for j in range(uH):
+            v = (cn[ub, j] - mean) * rs
+            ch[ub, j] = v
+            hu[ub, j] = X[ub, uH + uH + uH + j] * tanh(v * lnc_w[j] + lnc_b[j])
+    else:
+        for j in range(uH):
+            hu[ub, j] = X[ub, uH + uH + uH + j] * tanh(cn[ub, j])
+
+
+@njit(**_JIT)
+def _gru_var_fwd_row(b, ts, H, X, A, hprev, hn_seq, hnew):
+    """GRU (reset_after=True) step of row b: X[b] xw_t in, r, z, n out; A[b]: hw; hprev[b]:
+    h_prev; hn_seq[ts, b] <- hw_n; hnew[b] <- (1-z) n + z h_prev."""
+    one = X.dtype.type(1)
+    ub, uH = U(b), U(H)
+    hn_t = hn_seq[ts]
+    for j in range(uH):
+        hn = A[ub, uH + uH + j]
+        r = sigmoid(X[ub, j] + A[ub, j])
+        z = sigmoid(X[ub, uH + j] + A[ub, uH + j])
+        n = tanh(X[ub, uH + uH + j] + r * hn)
+        X[ub, j], X[ub, uH + j], X[ub, uH + uH + j] = r, z, n
+        hn_t[ub, j] = hn
+        hnew[ub, j] = (one - z) * n + z * hprev[ub, j]
+
+
+@njit(**_JIT)
+def _gru_rz_fwd_row(b, H, X, A, hin, rh):
+    """GRU reset_after=False, first half of row b: r, z into X[b]; rh[b] <- r * h_in."""
+    ub, uH = U(b), U(H)
+    for j in range(uH):
+        r = sigmoid(X[ub, j] + A[ub, j])
+        X[ub, j] = r
+        X[ub, uH + j] = sigmoid(X[ub, uH + j] + A[ub, uH + j])
+        rh[ub, j] = r * hin[ub, j]
+
+
+@njit(**_JIT)
+def _gru_n_fwd_row(b, ts, H, X, An, bh, hprev, hn_seq, hnew):
+    """GRU reset_after=False, second half: An[b] = (r h_in) W_hn^T; n into X[b];
+    hn_seq[ts, b] <- An + b_hn; hnew[b] <- (1-z) n + z h_prev."""
+    one = X.dtype.type(1)
+    ub, uH = U(b), U(H)
+    hn_t = hn_seq[ts]
+    for j in range(uH):
+        hn = An[ub, j] + bh[uH + uH + j]
+        n = tanh(X[ub, uH + uH + j] + hn)
+        z = X[ub, uH + j]
+        X[ub, uH + uH + j] = n
+        hn_t[ub, j] = hn
+        hnew[ub, j] = (one - z) * n + z * hprev[ub, j]
+
+
+@njit(**_JIT)
+def _rnn_var_fwd_row(b, ts, relu, H, X, A, hnew, new_seq):
+    """RNN step of row b: hnew[b] <- act(X[b] + A[b]); saved as h_new (zoneout) if new_seq has rows."""
+    zero = X.dtype.type(0)
+    ub = U(b)
+    for j in range(U(H)):
+        v = X[ub, j] + A[ub, j]
+        if relu:
+            hnew[ub, j] = zero if v < zero else v
+        else:
+            hnew[ub, j] = tanh(v)
+    if new_seq.shape[0] > 0:
+        ns = new_seq[ts]
+        for j in range(U(H)):
+            ns[ub, j] = hnew[ub, j]
+
+
+@njit(**_JIT)
+def _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq):
+    """h_t = zh h_prev + (1 - zh) h_new (zoneout) or h_new, into the state hcur[b] and h_seq[t, b]."""
+    one = hnew.dtype.type(1)
+    ub = U(b)
+    hs = h_seq[t]
+    if zh.shape[0] > 0:
+        zt = zh[t]
+        for k in range(U(Hr)):
+            h = zt[ub, k] * hcur[ub, k] + (one - zt[ub, k]) * hnew[ub, k]
+            hcur[ub, k] = h
+            hs[ub, k] = h
+    else:
+        for k in range(U(Hr)):
+            h = hnew[ub, k]
+            hcur[ub, k] = h
+            hs[ub, k] = h
+
+
+@njit(**_JIT)
+def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, X, b_hh, hcur, c_state,
+               cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
+               c_hat, c_rstd, new_seq, proj):
+    """Thread c of nth's share of forward phase ph (0 A = src W^T | 1 rows: LN + cell |
+    2 An = rh W_hn^T | 3 rows: GRU n | 4 h_new = hu W_hr^T | 5 rows: zoneout)."""
+    if ph == 0 or ph == 2 or ph == 4:
+        W = Wf if ph == 0 else (Wn if ph == 2 else Wr)
+        a = src if ph == 0 else (rh if ph == 2 else hu_seq[ts])
+        out = A if ph == 0 else (An if ph == 2 else hnew)
+        P = W.shape[0]
+        gemm_chunk(c * P // nth, (c + 1) * P // nth, m, W, a, S, out, h_seq[t][:0], False)
+        return
+    G = A.shape[1]
+    Hr = hcur.shape[1]
+    split = An.shape[1] > 0
+    for b in range(c * m // nth, (c + 1) * m // nth):
+        if ph == 1:
+            _hw_row(b, ts, 2 * H if split else G, A, b_hh, ln_w, ln_b, hw_hat, hw_rstd)
+            if cell == LSTM:
+                _lstm_var_fwd_row(b, t, ts, H, X, A, c_state, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd,
+                                  c_seq, new_seq, hu_seq[ts] if proj else hnew)
+            elif cell == GRU:
+                if split:
+                    _gru_rz_fwd_row(b, H, X, A, src, rh)
+                    continue
+                _gru_var_fwd_row(b, ts, H, X, A, hcur, hn_seq, hnew)
+            else:
+                _rnn_var_fwd_row(b, ts, cell == RNN_RELU, H, X, A, hnew, new_seq)
+            if not proj:
+                _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq)
+        elif ph == 3:
+            _gru_n_fwd_row(b, ts, H, X, An, b_hh, hcur, hn_seq, hnew)
+            _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq)
+        else:
+            _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq)
+
+
+@njit(**_JIT_PARALLEL)
+def _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, X, b_hh, hcur, c_state,
+                   cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
+                   c_hat, c_rstd, new_seq, proj):
+    """One forward phase on nth threads (on the calling thread when nth == 1)."""
+    if nth == 1:
+        _fwd_phase(ph, 0, 1, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[0], X, b_hh, hcur, c_state,
+                   cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
+                   c_hat, c_rstd, new_seq, proj)
+    else:
+        for c in prange(nth):
+            _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[c], X, b_hh, hcur,
+                       c_state, cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq,
+                       hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
+
+
+@njit(**_JIT)
+def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h0, c0, w_hr, batch_sizes,
+                    reverse, training, ln_w, ln_b, lnc_w, lnc_b, peep, rec_mask, zh, zc, reset,
+                    h_seq, h_state, c_state, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq):
+    """Forward recurrence of a variant over all T steps (equations: docs/variants.md).
+
+    As ``rnn_forward`` for the plain arguments (xw [T, B, G] is overwritten with the activated
+    gates; c_seq, hu_seq, hn_seq and the variant's saved tensors have T step slots when
+    training, one scratch slot otherwise, none (empty) when unused), plus:
+    reset_after  GRU: False = n from (r * h_in) W_hn^T;  w_n [H, Hr] = W_hh[2H:3H] then (else empty)
+    ln_w, ln_b [G]; lnc_w, lnc_b [H]; peep [3, H]; rec_mask [B, Hr]; zh [T, B, Hr]; zc [T, B, H];
+    reset [T, B] bool: each empty when the option is off
+    hw_hat [T|1, B, G], hw_rstd [T|1, B] (layer norm); c_hat [T|1, B, H], c_rstd [T|1, B] (cell
+    layer norm); new_seq [T|1, B, H]: c_new (LSTM) / h_new (RNN) before zoneout, when zoneout is on.
+    """
+    T, B, G = xw.shape
+    Hr = w_hh.shape[1]
+    proj = w_hr.shape[0] > 0
+    H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
+    split = cell == GRU and not reset_after
+    dt = xw.dtype
+    Wf = _packed_plain(w_hh, 2 * H if split else G, Hr, False)
+    Wn = _packed_plain(w_n, H, Hr, False) if split else Wf[:0]
+    Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
+    S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
+    A = np.empty((B, G), dt)
+    An = np.empty((B, H if split else 0), dt)
+    rh = np.empty((B, H if split else 0), dt)
+    hnew = np.empty((B, Hr), dt)
+    hcur = np.empty((B, Hr), dt)
+    hin = np.empty((B, Hr if rec_mask.shape[0] > 0 else 0), dt)
+    cn = np.empty((B, H if cell == LSTM else 0), dt)
+    _copy_rows(h0, hcur, 0, B)
+    if cell == LSTM:
+        _copy_rows(c0, c_state, 0, B)
+    has_reset, has_mask = reset.shape[0] > 0, rec_mask.shape[0] > 0
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        m = batch_sizes[t]
+        ts = t if training else 0
+        # the state entering the step: reset rows restart from (h0, c0); h_in = h_prev * rec_mask
+        if has_reset:
+            for b in range(m):
+                if reset[t, b]:
+                    _copy_rows(h0[b:b + 1], hcur[b:b + 1], 0, 1)
+                    if cell == LSTM:
+                        _copy_rows(c0[b:b + 1], c_state[b:b + 1], 0, 1)
+        if has_mask:
+            for b in range(m):
+                for k in range(Hr):
+                    hin[b, k] = hcur[b, k] * rec_mask[b, k]
+        src = hin if has_mask else hcur
+        nth = _threads(m * G * Hr, Wf.shape[0], nth_max, min_macs)
+        for ph in range(6):
+            if (ph == 2 or ph == 3) and not split:
+                continue
+            if (ph == 4 or ph == 5) and not proj:
+                continue
+            _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, xw[t], b_hh, hcur,
+                           c_state, cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq,
+                           hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
+        if m < B:  # finished rows keep their state; their outputs and saved entries are zero
+            _zero_rows(h_seq[t], m)
+            if training:
+                _zero_rows(xw[t], m)
+                for arr in (c_seq, hu_seq, hn_seq, hw_hat, c_hat, new_seq):
+                    if arr.shape[0] > 0:
+                        _zero_rows(arr[ts], m)
+                for vec in (hw_rstd, c_rstd):
+                    if vec.shape[0] > 0:
+                        for b in range(m, B):
+                            vec[ts, b] = 0
+    _copy_rows(hcur, h_state, 0, B)
+
+
+@njit(**_JIT)
+def _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj):
+    """Gradient reaching h_t (dh[b] from step t+1, gs[t, b] from the output) split by zoneout:
+    dnew[b] <- (1 - zh) of it (to h_new), ddir[b] <- zh of it (straight to h_prev); with a
+    projection dnew is also recorded in ghp[t, b] (for grad_w_hr)."""
+    one, zero = dh.dtype.type(1), dh.dtype.type(0)
+    ub = U(b)
+    gst = gs[t]
+    if zh.shape[0] > 0:
+        zt = zh[t]
+        for k in range(U(Hr)):
+            d = dh[ub, k] + gst[ub, k]
+            dnew[ub, k] = (one - zt[ub, k]) * d
+            ddir[ub, k] = zt[ub, k] * d
+    else:
+        for k in range(U(Hr)):
+            dnew[ub, k] = dh[ub, k] + gst[ub, k]
+            ddir[ub, k] = zero
+    if proj:
+        gt = ghp[t]
+        for k in range(U(Hr)):
+            gt[ub, k] = dnew[ub, k]
+
+
+@njit(**_JIT)
+def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_hat, c_rstd, dc, dv, gx,
+                      g_lnc_w, g_lnc_b, g_peep):
+    """LSTM backward of row b at step t. A[b]: saved i, f, g, o; D[b]: gradient reaching
+    hu = o tanh(y); CN[b]: c_new; CP[bp]: c_prev; dc[b]: gradient reaching c_t in, c_prev out;
+    dv [B, H] scratch; gx[b] <- d_i, d_f, d_g, d_o; g_*[c]: this thread's parameter gradients."""
+    one = A.dtype.type(1)
+    ub, uH = U(b), U(H)
+    has_peep, has_zc, has_lnc = peep.shape[0] > 0, zc.shape[0] > 0, lnc_w.shape[0] > 0
+    ch = c_hat[t] if has_lnc else CN
+    for j in range(uH):
+        o = A[ub, uH + uH + uH + j]
+        tc = tanh(ch[ub, j] * lnc_w[j] + lnc_b[j]) if has_lnc else tanh(CN[ub, j])
+        d = D[ub, j]
+        gx[ub, uH + uH + uH + j] = d * tc * o * (one - o)
+        dv[ub, j] = d * o * (one - tc * tc)
+    if has_lnc:   # dv: gradient of y = LN(c_new) -> of c_new
+        _ln_bwd_row(b, t, c, H, dv, dv, lnc_w, c_hat, c_rstd, g_lnc_w, g_lnc_b)
+    gp = g_peep[c] if has_peep else peep
+    for j in range(uH):
+        i, f, g = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
+        d_o = gx[ub, uH + uH + uH + j]
+        cp = CP[bp, j]
+        dct = dc[ub, j]
+        dcn = dv[ub, j] + ((one - zc[t, ub, j]) * dct if has_zc else dct)
+        if has_peep:
+            dcn += d_o * peep[2, j]
+        d_i = dcn * g * i * (one - i)
+        d_f = dcn * cp * f * (one - f)
+        d_g = dcn * i * (one - g * g)
+        dcp = dcn * f
+        if has_zc:
+            dcp += zc[t, ub, j] * dct
+        if has_peep:
+            dcp += d_i * peep[0, j] + d_f * peep[1, j]
+            gp[0, j] += d_i * cp
+            gp[1, j] += d_f * cp
+            gp[2, j] += d_o * CN[ub, j]
+        dc[ub, j] = dcp
+        gx[ub, j], gx[ub, uH + j], gx[ub, uH + uH + j] = d_i, d_f, d_g
+
+
+@njit(**_JIT)
+def _gru_var_bwd_row(b, H, A, HN, HP, bp, D, ddir, gx, gh):
+    """GRU (reset_after=True) backward of row b. A[b]: saved r, z, n; HN[b]: hw_n; HP[bp]:
+    h_prev; D[b]: gradient reaching h_new; ddir[b] += its part through z h_prev;
+    gx[b] <- d_r, d_z, d_n;  gh[b] <- d_r, d_z, d_n r (gradient of hw)."""
+    one = A.dtype.type(1)
+    ub, uH = U(b), U(H)
+    for j in range(uH):
+        r, z, n = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
+        d = D[ub, j]
+        d_n = d * (one - z) * (one - n * n)
+        d_z = d * (HP[bp, j] - n) * z * (one - z)
+        d_r = d_n * HN[ub, j] * r * (one - r)
+        gx[ub, j], gx[ub, uH + j], gx[ub, uH + uH + j] = d_r, d_z, d_n
+        gh[ub, j], gh[ub, uH + j], gh[ub, uH + uH + j] = d_r, d_z, d_n * r
+        ddir[ub, j] += d * z
+
+
+@njit(**_JIT)
+def _gru_zn_bwd_row(b, H, A, HP, bp, D, ddir, gx, dpn):
+    """GRU reset_after=False, first half of row b's backward: d_z, d_n into gx[b] and d_n
+    into dpn[b] (for d(r h_in) = d_n W_hn); ddir[b] += d z."""
+    one = A.dtype.type(1)
+    ub, uH = U(b), U(H)
+    for j in range(uH):
+        z, n = A[ub, uH + j], A[ub, uH + uH + j]
+        d = D[ub, j]
+        d_n = d * (one - z) * (one - n * n)
+        gx[ub, uH + j] = d * (HP[bp, j] - n) * z * (one - z)
+        gx[ub, uH + uH + j] = d_n
+        dpn[ub, j] = d_n
+        ddir[ub, j] += d * z
+
+
+@njit(**_JIT)
+def _gru_r_bwd_row(b, H, A, HP, bp, mask, drh, gx, dhin):
+    """GRU reset_after=False, second half: drh[b] = d(r h_in); d_r into gx[b]; dhin[b] <- drh r
+    (the part of h_in's gradient through r * h_in; the W_h{r,z} product is added after)."""
+    one = A.dtype.type(1)
+    ub = U(b)
+    has_mask = mask.shape[0] > 0
+    for j in range(U(H)):
+        r = A[ub, j]
+        h_in = HP[bp, j] * mask[ub, j] if has_mask else HP[bp, j]
+        gx[ub, j] = drh[ub, j] * h_in * r * (one - r)
+        dhin[ub, j] = drh[ub, j] * r
+
+
+@njit(**_JIT)
+def _rnn_var_bwd_row(b, relu, H, HN, D, gx):
+    """RNN backward of row b: HN[b] = h_new; gx[b] <- D[b] act'(h_new) (relu: a select, so that a
+    NaN gradient stays out of switched-off units, as torch)."""
+    one, zero = HN.dtype.type(1), HN.dtype.type(0)
+    ub = U(b)
+    for j in range(U(H)):
+        h = HN[ub, j]
+        if relu:
+            gx[ub, j] = D[ub, j] if h > zero else zero
+        else:
+            gx[ub, j] = D[ub, j] * (one - h * h)
+
+
+@njit(**_JIT)
+def _bwd_finish_row(b, t, dhin, mask, ddir, reset, dh, dc, gh0, gc0):
+    """dh_prev = dh_in * rec_mask + ddir; a reset row sends it (and dc_prev) to the initial
+    state's gradient gh0 / gc0 and carries 0, other rows carry it in dh[b] (dc[b] already holds dc_prev)."""
+    zero = dh.dtype.type(0)
+    ub = U(b)
+    Hr, H = U(dh.shape[1]), U(dc.shape[1])
+    if mask.shape[0] > 0:
+        for k in range(Hr):
+            dhin[ub, k] = dhin[ub, k] * mask[ub, k] + ddir[ub, k]
+    else:
+        for k in range(Hr):
+            dhin[ub, k] += ddir[ub, k]
+    if reset.shape[0] > 0 and reset[t, b]:
+        for k in range(Hr):
+            gh0[ub, k] += dhin[ub, k]
+            dh[ub, k] = zero
+        for j in range(H):
+            gc0[ub, j] += dc[ub, j]
+            dc[ub, j] = zero
+    else:
+        for k in range(Hr):
+            dh[ub, k] = dhin[ub, k]
+
+
+@njit(**_JIT)
+def _prev_state(b, t, tp, m_prev, seq, init, reset):
+    """The state row b entered step t with: ``init`` after a reset or at the row's first step
+    (b >= m_prev), else ``seq[tp]`` (the saved state of the previously visited step)."""
+    if b >= m_prev or (reset.shape[0] > 0 and reset[t, b]):
+        return init
+    return seq[tp]
+
+
+@njit(**_JIT)
+def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+               mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc,
+               gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b,
+               g_peep, proj):
+    """Thread c of nth's share of backward phase ph (0 rows: dh_new [projection] | 1 dhu =
+    dh_new W_hr | 2 rows: cell and layer-norm backward | 3 d(r h_in) = d_n W_hn | 4 rows: GRU d_r
+    | 5 dh_in = grad_hw W_hh | 6 rows: rec_mask, zoneout, reset). gx, gh: grad_xw[t], grad_hw[t]."""
+    split = dpn.shape[1] > 0
+    if ph == 1 or ph == 3 or ph == 5:
+        W = Wu if ph == 1 else (Wnb if ph == 3 else Wb)
+        a = dnew if ph == 1 else (dpn if ph == 3 else gh)
+        out = dhu if ph == 1 else (drh if ph == 3 else dhin)
+        P = W.shape[0]
+        gemm_chunk(c * P // nth, (c + 1) * P // nth, m, W, a, S, out, dh[:0], ph == 5 and split)
+        return
+    G = gx.shape[1]
+    Hr = dh.shape[1]
+    for b in range(c * m // nth, (c + 1) * m // nth):
+        if ph == 0 or (ph == 2 and not proj):
+            _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj)
+        if ph == 2:
+            a_t = acts[t]
+            if cell == LSTM:
+                cn = new_seq[t] if new_seq.shape[0] > 0 else c_seq[t]
+                _lstm_var_bwd_row(b, t, c, H, a_t, dhu if proj else dnew, cn,
+                                  _prev_state(b, t, tp, m_prev, c_seq, c0, reset), U(b), peep, zc, lnc_w, lnc_b,
+                                  c_hat, c_rstd, dc, dv, gx, g_lnc_w, g_lnc_b, g_peep)
+            elif cell == GRU:
+                hp = _prev_state(b, t, tp, m_prev, h_seq, h0, reset)
+                if split:
+                    _gru_zn_bwd_row(b, H, a_t, hp, U(b), dnew, ddir, gx, dpn)
+                else:
+                    _gru_var_bwd_row(b, H, a_t, hn_seq[t], hp, U(b), dnew, ddir, gx, gh)
+            else:
+                hn = new_seq[t] if new_seq.shape[0] > 0 else h_seq[t]
+                _rnn_var_bwd_row(b, cell == RNN_RELU, H, hn, dnew, gx)
+            if ln_w.shape[0] > 0:   # through the hidden-side layer norm: grad_hw = d a
+                _ln_bwd_row(b, t, c, G, gh if cell == GRU else gx, gh, ln_w, hw_hat, hw_rstd, g_ln_w, g_ln_b)
+        elif ph == 4:
+            _gru_r_bwd_row(b, H, acts[t], _prev_state(b, t, tp, m_prev, h_seq, h0, reset), U(b), mask, drh, gx,
+                           dhin)
+        elif ph == 6:
+            _bwd_finish_row(b, t, dhin, mask, ddir, reset, dh, dc, gh0, gc0)
+
+
+@njit(**_JIT_PARALLEL)
+def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+                   mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
+                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
+                   g_lnc_b, g_peep, proj):
+    """One backward phase on nth threads (on the calling thread when nth == 1)."""
+    if nth == 1:
+        _bwd_phase(ph, 0, 1, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[0], gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+                   mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
+                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
+                   g_lnc_b, g_peep, proj)
+    else:
+        for c in prange(nth):
+            _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[c], gs, h0, c0, ln_w, lnc_w, lnc_b,
+                       peep, mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd,
+                       new_seq, dh, dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w,
+                       g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
+
+
+@njit(**_JIT)
+def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n, w_hr, h0, c0, batch_sizes,
+                     reverse, ln_w, lnc_w, lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq,
+                     hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc, grad_xw, grad_hw, grad_hproj,
+                     g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep):
+    """Backward recurrence of a variant (the forward's steps in the opposite order).
+
+    Arguments as ``rnn_backward`` and ``rnn_forward_var`` (the saved tensors with T slots), plus
+    grad_hw [T, B, G] out when it differs from grad_xw (layer norm, GRU reset_after=True), else
+    empty (then grad_xw is also grad_hw); g_ln_w, g_ln_b [nth_max, G], g_lnc_w, g_lnc_b
+    [nth_max, H], g_peep [nth_max, 3, H]: zeroed per-thread accumulators of the parameter
+    gradients (summed by the caller), empty when the option is off.
+    dh [B, Hr], dc [B, H]: grad_h_T, grad_c_T in; grad_h0, grad_c0 out (including reset steps).
+    """
+    T, B, G = grad_xw.shape
+    Hr = w_hh.shape[1]
+    proj = w_hr.shape[0] > 0
+    H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
+    split = cell == GRU and not reset_after
+    sep = grad_hw.shape[0] > 0
+    dt = grad_xw.dtype
+    Wb = _packed_plain(w_hh, Hr, 2 * H if split else G, True)       # dh_in = grad_hw W_hh
+    Wnb = _packed_plain(w_n, Hr, H, True) if split else Wb[:0]      # d(r h_in) = d_n W_hn
+    Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]       # dhu = dh_new W_hr
+    S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
+    dnew = np.empty((B, Hr), dt)
+    ddir = np.empty((B, Hr), dt)
+    dhin = np.empty((B, Hr), dt)
+    dhu = np.empty((B, H if proj else 0), dt)
+    dv = np.empty((B, H if cell == LSTM else 0), dt)
+    dpn = np.empty((B, H if split else 0), dt)
+    drh = np.empty((B, H if split else 0), dt)
+    gh0 = np.zeros((B, Hr), dt)
+    gc0 = np.zeros((B, dc.shape[1]), dt)
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        m = batch_sizes[t]
+        tp = t + 1 if reverse else t - 1
+        m_prev = (batch_sizes[tp] if tp < T else 0) if reverse else (m if t > 0 else 0)
+        gx = grad_xw[t]
+        gh = grad_hw[t] if sep else gx
+        nth = _threads(m * G * Hr, Wb.shape[0], nth_max, min_macs)
+        for ph in range(7):
+            if (ph == 0 or ph == 1) and not proj:
+                continue
+            if (ph == 3 or ph == 4) and not split:
+                continue
+            _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, grad_h_seq, h0, c0, ln_w, lnc_w,
+                           lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd,
+                           c_hat, c_rstd, new_seq, dh, dc, gx, gh, grad_hproj, dnew, ddir, dhu, dhin, dv, dpn,
+                           drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
+        if m < B:
+            _zero_rows(gx, m)
+            if sep:
+                _zero_rows(gh, m)
+            if proj:
+                _zero_rows(grad_hproj[t], m)
+    for b in range(B):
+        for k in range(Hr):
+            dh[b, k] += gh0[b, k]
+        for j in range(gc0.shape[1]):
+            dc[b, j] += gc0[b, j]

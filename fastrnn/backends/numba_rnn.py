@@ -79,7 +79,8 @@ import time
 import numpy as np
 import torch
 
-from ..ops.recurrence import GATES, check_cell
+from ..ops.recurrence import GATES, VariantGrads, check_cell, is_plain, recurrent_inputs
+from .reference_rnn import check_variant
 
 name = "numba"
 
@@ -266,8 +267,25 @@ def _run(kernel, dtype: np.dtype, *args) -> None:
         kernel(*args)
 
 
-def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training):
+def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
     check_cell(cell)
+    if not is_plain(variant):
+        return _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
+                                check_variant(cell, variant))
+    return _forward_plain(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training)
+
+
+def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
+                 variant=None):
+    check_cell(cell)
+    if not is_plain(variant):
+        return _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
+                                 saved, check_variant(cell, variant))
+    out = _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved)
+    return out + (None if variant is None else VariantGrads(),)
+
+
+def _forward_plain(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training):
     k = _kernels_or_raise()
     xw = xw.detach().contiguous()   # overwritten with the activated gates
     T, B, G = xw.shape
@@ -299,8 +317,7 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
     return h_seq, h_T, c_T, saved
 
 
-def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved):
-    check_cell(cell)
+def _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved):
     k = _kernels_or_raise()
     h_seq = saved[0]
     T, B, Hr = h_seq.shape
@@ -329,3 +346,139 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
         grad_w_hr = grad_hproj.reshape(T * B, Hr).t() @ saved[3].reshape(T * B, H)
     return grad_xw, grad_hw, dh, dc, grad_w_hr
+
+
+# ---------------------------------------------------------------------------------------------
+# variants (docs/variants.md): rnn_kernels.rnn_forward_var / rnn_backward_var
+# ---------------------------------------------------------------------------------------------
+def _run_variant(kernel, dtype: np.dtype, *args) -> None:
+    """Runs a variant kernel, compiling it first (under the cache lock, timed for ``info()``)
+    for the argument types of this call: every call of a variant kernel has the same types
+    for a given dtype (absent options are empty arrays), so there is one signature per dtype."""
+    times = _compile_seconds.setdefault(dtype.name + " variant", {})
+    name = kernel.py_func.__name__
+    if name not in times:
+        import numba
+        with _preserve_torch_threads(), _cache_lock(kernel):
+            t0 = time.perf_counter()
+            kernel.compile(tuple(numba.typeof(a) for a in args))
+            times[name] = time.perf_counter() - t0
+    with _preserve_torch_threads():
+        kernel(*args)
+
+
+def _variant_inputs(v, dt):
+    """The variant's optional tensors as kernel arguments (empty arrays when absent)."""
+    opt = lambda t, ndim: _empty(ndim, dt) if t is None else _np(t)  # noqa: E731
+    reset = np.empty((0, 0), np.bool_) if v.reset is None else v.reset.detach().to(torch.bool).contiguous().numpy()
+    return dict(peep=opt(v.peephole, 2), mask=opt(v.rec_mask, 2), zh=opt(v.zoneout_h, 3), zc=opt(v.zoneout_c, 3),
+                reset=reset)
+
+
+def _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, v):
+    k = _kernels_or_raise()
+    xw = xw.detach().contiguous()   # overwritten with the activated gates
+    T, B, G = xw.shape
+    H, Hr = G // GATES[cell], h0.shape[-1]
+    dt = _dtype(xw, k)
+    new = lambda *shape: torch.empty(*shape, dtype=xw.dtype)  # noqa: E731  (the kernel writes every entry)
+    is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
+    ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
+    keeps_new = v.zoneout_h is not None and not is_gru   # c_new (LSTM) / h_new (RNN) saved
+    split = is_gru and not v.reset_after
+    nT = T if training else 1      # per-step tensors: the whole sequence only when saved
+    e1, e2, e3 = _empty(1, dt), _empty(2, dt), _empty(3, dt)
+    h_seq, h_T = new(T, B, Hr), new(B, Hr)
+    c_T = new(B, H) if is_lstm else None
+    c_seq = new(nT, B, H) if is_lstm else None
+    hu_seq = new(nT, B, H) if proj else None
+    hn_seq = new(nT, B, H) if is_gru else None
+    hw_hat, hw_rstd = (new(nT, B, G), new(nT, B)) if ln else (None, None)
+    c_hat, c_rstd = (new(nT, B, H), new(nT, B)) if lnc else (None, None)
+    new_seq = new(nT, B, H) if keeps_new else None
+    o2 = lambda t: e2 if t is None else t.numpy()  # noqa: E731
+    o3 = lambda t: e3 if t is None else t.numpy()  # noqa: E731
+    vi = _variant_inputs(v, dt)
+    _run_variant(
+        k.rnn_forward_var, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after),
+        xw.numpy(), _np(w_hh), _np(w_hh[2 * H:]) if split else e2,
+        _np(b_hh) if b_hh is not None else np.zeros(G, dt), _np(h0), _np(c0) if is_lstm else e2,
+        _np(w_hr) if proj else e2, _batch_sizes(batch_sizes, T, B), bool(reverse), bool(training),
+        _np(v.ln_hh_weight) if ln else e1, _np(v.ln_hh_bias) if ln else e1,
+        _np(v.ln_c_weight) if lnc else e1, _np(v.ln_c_bias) if lnc else e1,
+        vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
+        h_seq.numpy(), h_T.numpy(), o2(c_T), o3(c_seq), o3(hu_seq), o3(hn_seq), o3(hw_hat), o2(hw_rstd),
+        o3(c_hat), o2(c_rstd), o3(new_seq))
+    if not training:
+        return h_seq, h_T, c_T, ()
+    if is_lstm:
+        saved = (h_seq, xw, c_seq) + ((hu_seq,) if proj else ())
+    elif is_gru:
+        saved = (h_seq, xw, hn_seq)
+    else:
+        saved = (h_seq,)
+    if ln:
+        saved += (hw_hat, hw_rstd)
+    if lnc:
+        saved += (c_hat, c_rstd)
+    if keeps_new:
+        saved += (new_seq,)
+    return h_seq, h_T, c_T, saved
+
+
+def _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, v):
+    k = _kernels_or_raise()
+    h_seq = saved[0]
+    T, B, Hr = h_seq.shape
+    G = w_hh.shape[0]
+    H = G // GATES[cell]
+    dt = _dtype(h_seq, k)
+    is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
+    ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
+    keeps_new = v.zoneout_h is not None and not is_gru
+    split = is_gru and not v.reset_after
+    new = lambda *shape: torch.empty(*shape, dtype=h_seq.dtype)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(*shape, dtype=h_seq.dtype)  # noqa: E731
+    fresh = lambda g, *shape: zeros(*shape) if g is None else g.detach().to(h_seq.dtype).contiguous().clone()  # noqa: E731
+    e1, e2, e3 = _empty(1, dt), _empty(2, dt), _empty(3, dt)
+    # the saved tuple: the plain one, then the variant's tensors in saved_layout's order
+    i = {"lstm": 3 + proj, "gru": 3}.get(cell, 1)
+    hw_hat, hw_rstd = (saved[i], saved[i + 1]) if ln else (None, None)
+    i += 2 * ln
+    c_hat, c_rstd = (saved[i], saved[i + 1]) if lnc else (None, None)
+    i += 2 * lnc
+    new_seq = saved[i] if keeps_new else None
+    separate_hw = ln or (is_gru and not split)
+    grad_xw = new(T, B, G)
+    grad_hw = new(T, B, G) if separate_hw else grad_xw
+    dh = fresh(grad_h_T, B, Hr)                          # becomes grad_h0
+    dc = fresh(grad_c_T, B, H) if is_lstm else None      # becomes grad_c0
+    g_seq = _np(grad_h_seq) if grad_h_seq is not None else np.zeros((T, B, Hr), dt)
+    grad_hproj = new(T, B, Hr) if proj else None
+    nth = k.get_num_threads()
+    g_ln_w, g_ln_b = (zeros(nth, G), zeros(nth, G)) if ln else (None, None)
+    g_lnc_w, g_lnc_b = (zeros(nth, H), zeros(nth, H)) if lnc else (None, None)
+    g_peep = zeros(nth, 3, H) if v.peephole is not None else None
+    o = lambda t, e: e if t is None else _np(t)  # noqa: E731
+    vi = _variant_inputs(v, dt)
+    _run_variant(
+        k.rnn_backward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after), g_seq, _np(w_hh),
+        _np(w_hh[2 * H:]) if split else e2, _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2,
+        _batch_sizes(batch_sizes, T, B), bool(reverse),
+        o(v.ln_hh_weight, e1), o(v.ln_c_weight, e1), o(v.ln_c_bias, e1),
+        vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
+        _np(h_seq), _np(saved[1]) if (is_lstm or is_gru) else e3, _np(saved[2]) if is_lstm else e3,
+        _np(saved[2]) if is_gru else e3, o(hw_hat, e3), o(hw_rstd, e2), o(c_hat, e3), o(c_rstd, e2), o(new_seq, e3),
+        dh.numpy(), dc.numpy() if is_lstm else e2, grad_xw.numpy(), grad_hw.numpy() if separate_hw else e3,
+        grad_hproj.numpy() if proj else e3, o(g_ln_w, e2), o(g_ln_b, e2), o(g_lnc_w, e2), o(g_lnc_b, e2),
+        o(g_peep, e3))
+    grad_w_hr = None
+    if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
+        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, H))
+    g_w_hn = None
+    if split:  # dW_hn = sum_t d_n^T (r * h_in), one GEMM over all steps
+        rh = saved[1][..., :H] * recurrent_inputs(h_seq, h0, batch_sizes, reverse, v)
+        g_w_hn = mm_tn(grad_xw[..., 2 * H:].reshape(T * B, H), rh.reshape(T * B, H))
+    total = lambda g: None if g is None else g.sum(0)  # noqa: E731  (per-thread partial sums)
+    return (grad_xw, grad_hw, dh, dc, grad_w_hr,
+            VariantGrads(total(g_ln_w), total(g_ln_b), total(g_lnc_w), total(g_lnc_b), total(g_peep), g_w_hn))
