@@ -1,5 +1,12 @@
-"""Drop-in modules: subclasses of torch's RNN modules and cells, so parameters, initialisation,
-``state_dict``, ``repr`` and ``isinstance`` checks are torch's own; only ``forward`` runs fastrnn.
+"""Drop-in modules with torch's parameters, initialisation, ``state_dict``, ``repr`` and checks;
+only ``forward`` runs fastrnn.
+
+The cells subclass ``nn.LSTMCell`` / ``nn.GRUCell`` / ``nn.RNNCell``. The layers subclass
+``nn.RNNBase`` and reproduce ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``'s constructors and borrow their
+check methods, but are not instances of those classes: torch.compile's dynamo refuses to trace
+any instance of them, subclasses included ("Attempted to wrap RNN, GRU, or LSTM", pytorch issue
+#141184), which would make every model holding a fastrnn layer break its graph.
+``isinstance(m, nn.RNNBase)`` holds; ``fastrnn.to_torch`` turns them back into torch's classes.
 
 Every class takes torch's constructor arguments plus keyword-only ``backend=`` (``None`` picks
 by the registry's rule; see ``fastrnn.backends``) and the variant options of docs/variants.md
@@ -26,8 +33,32 @@ _OPTIONS = dict(layer_norm=False, peephole=False, recurrent_dropout=0.0, zoneout
                 reset_after=True, forget_bias=0.0)
 
 
+def _torch_mode(torch_class, self, args, kwargs):
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``'s own constructor logic (mode, nonlinearity, the
+    proj_size check), which calls ``super()`` and so cannot run on a non-instance."""
+    if torch_class is nn.LSTM:
+        return "LSTM", args, kwargs
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if torch_class is nn.GRU:
+        return "GRU", args, kwargs
+    if len(args) > 3:
+        self.nonlinearity, args = args[3], args[:3] + args[4:]
+    else:
+        self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+    if self.nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+    return f"RNN_{self.nonlinearity.upper()}", args, kwargs
+
+
 class _FusedRNNBase:
     """forward() shared by LSTM, GRU and RNN; validation uses torch's own check methods."""
+
+    _torch_class: type = nn.RNNBase  # the torch class whose constructor and checks this reproduces
+
+    def __init__(self, *args, **kwargs):
+        mode, args, kwargs = _torch_mode(self._torch_class, self, args, kwargs)
+        nn.RNNBase.__init__(self, mode, *args, **kwargs)
 
     def _cell_name(self) -> str:
         return {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[self.mode]
@@ -245,22 +276,31 @@ class _BackendArg:
         return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
 
-class LSTM(_BackendArg, _FusedRNNBase, nn.LSTM):
+class LSTM(_BackendArg, _FusedRNNBase, nn.RNNBase):
     """``torch.nn.LSTM`` with a fused recurrence. Extra keywords: ``backend``, ``layer_norm``,
     ``peephole``, ``recurrent_dropout``, ``zoneout``, ``forget_bias`` (docs/variants.md);
     ``forward(input, hx=None, *, reset_mask=None)``."""
 
+    _torch_class = nn.LSTM
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
 
-class GRU(_BackendArg, _FusedRNNBase, nn.GRU):
+
+class GRU(_BackendArg, _FusedRNNBase, nn.RNNBase):
     """``torch.nn.GRU`` with a fused recurrence. Extra keywords: ``backend``, ``layer_norm``,
     ``recurrent_dropout``, ``zoneout``, ``reset_after`` (docs/variants.md);
     ``forward(input, hx=None, *, reset_mask=None)``."""
 
+    _torch_class = nn.GRU
 
-class RNN(_BackendArg, _FusedRNNBase, nn.RNN):
+
+class RNN(_BackendArg, _FusedRNNBase, nn.RNNBase):
     """``torch.nn.RNN`` (tanh or relu) with a fused recurrence. Extra keywords: ``backend``,
     ``layer_norm``, ``recurrent_dropout``, ``zoneout`` (docs/variants.md);
     ``forward(input, hx=None, *, reset_mask=None)``."""
+
+    _torch_class = nn.RNN
 
 
 def _cell_inputs(name, input, states):
