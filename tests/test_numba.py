@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from fastrnn import backends
-from fastrnn.ops.recurrence import GATES
+from fastrnn.ops.recurrence import GATES, Variant
 from fastrnn.testing import assert_close
 
 numba_rnn = backends.load("numba", "rnn")
@@ -203,6 +203,61 @@ def test_tiles_groups_and_threads_match_reference(cell, proj, parallel, monkeypa
         actual = _run_contract("numba", cell, case, grads, reverse)
         for name, exp in expected.items():
             assert_close(actual[name], exp, f"{cell}/{name}/reverse={reverse}", grad=name.startswith("grad"))
+
+
+def _variant_case(cell, proj, before, T, B, H, batch_sizes, dtype):
+    """Every option the cell takes at once (GRU: reset_after=False instead of layer norm when
+    ``before``), random, with zoneout drawn 0/1 as in training."""
+    G, Hr = GATES[cell] * H, proj or H
+    r = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
+    case = dict(xw=r(T, B, G), w_hh=r(G, Hr) * 0.1, b_hh=r(G) * 0.3, h0=r(B, Hr),
+                c0=r(B, H) if cell == "lstm" else None, w_hr=r(Hr, H) * 0.1 if proj else None,
+                batch_sizes=batch_sizes)
+    kw = dict(rec_mask=(torch.rand(B, Hr) > 0.3).to(dtype) / 0.7, zoneout_h=(torch.rand(T, B, Hr) < 0.25).to(dtype),
+              reset=torch.rand(T, B) < 0.2)
+    if before:
+        kw.update(reset_after=False)
+    else:
+        kw.update(ln_hh_weight=1 + 0.2 * r(G), ln_hh_bias=0.2 * r(G))
+    if cell == "lstm":
+        kw.update(ln_c_weight=1 + 0.2 * r(H), ln_c_bias=0.2 * r(H), peephole=r(3, H) * 0.3,
+                  zoneout_c=(torch.rand(T, B, H) < 0.25).to(dtype))
+    return case, Variant(**kw)
+
+
+def _run_variant(backend, cell, case, variant, grads, reverse):
+    impl = backends.load(backend, "rnn")
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **args, reverse=reverse, training=True, variant=variant)
+    back = impl.rnn_backward(cell, grads[0].clone(), grads[1].clone(), None if grads[2] is None else grads[2].clone(),
+                             case["w_hh"], case["w_hr"], case["h0"], case["c0"], case["batch_sizes"], reverse, saved,
+                             variant=variant)
+    out = dict(h_seq=h_seq, h_T=h_T, c_T=c_T, grad_xw=back[0], grad_hw=back[1], grad_h0=back[2],
+               grad_c0=back[3], grad_w_hr=back[4])
+    out.update({f"variant.{k}": v for k, v in back[5]._asdict().items()})
+    return out
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("cell,proj,before", [("lstm", 0, False), ("lstm", 70, False), ("gru", 0, False),
+                                              ("gru", 0, True), ("rnn_tanh", 0, False), ("rnn_relu", 0, False)])
+def test_variant_threads_and_panels_match_reference(cell, proj, before, parallel, monkeypatch):
+    """The variant kernels at sizes the shared variant contract test does not reach: several
+    weight panels per GEMM phase and per thread, rows split between threads in the row phases
+    (the parallel phases forced by PAR_MIN_MACS = 0), several register tiles, a ragged last
+    panel (H = 130), packed rows, both directions; every gradient and VariantGrads."""
+    monkeypatch.setattr(numba_rnn, "PAR_MIN_MACS", 0 if parallel else 1 << 62)
+    T, B, H = 4, 16, 130
+    case, variant = _variant_case(cell, proj, before, T, B, H, torch.tensor([16, 13, 7, 1]), torch.float32)
+    Hr = proj or H
+    active = (torch.arange(B) < case["batch_sizes"].unsqueeze(1)).unsqueeze(-1)
+    grads = (torch.randn(T, B, Hr) * active, torch.randn(B, Hr), torch.randn(B, H) if cell == "lstm" else None)
+    for reverse in (False, True):
+        expected = _run_variant("torch", cell, case, variant, grads, reverse)
+        actual = _run_variant("numba", cell, case, variant, grads, reverse)
+        for name, exp in expected.items():
+            assert_close(actual[name], exp, f"{cell}/{name}/reverse={reverse}", grad=name != "h_seq"
+                         and not name.endswith("_T"), scale=10 if name.startswith("variant") else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
