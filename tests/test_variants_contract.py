@@ -7,7 +7,6 @@
    float32 and float64, padded and packed, forward and reverse.
 3. NaN in ``xw`` propagates like the reference; inference (training=False) saves nothing.
 """
-import itertools
 
 import pytest
 import torch
@@ -132,7 +131,7 @@ def run(impl, cell, args, variant, grads, reverse, training=True):
 @pytest.mark.parametrize("cell,proj,opts", VARIANT_PARAMS)
 def test_reference_backward_is_autograd(cell, proj, opts, packed, reverse):
     ref = backends.load("torch", "rnn")
-    args, variant, grads, active = make_case(cell, proj, opts, packed, reverse, torch.float64)
+    args, variant, grads, _ = make_case(cell, proj, opts, packed, reverse, torch.float64)
     expected = run(ref, cell, args, variant, grads, reverse)
 
     # autograd through the same forward, on leaf copies of every differentiable input
