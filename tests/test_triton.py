@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastrnn import backends
-from fastrnn.ops.recurrence import GATES, packed_mask
+from fastrnn.ops.recurrence import GATES, Variant, packed_mask
 from fastrnn.testing import assert_close, assert_low_precision
 
 needs_triton = pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None
@@ -107,7 +107,7 @@ def test_kernels_compile_for_sm90_without_gpu():
     code = "from fastrnn._triton.rnn_compile import compile_all; compile_all(['fp16', 'bf16'], quick=True)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "bf16: 16 kernels compiled for sm_90" in out.stdout, out.stdout
+    assert "bf16: 56 kernels compiled for sm_90" in out.stdout, out.stdout  # 8 plain + 20 variant per dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +177,89 @@ def test_unsupported_dtype_is_refused():
             for n, v in args.items()}
     with pytest.raises(TypeError, match="supports dtypes"):
         _triton().rnn_forward("gru", **args, reverse=False, training=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# variants (docs/variants.md) on grids the shared variant tests (one 16-wide tile) do not reach
+# ---------------------------------------------------------------------------------------------
+def _variant(cell, opts, T, B, H, Hr, dtype, device=DEVICE):
+    """A Variant with the options in ``opts`` (ln, peephole, dropout, zoneout, reset, before)."""
+    G = GATES[cell] * H
+    r = lambda *s, sc=1.0: (torch.randn(*s, dtype=torch.float64) * sc).to(dtype).to(device)
+    v = {}
+    if "ln" in opts:
+        v.update(ln_hh_weight=1 + r(G, sc=0.3), ln_hh_bias=r(G, sc=0.2))
+        if cell == "lstm":
+            v.update(ln_c_weight=1 + r(H, sc=0.3), ln_c_bias=r(H, sc=0.2))
+    if "peephole" in opts:
+        v.update(peephole=r(3, H, sc=0.5))
+    if "dropout" in opts:
+        v.update(rec_mask=(torch.rand(B, Hr, device=device) > 0.3).to(dtype) / 0.7)
+    if "zoneout" in opts:
+        v.update(zoneout_h=(torch.rand(T, B, Hr, device=device) < 0.25).to(dtype))
+        if cell == "lstm":
+            v.update(zoneout_c=(torch.rand(T, B, H, device=device) < 0.25).to(dtype))
+    if "reset" in opts:
+        v.update(reset=torch.rand(T, B, device=device) < 0.3)
+    if "before" in opts:
+        v.update(reset_after=False)
+    return Variant(**v)
+
+
+def _run_variant(impl, cell, args, grads, reverse, variant):
+    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **a, reverse=reverse, training=True, variant=variant)
+    back = impl.rnn_backward(cell, grads["grad_h_seq"], grads["grad_h_T"], grads["grad_c_T"], args["w_hh"],
+                             args["w_hr"], args["h0"], args["c0"], args["batch_sizes"], reverse, saved,
+                             variant=variant)
+    names = ("h_seq", "h_T", "c_T", "grad_xw", "grad_hw", "grad_h0", "grad_c0", "grad_w_hr")
+    out = dict(zip(names, (h_seq, h_T, c_T) + tuple(back[:5])))
+    out.update({f"vgrad_{k}": g for k, g in back[5]._asdict().items()})
+    return out
+
+
+VARIANT_GRIDS = [("lstm", 20, "ln,peephole,dropout,zoneout,reset"), ("lstm", 0, "peephole,zoneout,reset"),
+                 ("gru", 0, "ln,dropout,zoneout,reset"), ("gru", 0, "before,dropout,zoneout,reset"),
+                 ("rnn_relu", 0, "ln,zoneout,reset")]
+
+
+@needs_triton
+@pytest.mark.parametrize("cell,proj,opts", VARIANT_GRIDS, ids=[f"{c}-{o}{'-proj' if p else ''}"
+                                                               for c, p, o in VARIANT_GRIDS])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_variants_several_programs_and_row_tiles(cell, proj, opts, reverse):
+    """B = 37, H = 35, Hr = 20: the tile kernels run 3 x 3 grids with K loops; the layer-norm row
+    programs walk 3 column chunks of H and 7-9 of G (statistics, norm backward), with ragged ends."""
+    T, B, H = 3, 37, 35
+    args, grads = _case(cell, T=T, B=B, H=H, proj=proj, dtype=torch.float64, packed=True)
+    variant = _variant(cell, opts.split(","), T, B, H, proj or H, torch.float64)
+    expected = _run_variant(backends.load("torch", "rnn"), cell, args, grads, reverse, variant)
+    actual = _run_variant(_triton(), cell, args, grads, reverse, variant)
+    for name, exp in expected.items():
+        assert_close(actual[name], exp, f"{cell}/{opts}/reverse={reverse}/{name}",
+                     grad=name.startswith(("grad", "vgrad")))
+
+
+@needs_triton
+def test_variant_configs_row_and_tile_mode():
+    """Layer-norm launches (row mode, no tl.dot) get the row configs, the others the tile configs."""
+    k = _triton()._kernels()
+    configs = k.var_configs(interpreted=False)
+    rows = k.prune_var_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=True)
+    tiles = k.prune_var_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=False)
+    assert rows and all(c.kwargs["BLOCK_B"] < 16 for c in rows)
+    assert tiles and all(c.kwargs["BLOCK_B"] >= 16 for c in tiles)
+    assert "LN" in k.rnn_fwd_var.keys and "LN" in k.rnn_bwd_var.keys  # never a row config in tile mode
+    if k.INTERPRETED:
+        assert k.var_configs() == [k.INTERPRETER_CONFIG]
+
+
+@needs_triton
+def test_variant_rejects_what_the_reference_rejects():
+    args, _ = _case("gru", T=2, B=3, H=4, proj=0, dtype=torch.float32, packed=False)
+    bad = Variant(ln_hh_weight=torch.ones(12), ln_hh_bias=torch.zeros(12), reset_after=False)
+    with pytest.raises(ValueError):
+        _triton().rnn_forward("gru", **args, reverse=False, training=False, variant=bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +343,29 @@ def test_low_precision_against_torch_rule(cell, proj, dtype):
         if e is not None:
             assert actual[name].dtype == dtype, name
             assert_low_precision(actual[name], lowp[name], e, f"{cell}/{dtype}/{name}")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("cell,proj,opts", VARIANT_GRIDS, ids=[f"{c}-{o}{'-proj' if p else ''}"
+                                                               for c, p, o in VARIANT_GRIDS])
+def test_variants_low_precision_against_torch_rule(cell, proj, opts, dtype):
+    """Variants in float16 / bfloat16: error against float64 at most 2x the reference's in `dtype`."""
+    T, B, H = 17, 40, 72
+    args, grads = _case(cell, T=T, B=B, H=H, proj=proj, dtype=torch.float64, packed=True, device="cuda")
+    variant = _variant(cell, opts.split(","), T, B, H, proj or H, torch.float64, device="cuda")
+    cast = lambda x, d: x.to(d) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+    to = lambda d: ({n: cast(v, d) for n, v in args.items()}, {n: cast(v, d) for n, v in grads.items()},
+                    Variant(*(cast(x, d) for x in variant)))
+    ref = backends.load("torch", "rnn")
+
+    def run(impl, d):
+        a, g, v = to(d)
+        return _run_variant(impl, cell, a, g, True, v)
+    exact, lowp, actual = run(ref, torch.float64), run(ref, dtype), run(_triton(), dtype)
+    for name, e in exact.items():
+        if e is not None:
+            assert_low_precision(actual[name], lowp[name], e, f"{cell}/{opts}/{dtype}/{name}")
 
 
 @cuda

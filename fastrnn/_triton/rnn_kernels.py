@@ -435,7 +435,8 @@ def prune_var_configs(configs, named_args, **kwargs):
 
 
 def _autotune_var(restore, key=()):
-    return triton.autotune(configs=var_configs(), key=["B", "N", "K", *key], restore_value=restore,
+    # LN in the key: a row-mode config (BLOCK_B < 16) must never be reused for a tile-mode launch
+    return triton.autotune(configs=var_configs(), key=["B", "N", "K", "LN", *key], restore_value=restore,
                            prune_configs_by={"early_config_prune": prune_var_configs})
 
 

@@ -334,8 +334,9 @@ def _forward_var(p, xw, w_hh, b_hh, h0, c0, w_hr, lnw, lnb, lncw, lncb, peep, rm
 def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                   lnw, lnb, lncw, lncb, peep, rmask, zh, zc, reset, *saved):
     """The backward time loop of a variant. Per step (reverse visiting order): ``rnn_bwd_dh_var``
-    (dh_t over Hr), [``rnn_proj_var`` BWD], ``rnn_bwd_var``, [``rnn_bwd_gru_rb``]; then the
-    parameter gradients of the variant as reductions over all steps (like ``grad_w_hr``)."""
+    (dh_t over Hr), [``rnn_proj_var`` BWD], ``rnn_bwd_var``, [``rnn_bwd_gru_rb``]. Returns the
+    contract's five gradients and ``dyc`` [T, B, H] (LSTM cell-state norm, else None), from which
+    ``_variant_param_grads`` forms ``VariantGrads`` after the loop."""
     k = _kernels()
     v = p.var
     T, B, H, Hr = p.T, p.B, p.H, p.Hr
@@ -424,17 +425,24 @@ def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
     grad_w_hr = None
     if p.has_proj:
         grad_w_hr = dh_seq.reshape(T * B, Hr).t() @ hu_seq.reshape(T * B, H)
-    return (grad_xw, grad_hw, grad_h0, grad_c0, grad_w_hr,
-            _variant_param_grads(p, grad_xw, grad_hw, h_seq, h0, c0, acts, c_seq, cnew_seq, hat, chat, dyc,
-                                 rmask, reset))
+    # dyc (LSTM cell-state norm: the gradient at its output) goes out for _variant_param_grads
+    return grad_xw, grad_hw, grad_h0, grad_c0, grad_w_hr, dyc
 
 
-def _variant_param_grads(p, grad_xw, grad_hw, h_seq, h0, c0, acts, c_seq, cnew_seq, hat, chat, dyc, rmask, reset):
+def _variant_param_grads(p, grad_xw, grad_hw, dyc, h0, c0, variant, saved):
     """``VariantGrads``: sums over all steps and rows of per-step products the loop left in
-    memory (inactive rows are zero in every gradient, so they add nothing)."""
+    memory (inactive rows are zero in every gradient, so they add nothing). Runs after the time
+    loop, outside its CUDA graph: ``previous_states`` copies ``batch_sizes`` to the device."""
     v, H = p.var, p.H
     dims = (0, 1)
-    reset = reset.view(torch.bool) if reset is not None else None
+    h_seq = saved[0]
+    acts = saved[1] if p.cell in ("lstm", "gru") else None
+    c_seq = saved[2] if p.cell == "lstm" else None
+    j = {"lstm": 3 + p.has_proj, "gru": 3}.get(p.cell, 1)
+    hat = saved[j] if v.ln else None
+    chat = saved[j + 2] if v.ln_c else None
+    cnew_seq = (saved[-1] if v.zh else c_seq) if p.cell == "lstm" else None
+    rmask, reset = variant.rec_mask, variant.reset
     out = {}
     if v.ln:  # d ln_hh: the gradient after the norm, d_xw except GRU's n entries (times r)
         post = grad_xw
@@ -577,8 +585,9 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     if var is None:
         return _launch(p, _backward_launches, [grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, *saved],
                        "bwd") + (None,)
-    return _launch(p, _backward_var, [grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
-                                      *_variant_tensors(variant), *saved], "bwd")
+    *grads, dyc = _launch(p, _backward_var, [grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
+                                             *_variant_tensors(variant), *saved], "bwd")
+    return (*grads, _variant_param_grads(p, grads[0], grads[1], dyc, h0, c0, variant, saved))
 
 
 def saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant=None, state_dtype=None):
