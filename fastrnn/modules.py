@@ -110,7 +110,6 @@ class _FusedRNNBase:
         """torch's forward, plus ``reset_mask`` (bool; [T, B], [B, T] with batch_first, [T]
         unbatched, [T, B] in the original batch order for a PackedSequence): a row's state is
         reset to its initial state (hx, or zeros) before that step (docs/variants.md)."""
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
         Hr = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -424,3 +423,32 @@ def convert(module: nn.Module, backend: str | None = None) -> nn.Module:
             module.backend = backend
         return module
     return _swap(module, SWAPS, backend)
+
+
+# fastrnn class -> torch class, for to_torch().
+_UNSWAPS = {fast: torch_cls for torch_cls, fast in SWAPS.items()}
+_FASTRNN_ATTRS = ("backend", "_variant_names", *_OPTIONS)
+
+
+def _unswap(module: nn.Module) -> nn.Module:
+    cls = _UNSWAPS.get(type(module))
+    if cls is None:
+        return module
+    on = [opt for opt, off in _OPTIONS.items() if getattr(module, opt) != off]
+    if on:
+        raise ValueError(f"fastrnn.to_torch: {type(module).__name__} uses {', '.join(on)}, which "
+                         f"torch.nn.{cls.__name__} cannot express")
+    new = cls.__new__(cls)
+    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
+                    for k, v in module.__dict__.items() if k not in _FASTRNN_ATTRS}
+    return new
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """The inverse of ``convert``: every fastrnn ``LSTM/GRU/RNN`` and cell in ``module`` (the
+    module itself included) becomes its ``torch.nn`` class sharing the same parameter tensors,
+    for ONNX / TorchScript export or code that checks ``isinstance(m, nn.LSTM)``. Modules using a
+    variant option (docs/variants.md) raise ValueError: torch has no equivalent."""
+    for name, child in module.named_children():
+        setattr(module, name, to_torch(child))
+    return _unswap(module)
