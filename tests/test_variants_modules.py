@@ -518,6 +518,21 @@ def test_backend_matches_reference(backend, kind, opts, kw, form, reset):
     compare(run(fast, x, hx, form, rm), run(ref, x, hx, form, rm), f"{kind}/{backend} eval")
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "torch"])
+def test_nan_propagates_like_reference(backend):
+    """A NaN in one row's input reaches exactly the entries it reaches in the reference (that
+    row, from its step on in the forward direction and up to it in the reverse), nothing else."""
+    kw = dict(bidirectional=True, layer_norm=True, peephole=True, zoneout=0.3, recurrent_dropout=0.3)
+    ref, fast = make("LSTM", "torch", **kw), make("LSTM", backend, **kw)
+    x = torch.randn(T, B, I)
+    x[2, 1, 0] = float("nan")
+    hx = states_for(ref, torch.float32)
+    rm = random_reset(T, B)
+    compare(run(fast, x, hx, reset=rm), run(ref, x, hx, reset=rm), f"NaN/{backend}")
+    out = run(ref, x, hx, reset=rm)[0]["out"]
+    assert out[:, [0, 2]].isfinite().all() and out[2, 1].isnan().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 gradcheck, masks held fixed by re-seeding inside the function
 # ---------------------------------------------------------------------------------------------
