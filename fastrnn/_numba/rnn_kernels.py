@@ -1007,7 +1007,8 @@ def _hw_row(b, ts, n, A, bh, ln_w, ln_b, hat, rstd):
 @njit(**_JIT)
 def _ln_bwd_row(b, t, c, n, D, dst, ln_w, hat, rstd, g_w, g_b):
     """Layer-norm backward of one row: D[b, :n] = gradient of y = w * v_hat + bias ->
-    dst[b] = gradient of v (dst may be D); g_w[c], g_b[c] += this row's weight / bias grads."""
+    dst[b] = gradient of v; g_w[c], g_b[c] += this row's weight / bias grads. dst = D would be
+    correct but about 4x slower: LLVM's overlap check then fails and the scalar loop runs."""
     ub = U(b)
     ht = hat[t]
     s1, s2 = _row_dot2(D, b, ln_w, ht, n)
@@ -1299,23 +1300,26 @@ def _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj):
 
 
 @njit(**_JIT)
-def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_hat, c_rstd, dc, dv, gx,
+def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_hat, c_rstd, dc, dv, dy, gx,
                       g_lnc_w, g_lnc_b, g_peep):
     """LSTM backward of row b at step t. A[b]: saved i, f, g, o; D[b]: gradient reaching
     hu = o tanh(y); CN[b]: c_new; CP[bp]: c_prev; dc[b]: gradient reaching c_t in, c_prev out;
-    dv [B, H] scratch; gx[b] <- d_i, d_f, d_g, d_o; g_*[c]: this thread's parameter gradients."""
+    dv [B, H] scratch (gradient reaching c_new from hu), dy [B, >= H] scratch (the gradient of y
+    with the cell layer norm: not in place, which would keep the norm's loop from vectorising);
+    gx[b] <- d_i, d_f, d_g, d_o; g_*[c]: this thread's parameter gradients."""
     one = A.dtype.type(1)
     ub, uH = U(b), U(H)
     has_peep, has_zc, has_lnc = peep.shape[0] > 0, zc.shape[0] > 0, lnc_w.shape[0] > 0
     ch = c_hat[t] if has_lnc else CN
+    dyv = dy if has_lnc else dv
     for j in range(uH):
         o = A[ub, uH + uH + uH + j]
         tc = tanh(ch[ub, j] * lnc_w[j] + lnc_b[j]) if has_lnc else tanh(CN[ub, j])
         d = D[ub, j]
         gx[ub, uH + uH + uH + j] = d * tc * o * (one - o)
-        dv[ub, j] = d * o * (one - tc * tc)
-    if has_lnc:   # dv: gradient of y = LN(c_new) -> of c_new
-        _ln_bwd_row(b, t, c, H, dv, dv, lnc_w, c_hat, c_rstd, g_lnc_w, g_lnc_b)
+        dyv[ub, j] = d * o * (one - tc * tc)
+    if has_lnc:   # gradient of y = LN(c_new) -> of c_new
+        _ln_bwd_row(b, t, c, H, dy, dv, lnc_w, c_hat, c_rstd, g_lnc_w, g_lnc_b)
     gp = g_peep[c] if has_peep else peep
     for j in range(uH):
         i, f, g = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
@@ -1439,8 +1443,8 @@ def _prev_state(b, t, tp, m_prev, seq, init, reset):
 @njit(**_JIT)
 def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc,
-               gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b,
-               g_peep, proj):
+               gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
+               g_lnc_b, g_peep, proj):
     """Thread c of nth's share of backward phase ph (0 rows: dh_new [projection] | 1 dhu =
     dh_new W_hr | 2 rows: cell and layer-norm backward | 3 d(r h_in) = d_n W_hn | 4 rows: GRU d_r
     | 5 dh_in = grad_hw W_hh | 6 rows: rec_mask, zoneout, reset). gx, gh: grad_xw[t], grad_hw[t]."""
@@ -1454,6 +1458,7 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0
         return
     G = gx.shape[1]
     Hr = dh.shape[1]
+    has_ln = ln_w.shape[0] > 0
     for b in range(c * m // nth, (c + 1) * m // nth):
         if ph == 0 or (ph == 2 and not proj):
             _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj)
@@ -1463,18 +1468,19 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0
                 cn = new_seq[t] if new_seq.shape[0] > 0 else c_seq[t]
                 _lstm_var_bwd_row(b, t, c, H, a_t, dhu if proj else dnew, cn,
                                   _prev_state(b, t, tp, m_prev, c_seq, c0, reset), U(b), peep, zc, lnc_w, lnc_b,
-                                  c_hat, c_rstd, dc, dv, gx, g_lnc_w, g_lnc_b, g_peep)
+                                  c_hat, c_rstd, dc, dv, dtmp, gx, g_lnc_w, g_lnc_b, g_peep)
             elif cell == GRU:
                 hp = _prev_state(b, t, tp, m_prev, h_seq, h0, reset)
                 if split:
                     _gru_zn_bwd_row(b, H, a_t, hp, U(b), dnew, ddir, gx, dpn)
                 else:
-                    _gru_var_bwd_row(b, H, a_t, hn_seq[t], hp, U(b), dnew, ddir, gx, gh)
+                    # with layer norm, d hw goes to scratch first (the norm's backward then writes gh)
+                    _gru_var_bwd_row(b, H, a_t, hn_seq[t], hp, U(b), dnew, ddir, gx, dtmp if has_ln else gh)
             else:
                 hn = new_seq[t] if new_seq.shape[0] > 0 else h_seq[t]
                 _rnn_var_bwd_row(b, cell == RNN_RELU, H, hn, dnew, gx)
-            if ln_w.shape[0] > 0:   # through the hidden-side layer norm: grad_hw = d a
-                _ln_bwd_row(b, t, c, G, gh if cell == GRU else gx, gh, ln_w, hw_hat, hw_rstd, g_ln_w, g_ln_b)
+            if has_ln:   # through the hidden-side layer norm: grad_hw = d a
+                _ln_bwd_row(b, t, c, G, dtmp if cell == GRU else gx, gh, ln_w, hw_hat, hw_rstd, g_ln_w, g_ln_b)
         elif ph == 4:
             _gru_r_bwd_row(b, H, acts[t], _prev_state(b, t, tp, m_prev, h_seq, h0, reset), U(b), mask, drh, gx,
                            dhin)
@@ -1485,19 +1491,19 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0
 @njit(**_JIT_PARALLEL)
 def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                    mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
-                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
+                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
                    g_lnc_b, g_peep, proj):
     """One backward phase on nth threads (on the calling thread when nth == 1)."""
     if nth == 1:
         _bwd_phase(ph, 0, 1, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[0], gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                    mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
-                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
+                   dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
                    g_lnc_b, g_peep, proj)
     else:
         for c in prange(nth):
             _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[c], gs, h0, c0, ln_w, lnc_w, lnc_b,
                        peep, mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd,
-                       new_seq, dh, dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dpn, drh, gh0, gc0, g_ln_w,
+                       new_seq, dh, dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w,
                        g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
 
 
@@ -1531,6 +1537,7 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
     dhin = np.empty((B, Hr), dt)
     dhu = np.empty((B, H if proj else 0), dt)
     dv = np.empty((B, H if cell == LSTM else 0), dt)
+    dtmp = np.empty((B, G if ln_w.shape[0] > 0 else 0), dt)   # layer-norm backward input (not in place)
     dpn = np.empty((B, H if split else 0), dt)
     drh = np.empty((B, H if split else 0), dt)
     gh0 = np.zeros((B, Hr), dt)
@@ -1550,7 +1557,7 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
                 continue
             _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, grad_h_seq, h0, c0, ln_w, lnc_w,
                            lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd,
-                           c_hat, c_rstd, new_seq, dh, dc, gx, gh, grad_hproj, dnew, ddir, dhu, dhin, dv, dpn,
+                           c_hat, c_rstd, new_seq, dh, dc, gx, gh, grad_hproj, dnew, ddir, dhu, dhin, dv, dtmp, dpn,
                            drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
         if m < B:
             _zero_rows(gx, m)

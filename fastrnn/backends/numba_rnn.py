@@ -25,14 +25,36 @@ RNN   ``(h_seq,)``: the derivative of tanh / relu is read off ``h_t``.
 Inactive rows (packed sequences) are zero in every saved tensor. ``training=False`` saves
 nothing and keeps only [B, H]-sized scratch.
 
+Variants (docs/variants.md)
+---------------------------
+``rnn_forward(..., variant=)`` / ``rnn_backward(..., variant=)`` with a non-plain
+``fastrnn.ops.recurrence.Variant`` run ``rnn_kernels.rnn_forward_var`` / ``rnn_backward_var``:
+separate kernels, so that ``variant=None`` (and ``Variant()``) is exactly the plain path above.
+The whole time loop stays in compiled code. A layer norm over all G entries of a row needs the
+row's whole product before any gate, so a variant step is a few phases, each one parallel
+region: GEMM phases (weight panels split between threads, the plain path's register tiles) and
+row phases (batch rows split between threads; one pass over a row does the layer-norm
+statistics, gate math, peephole, cell state, zoneout, reset and what backward needs). See the
+variant section of ``rnn_kernels`` for the phase order. Parameter gradients (layer norm,
+peephole) are accumulated per thread in the kernel and summed here; ``VariantGrads.w_hn``
+(GRU reset_after=False) is one GEMM over all steps, ``d_n^T (r * h_in)``, with ``h_in`` from
+``recurrent_inputs``. What is saved is the default layout (``recurrence.saved_layout``): the
+plain tuple (``c_seq`` = c_t after zoneout; GRU ``hn_seq`` = the hidden-side n pre-activation
+as used), then ``hw_hat, hw_rstd`` (layer norm), ``c_hat, c_rstd`` (LSTM cell layer norm),
+``c_new`` / ``h_new`` (LSTM / RNN zoneout). The accepted combinations are the reference's
+(``reference_rnn.check_variant``).
+
 Dtypes and compilation
 ----------------------
 float32 and float64; every call of a kernel has the same argument types for a given dtype
-(absent optional tensors are passed as empty arrays), so there are exactly six compiled
+(absent optional tensors are passed as empty arrays), so the plain path has exactly six compiled
 signatures: {rnn_forward, rnn_backward, gemm} x {float32, float64}. First use of a dtype
 compiles its three kernels (about 30 s on this 2-core machine, most of it for the parallel
 regions) or loads them from the on-disk cache (about 1 s); ``info()`` reports how long that
-took and whether it came from the cache.
+took and whether it came from the cache. The two variant kernels (rnn_forward_var,
+rnn_backward_var) add one signature each per dtype, compiled (or loaded) only on the first call
+with a variant, under the same lock (``compile_seconds["<dtype> variant"]``); each has a single
+``prange`` (one dispatcher for all its phases), which keeps their compile time down.
 
 Big GEMMs
 ---------
