@@ -156,7 +156,7 @@ class _FusedRNNBase:
                                num_layers=self.num_layers, bidirectional=self.bidirectional,
                                dropout=self.dropout, training=self.training,
                                batch_sizes=batch_sizes, backend=self.backend,
-                               **self._variant_kwargs(self._group_suffixes()), reset_mask=reset_mask)
+                               **self._variant_kwargs(), reset_mask=reset_mask)
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             return PackedSequence(out, batch_sizes, sorted_indices, unsorted_indices), \
@@ -248,10 +248,12 @@ class _BackendArg:
                 init.uniform_(w, -stdv, stdv)
         self._reset_variant_parameters()
 
-    def _variant_kwargs(self, suffixes):
-        """functional's variant keywords, parameters read fresh from the attributes (so
-        ``functional_call`` works)."""
+    def _variant_kwargs(self):
+        """functional's variant keywords (only those that are on: nothing for a plain module),
+        parameters read fresh from the attributes (so ``functional_call`` works)."""
         kw = {}
+        if self.layer_norm or self.peephole:
+            suffixes = self._group_suffixes()
         if self.layer_norm:
             sides = ("ih", "hh") + (("c",) if self._cell_name() == "lstm" else ())
             kw["layer_norm"] = [tuple(getattr(self, f"layer_norm_{side}_{wb}{sfx}")
@@ -333,7 +335,7 @@ class _CellBase(_BackendArg):
         return [""]
 
     def _step_kwargs(self):
-        kw = self._variant_kwargs([""])
+        kw = self._variant_kwargs()
         if "layer_norm" in kw:
             kw["layer_norm"] = kw["layer_norm"][0]
         if "peephole" in kw:
