@@ -111,11 +111,14 @@ def _variant_kernels(k, dtype, acc, base, quick):
                                            "dhnew_ptr": acc},
                         dict(base, **var, IS_GRU=cell == "gru", RB=rb, HAS_PREV=True, ZONE_H=zh, STORE_NEW=True,
                              LN=False)))
-            out.append(("rnn_bwd_var", {"dhu_ptr": acc, "cnew_ptr": dtype if zh else acc,
-                                        "prev_ptr": acc if lstm else dtype, "dc_ptr": acc, "c0acc_ptr": acc,
-                                        "reset_ptr": "u8", "dyc_ptr": acc},
-                        dict(base, CELL=code, NG=ng, HAS_RESET=var["HAS_RESET"], PEEP="PEEP" in on,
-                             ZONE_C=zh and lstm, LN=ln, LN_C=ln and lstm, RB=rb)))
+            for proj in (False, True) if lstm else (False,):
+                fuse = not (ln or proj)  # as triton_rnn._backward_var decides
+                out.append(("rnn_bwd_var", {"dhu_ptr": acc, "cnew_ptr": dtype if zh else acc,
+                                            "prev_ptr": acc if lstm else dtype, "dc_ptr": acc, "c0acc_ptr": acc,
+                                            "reset_ptr": "u8", "dyc_ptr": acc, "dh_ptr": acc, "h0acc_ptr": acc,
+                                            "x_prev_ptr": acc, "reset_prev_ptr": "u8"},
+                            dict(base, **var, CELL=code, NG=ng, PEEP="PEEP" in on, ZONE_C=zh and lstm, LN=ln,
+                                 LN_C=ln and lstm, RB=rb, FUSE_DH=fuse, HAS_PREV=True, ZONE_H=zh)))
             if ln:
                 out.append(("rnn_var_gemm", {"a_ptr": acc, "reset_ptr": "u8"}, dict(base, **var, LN=False)))
             if rb:

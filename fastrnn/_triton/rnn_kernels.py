@@ -24,6 +24,12 @@ The reading of the previous state (``_load_prev``) implements the packed-sequenc
 contract: rows ``< n_seq`` continue from the previous step's saved state, the others start from
 the initial state (only happens in the reverse direction, where a row's first step is its last
 valid time index).
+
+The variants of docs/variants.md (layer norm, peephole, recurrent dropout, zoneout, resets, GRU
+reset_after=False) have their own kernels at the end of this file (``rnn_var_gemm``,
+``rnn_fwd_var``, ``rnn_proj_var``, ``rnn_bwd_dh_var``, ``rnn_bwd_var``, ``rnn_bwd_gru_rb``), so
+that the plain kernels above stay exactly what they were; see the comment there and
+docs/triton.md for their tile / row-mode design.
 """
 from __future__ import annotations
 
@@ -787,30 +793,22 @@ def rnn_proj_var(a_ptr, w_hr_ptr, out_ptr, h_T_ptr, h_prev_ptr, h0_ptr, zh_ptr, 
         tl.store(h_T_ptr + offs, h, mask=mask)
 
 
-@_autotune_var(["dh_ptr", "h0acc_ptr"], key=["HAS_PREV"])
-@triton.jit(do_not_specialize=["m", "m_prev"])
-def rnn_bwd_dh_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr, grad_h_ptr,
-                   dhnew_ptr, rmask_ptr, zh_prev_ptr, zh_ptr, reset_prev_ptr,
-                   m, m_prev, H, KD, B, N, K,
-                   IS_GRU: tl.constexpr, RB: tl.constexpr, HAS_PREV: tl.constexpr, HAS_RESET: tl.constexpr,
-                   HAS_MASK: tl.constexpr, ZONE_H: tl.constexpr, STORE_NEW: tl.constexpr, LN: tl.constexpr,
-                   ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``dh_t`` of a variant over all Hr columns, rows [0, max(m, m_prev)).  N = Hr, K = G.
-
-    The gradient reaching h_{s} (s = the step processed before, the forward successor) from step
-    s's use of its entering state h_prev(s):
+@triton.jit
+def _dh_carry_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr, grad_h_ptr,
+                  rmask_ptr, zh_prev_ptr, reset_prev_ptr, rows, cols, m, m_prev, H, KD, N, K,
+                  IS_GRU: tl.constexpr, RB: tl.constexpr, HAS_PREV: tl.constexpr, HAS_RESET: tl.constexpr,
+                  HAS_MASK: tl.constexpr, ZONE_H: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dh_t`` of a variant for a [rows, cols of Hr] tile (N = Hr, K = G); ``_dh_carry`` with the
+    variant's terms. The gradient reaching h_s (s = the step processed before, the forward
+    successor) through step s's use of its entering state h_prev(s):
         ((grad_hw[s][:, :KD] @ W_hh[:KD]) (+ RB: x_prev = d(r * h_in) * r) ) * rec_mask
         + dh_s * (zoneout_h[s] + (1 - zoneout_h[s]) * z_s (GRU))
     KD = G, or 2H for GRU reset_after=False (its n rows act on r * h_in, folded into x_prev).
-    Rows reset at s send that gradient to h0acc_ptr [B, Hr] (ACC, accumulated) instead.
-    Then as ``_dh_carry``: finished rows -> grad_h0, rows starting here keep grad_h_T, and
-    dh_t = carry + grad_h_seq[t] -> dh_ptr (in place). STORE_NEW also writes
-    dh_new = (1 - zoneout_h[t]) * dh_t (the gradient of the un-zoned output) to dhnew_ptr [B, Hr].
-    (``LN`` is always False: it selects the tile-mode configs.)
+    Rows reset at s send that gradient to h0acc_ptr [B, Hr] (ACC, accumulated) instead. Then as
+    ``_dh_carry``: finished rows -> grad_h0, rows starting here keep grad_h_T, and
+    dh_t = carry + grad_h_seq[t] -> dh_ptr (in place; returned).
     """
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < N
     prev = rows < m_prev
     cur = rows < m
@@ -847,19 +845,48 @@ def rnn_bwd_dh_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, gr
     live = cur[:, None] & col_ok[None, :]
     dh = carry + _load(grad_h_ptr, rows, cols, N, live, ACC)
     tl.store(dh_ptr + rows[:, None] * N + cols[None, :], dh, mask=live)
+    return dh
+
+
+@_autotune_var(["dh_ptr", "h0acc_ptr"], key=["HAS_PREV"])
+@triton.jit(do_not_specialize=["m", "m_prev"])
+def rnn_bwd_dh_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr, grad_h_ptr,
+                   dhnew_ptr, rmask_ptr, zh_prev_ptr, zh_ptr, reset_prev_ptr,
+                   m, m_prev, H, KD, B, N, K,
+                   IS_GRU: tl.constexpr, RB: tl.constexpr, HAS_PREV: tl.constexpr, HAS_RESET: tl.constexpr,
+                   HAS_MASK: tl.constexpr, ZONE_H: tl.constexpr, STORE_NEW: tl.constexpr, LN: tl.constexpr,
+                   ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``dh_t`` of a variant over all Hr columns (``_dh_carry_var``), rows [0, max(m, m_prev)).
+    N = Hr, K = G. Used when the gate kernel cannot form dh_t itself (layer norm: row programs;
+    LSTM proj_size: whole rows of dh_t feed ``dh_new @ W_hr``), and once after the loop with m = 0
+    to flush the last rows into grad_h0. STORE_NEW also writes dh_new = (1 - zoneout_h[t]) * dh_t
+    (the gradient of the un-zoned output) to dhnew_ptr [B, Hr].
+    (``LN`` is always False: it selects the tile-mode configs.)
+    """
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dh = _dh_carry_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr,
+                       grad_h_ptr, rmask_ptr, zh_prev_ptr, reset_prev_ptr, rows, cols, m, m_prev, H, KD, N, K,
+                       IS_GRU, RB, HAS_PREV, HAS_RESET, HAS_MASK, ZONE_H, ACC, DOT_PRECISION, BLOCK_B, BLOCK_H,
+                       BLOCK_K)
     if STORE_NEW:
+        live = (rows < m)[:, None] & (cols < N)[None, :]
         tl.store(dhnew_ptr + rows[:, None] * N + cols[None, :],
                  _blend(zh_ptr, rows, cols, N, live, 0.0, dh, ZONE_H, ACC), mask=live)
 
 
-@_autotune_var(["dc_ptr", "c0acc_ptr", "grad_hw_ptr"])
-@triton.jit(do_not_specialize=["m", "n_seq"])
+@_autotune_var(["dc_ptr", "c0acc_ptr", "grad_hw_ptr", "dh_ptr", "h0acc_ptr"], key=["HAS_PREV"])
+@triton.jit(do_not_specialize=["m", "n_seq", "m_prev"])
 def rnn_bwd_var(dhu_ptr, acts_ptr, cnew_ptr, prev_ptr, init_ptr, dc_ptr, c0acc_ptr, grad_xw_ptr, grad_hw_ptr,
                 reset_ptr, zc_ptr, peep_ptr, state_ptr, hat_ptr, rstd_ptr, lnw_ptr,
                 chat_ptr, crstd_ptr, lncw_ptr, lncb_ptr, dyc_ptr,
-                m, n_seq, B, N, K,
+                ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr, grad_h_ptr,
+                rmask_ptr, zh_prev_ptr, zh_ptr, reset_prev_ptr,
+                m, n_seq, m_prev, KD, B, N, K,
                 CELL: tl.constexpr, NG: tl.constexpr, HAS_RESET: tl.constexpr, PEEP: tl.constexpr,
                 ZONE_C: tl.constexpr, LN: tl.constexpr, LN_C: tl.constexpr, RB: tl.constexpr,
+                FUSE_DH: tl.constexpr, HAS_PREV: tl.constexpr, HAS_MASK: tl.constexpr, ZONE_H: tl.constexpr,
                 ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Gate gradients of a variant at step t, rows [0, m).  N = H, K = G.  Tile or row mode (LN).
@@ -873,6 +900,10 @@ def rnn_bwd_var(dhu_ptr, acts_ptr, cnew_ptr, prev_ptr, init_ptr, dc_ptr, c0acc_p
     (GRU RB: without the r entries, which ``rnn_bwd_gru_rb`` adds). Layer norm (row mode):
     hat_ptr [B, G], rstd_ptr [B], lnw [G]; LN_C: chat_ptr [B, H], crstd_ptr [B], lncw / lncb [H],
     and dyc_ptr [B, H] receives the gradient at LN(c_new)'s output (for the norm's weights).
+    FUSE_DH (tile mode, no projection): the program forms its tile of dh_t itself
+    (``_dh_carry_var``, the arguments of ``rnn_bwd_dh_var``) instead of reading dhu_ptr, as the
+    plain ``rnn_bwd_step`` does: one launch per step; the grid then spans rows
+    [0, max(m, m_prev)) so that finished rows reach grad_h0.
     """
     H = N
     G = K
@@ -913,7 +944,14 @@ def rnn_bwd_var(dhu_ptr, acts_ptr, cnew_ptr, prev_ptr, init_ptr, dc_ptr, c0acc_p
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows[:, None] * H + cols[None, :]
         act_offs = rows[:, None] * G + cols[None, :]
-        dhu = _load(dhu_ptr, rows, cols, H, mask, ACC)
+        if FUSE_DH:
+            dh = _dh_carry_var(ghw_prev_ptr, acts_prev_ptr, x_prev_ptr, w_hh_ptr, dh_ptr, grad_h0_ptr, h0acc_ptr,
+                               grad_h_ptr, rmask_ptr, zh_prev_ptr, reset_prev_ptr, rows, cols, m, m_prev, H,
+                               KD, H, G, CELL == GRU, RB, HAS_PREV, HAS_RESET, HAS_MASK, ZONE_H, ACC,
+                               DOT_PRECISION, BLOCK_B, BLOCK_H, BLOCK_K)
+            dhu = _blend(zh_ptr, rows, cols, H, mask, 0.0, dh, ZONE_H, ACC)
+        else:
+            dhu = _load(dhu_ptr, rows, cols, H, mask, ACC)
         if CELL == LSTM:
             i = _load(acts_ptr, rows, cols, G, mask, ACC)
             f = _load(acts_ptr + H, rows, cols, G, mask, ACC)

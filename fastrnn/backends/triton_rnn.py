@@ -27,6 +27,12 @@ it is kept in ACC so that float16 / bfloat16 runs keep a float32 cell state)::
 Nothing is recomputed in backward except tanh(c_t). Weight gradients (dW_ih, dW_hh, biases) are
 GEMMs in ``fastrnn/ops/rnn_layer.py``; ``grad_w_hr`` is one GEMM here over all steps.
 
+Variants (``variant=``, docs/variants.md): ``_forward_var`` / ``_backward_var`` run the variant
+kernels (every option a compile-time flag; layer norm in row mode, see docs/triton.md) and save
+the default layout (``saved_layout`` below: LSTM's ``c_seq`` in ACC); ``VariantGrads`` are sums
+over all steps formed after the loop (``_variant_param_grads``). ``variant=None`` or ``Variant()``
+runs the plain loops above, unchanged.
+
 Devices and dtypes: CUDA (float32, float16, bfloat16, float64), and CPU through the Triton
 interpreter (``TRITON_INTERPRET=1`` set before triton is imported; float32 and float64).
 Float32 ``tl.dot`` runs in IEEE precision by default (exact parity with the reference); set
@@ -333,8 +339,9 @@ def _forward_var(p, xw, w_hh, b_hh, h0, c0, w_hr, lnw, lnb, lncw, lncb, peep, rm
 
 def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                   lnw, lnb, lncw, lncb, peep, rmask, zh, zc, reset, *saved):
-    """The backward time loop of a variant. Per step (reverse visiting order): ``rnn_bwd_dh_var``
-    (dh_t over Hr), [``rnn_proj_var`` BWD], ``rnn_bwd_var``, [``rnn_bwd_gru_rb``]. Returns the
+    """The backward time loop of a variant. Per step (reverse visiting order): [``rnn_bwd_dh_var``
+    (dh_t over Hr; layer norm or proj_size only)], [``rnn_proj_var`` BWD], ``rnn_bwd_var`` (which
+    otherwise forms dh_t itself), [``rnn_bwd_gru_rb``]. Returns the
     contract's five gradients and ``dyc`` [T, B, H] (LSTM cell-state norm, else None), from which
     ``_variant_param_grads`` forms ``VariantGrads`` after the loop."""
     k = _kernels()
@@ -363,7 +370,7 @@ def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
     h0acc = torch.zeros(B, Hr, dtype=acc, device=p.device) if v.reset else None
     c0acc = torch.zeros(B, H, dtype=acc, device=p.device) if v.reset and lstm else None
     dh_seq = _new(p, T, B, Hr) if p.has_proj else None  # d h_new (after zoneout's share), for grad_w_hr
-    dh_new = torch.empty(B, Hr, dtype=acc, device=p.device) if not p.has_proj else None
+    dh_new = torch.empty(B, Hr, dtype=acc, device=p.device) if v.ln and not p.has_proj else None
     dhu = torch.empty(B, H, dtype=acc, device=p.device) if p.has_proj else None
     dyc = _new(p, T, B, H, dtype=acc) if v.ln_c else None
     x_rb = torch.zeros(B, H, dtype=acc, device=p.device) if v.rb else None
@@ -374,9 +381,11 @@ def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
     state_seq = hn_seq if gru else (new_seq if new_seq is not None else h_seq)  # GRU h_n, RNN h_new
     cnew_seq = (new_seq if new_seq is not None else c_seq) if lstm else None
     prev_seq, init = (c_seq, c0) if lstm else (h_seq, h0)
+    # tile mode without projection: the gate kernel forms dh_t itself (one launch per step, as plain)
+    fuse = not (v.ln or p.has_proj)
     dflags = dict(IS_GRU=gru, RB=v.rb, ZONE_H=v.zh, LN=False, **_var_constexprs(p))
     flags = dict(CELL=k.CELL_CODES[p.cell], NG=GATES[p.cell], PEEP=v.peep, ZONE_C=v.zc, LN=v.ln, LN_C=v.ln_c,
-                 RB=v.rb, HAS_RESET=v.reset, **_constexprs(p))
+                 RB=v.rb, FUSE_DH=fuse, ZONE_H=v.zh, **_var_constexprs(p))
 
     s_prev = None
     for t in time_steps(T, not p.reverse):
@@ -387,28 +396,31 @@ def _backward_var(p, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
         n_seq = min(m, p.sizes[t_fwd_prev]) if has_fwd_prev else 0
         s = s_prev if s_prev is not None else t
         rows = max(m, m_prev)
-        if rows > 0:
+        # dh_t's arguments (rnn_bwd_dh_var's, and rnn_bwd_var's when it forms dh_t itself)
+        dh_args = (grad_hw[s], acts[s] if gru else dummy, d(x_rb), w_hh, dh, grad_h0, d(h0acc), grad_h_seq[t])
+        dh_vars = (d(rmask), _step(zh, s, dummy), _step(zh, t, dummy), _step(reset, s, dummy))
+        if rows > 0 and not fuse:
             k.rnn_bwd_dh_var[_grid(rows, Hr)](
-                grad_hw[s], acts[s] if gru else dummy, d(x_rb), w_hh, dh, grad_h0, d(h0acc), grad_h_seq[t],
-                dh_seq[t] if p.has_proj else dh_new, d(rmask), _step(zh, s, dummy), _step(zh, t, dummy),
-                _step(reset, s, dummy), m, m_prev, H, kd, B, Hr, G,
+                *dh_args, dh_seq[t] if p.has_proj else dh_new, *dh_vars, m, m_prev, H, kd, B, Hr, G,
                 HAS_PREV=s_prev is not None, STORE_NEW=True, **dflags)
-        if m > 0:
-            if p.has_proj:
-                k.rnn_proj_var[_grid(m, H)](dh_seq[t], w_hr, dhu, dummy, dummy, dummy, dummy, dummy, m, 0,
-                                            B, H, Hr, BWD=True, HAS_RESET=False, ZONE_H=False, LN=False,
-                                            **_constexprs(p))
-            prev_t = prev_seq[t_fwd_prev] if has_fwd_prev else init
-            k.rnn_bwd_var[_row_or_tile_grid(p, m, H)](
-                dhu if p.has_proj else dh_new, d(acts[t] if acts is not None else None),
+        if m > 0 and p.has_proj:
+            k.rnn_proj_var[_grid(m, H)](dh_seq[t], w_hr, dhu, dummy, dummy, dummy, dummy, dummy, m, 0,
+                                        B, H, Hr, BWD=True, HAS_RESET=False, ZONE_H=False, LN=False,
+                                        **_constexprs(p))
+        prev_t = prev_seq[t_fwd_prev] if has_fwd_prev else init
+        if (rows if fuse else m) > 0:
+            k.rnn_bwd_var[_row_or_tile_grid(p, rows if fuse else m, H)](
+                d(dhu if p.has_proj else dh_new), d(acts[t] if acts is not None else None),
                 _step(cnew_seq, t, dummy), prev_t, init, d(dc), d(c0acc), grad_xw[t], grad_hw[t],
                 _step(reset, t, dummy), _step(zc, t, dummy), d(peep), _step(state_seq, t, dummy),
                 _step(hat, t, dummy), _step(rstd, t, dummy), d(lnw), _step(chat, t, dummy), _step(crstd, t, dummy),
-                d(lncw), d(lncb), _step(dyc, t, dummy), m, n_seq, B, H, G, **flags)
-            if v.rb:
-                k.rnn_bwd_gru_rb[_grid(m, H)](grad_xw[t], grad_hw[t], w_hh, acts[t], prev_t, h0, d(rmask),
-                                              _step(reset, t, dummy), x_rb, m, n_seq, B, H, G, LN=False,
-                                              **_var_constexprs(p))
+                d(lncw), d(lncb), _step(dyc, t, dummy),
+                *(dh_args + dh_vars if fuse else (dummy,) * 12), m, n_seq, m_prev, kd, B, H, G,
+                HAS_PREV=s_prev is not None, **flags)
+        if m > 0 and v.rb:
+            k.rnn_bwd_gru_rb[_grid(m, H)](grad_xw[t], grad_hw[t], w_hh, acts[t], prev_t, h0, d(rmask),
+                                          _step(reset, t, dummy), x_rb, m, n_seq, B, H, G, LN=False,
+                                          **_var_constexprs(p))
         s_prev = t
 
     m_last = p.sizes[s_prev]
