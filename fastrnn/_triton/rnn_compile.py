@@ -74,7 +74,8 @@ def variants(dtype, quick=False):
 
 
 # the options of each cell (docs/variants.md); GRU reset_after=False excludes layer norm
-_OPTIONS = {"lstm": ("LN", "PEEP", "HAS_MASK", "ZONE", "HAS_RESET"), "gru": ("LN", "HAS_MASK", "ZONE", "HAS_RESET", "RB"),
+_OPTIONS = {"lstm": ("LN", "PEEP", "HAS_MASK", "ZONE", "HAS_RESET"),
+            "gru": ("LN", "HAS_MASK", "ZONE", "HAS_RESET", "RB"),
             "rnn_tanh": ("LN", "HAS_MASK", "ZONE", "HAS_RESET"), "rnn_relu": ("LN", "HAS_MASK", "ZONE", "HAS_RESET")}
 
 
