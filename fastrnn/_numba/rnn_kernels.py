@@ -1024,15 +1024,28 @@ def _ln_bwd_row(b, t, c, n, D, dst, ln_w, hat, rstd, g_w, g_b):
 
 
 @njit(**_JIT)
-def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd, c_seq, new_seq, hu):
+def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd, c_seq, new_seq, hu, O):
     """LSTM step of row b: X[b] xw_t in, activated i, f, g, o out; A[b]: hw (after norm and
-    bias); C[b]: c_prev in (reset applied), c_t out; cn [B, H] scratch <- c_new; hu[b] <- o tanh(y)."""
-    one = X.dtype.type(1)
+    bias); C[b]: c_prev in (reset applied), c_t out; cn [B, H] scratch <- c_new; hu[b] <- o tanh(y).
+    Units go in groups of UNIT_GROUP through the scratch row O (see _scatter_gates: gate stores
+    at runtime offsets v * H of one array would keep the loop scalar)."""
     has_peep, has_zc = peep.shape[0] > 0, zc.shape[0] > 0
     save_new = new_seq.shape[0] > 0
     ub, uH = U(b), U(H)
     cs = c_seq[ts]
-    for j in range(uH):
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        _lstm_var_fwd_units(ub, t, ts, uH, J, nu, X, A, C, peep, zc, cn, cs, new_seq, O, has_peep, has_zc, save_new)
+        _scatter_gates(O, U(0), U(4), X, ub, uH, J, nu)
+    _lstm_hu_row(b, ts, H, X, cn, lnc_w, lnc_b, c_hat, c_rstd, hu)
+
+
+@njit(**_JIT_INLINE)
+def _lstm_var_fwd_units(ub, t, ts, uH, J, nu, X, A, C, peep, zc, cn, cs, new_seq, O, has_peep, has_zc, save_new):
+    """Units J .. J+nu-1 of _lstm_var_fwd_row: gates to O (UG apart), c_new to cn, c_t to C and cs."""
+    one = X.dtype.type(1)
+    for u in range(nu):
+        j = J + u
         cp = C[ub, j]
         pi = X[ub, j] + A[ub, j]
         pf = X[ub, uH + j] + A[ub, uH + j]
@@ -1046,13 +1059,19 @@ def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c
         if has_peep:
             po += peep[2, j] * c_new
         o = sigmoid(po)
-        X[ub, j], X[ub, uH + j], X[ub, uH + uH + j], X[ub, uH + uH + uH + j] = i, f, g, o
+        O[u], O[UG + u], O[UG2 + u], O[UG3 + u] = i, f, g, o
         cn[ub, j] = c_new
         c_t = zc[t, ub, j] * cp + (one - zc[t, ub, j]) * c_new if has_zc else c_new
         C[ub, j] = c_t
         cs[ub, j] = c_t
         if save_new:
             new_seq[ts, ub, j] = c_new
+
+
+@njit(**_JIT)
+def _lstm_hu_row(b, ts, H, X, cn, lnc_w, lnc_b, c_hat, c_rstd, hu):
+    """hu[b] <- o tanh(y), y = LN(c_new; ln_c) (saving c_hat, c_rstd at slot ts) or c_new."""
+    ub, uH = U(b), U(H)
     if lnc_w.shape[0] > 0:
         mean, rs = _ln_stats(cn, b, H)
         c_rstd[ts, b] = rs
@@ -1067,31 +1086,39 @@ def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c
 
 
 @njit(**_JIT)
-def _gru_var_fwd_row(b, ts, H, X, A, hprev, hn_seq, hnew):
+def _gru_var_fwd_row(b, ts, H, X, A, hprev, hn_seq, hnew, O):
     """GRU (reset_after=True) step of row b: X[b] xw_t in, r, z, n out; A[b]: hw; hprev[b]:
-    h_prev; hn_seq[ts, b] <- hw_n; hnew[b] <- (1-z) n + z h_prev."""
+    h_prev; hn_seq[ts, b] <- hw_n; hnew[b] <- (1-z) n + z h_prev. O: scratch row (gates)."""
     one = X.dtype.type(1)
     ub, uH = U(b), U(H)
     hn_t = hn_seq[ts]
-    for j in range(uH):
-        hn = A[ub, uH + uH + j]
-        r = sigmoid(X[ub, j] + A[ub, j])
-        z = sigmoid(X[ub, uH + j] + A[ub, uH + j])
-        n = tanh(X[ub, uH + uH + j] + r * hn)
-        X[ub, j], X[ub, uH + j], X[ub, uH + uH + j] = r, z, n
-        hn_t[ub, j] = hn
-        hnew[ub, j] = (one - z) * n + z * hprev[ub, j]
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        for u in range(nu):
+            j = J + u
+            hn = A[ub, uH + uH + j]
+            r = sigmoid(X[ub, j] + A[ub, j])
+            z = sigmoid(X[ub, uH + j] + A[ub, uH + j])
+            n = tanh(X[ub, uH + uH + j] + r * hn)
+            O[u], O[UG + u], O[UG2 + u] = r, z, n
+            hn_t[ub, j] = hn
+            hnew[ub, j] = (one - z) * n + z * hprev[ub, j]
+        _scatter_gates(O, U(0), U(3), X, ub, uH, J, nu)
 
 
 @njit(**_JIT)
-def _gru_rz_fwd_row(b, H, X, A, hin, rh):
+def _gru_rz_fwd_row(b, H, X, A, hin, rh, O):
     """GRU reset_after=False, first half of row b: r, z into X[b]; rh[b] <- r * h_in."""
     ub, uH = U(b), U(H)
-    for j in range(uH):
-        r = sigmoid(X[ub, j] + A[ub, j])
-        X[ub, j] = r
-        X[ub, uH + j] = sigmoid(X[ub, uH + j] + A[ub, uH + j])
-        rh[ub, j] = r * hin[ub, j]
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        for u in range(nu):
+            j = J + u
+            r = sigmoid(X[ub, j] + A[ub, j])
+            O[u] = r
+            O[UG + u] = sigmoid(X[ub, uH + j] + A[ub, uH + j])
+            rh[ub, j] = r * hin[ub, j]
+        _scatter_gates(O, U(0), U(2), X, ub, uH, J, nu)
 
 
 @njit(**_JIT)
@@ -1147,7 +1174,7 @@ def _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq):
 
 
 @njit(**_JIT)
-def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, X, b_hh, hcur, c_state,
+def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, O, X, b_hh, hcur, c_state,
                cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
                c_hat, c_rstd, new_seq, proj):
     """Thread c of nth's share of forward phase ph (0 A = src W^T | 1 rows: LN + cell |
@@ -1167,12 +1194,12 @@ def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, 
             _hw_row(b, ts, 2 * H if split else G, A, b_hh, ln_w, ln_b, hw_hat, hw_rstd)
             if cell == LSTM:
                 _lstm_var_fwd_row(b, t, ts, H, X, A, c_state, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd,
-                                  c_seq, new_seq, hu_seq[ts] if proj else hnew)
+                                  c_seq, new_seq, hu_seq[ts] if proj else hnew, O)
             elif cell == GRU:
                 if split:
-                    _gru_rz_fwd_row(b, H, X, A, src, rh)
+                    _gru_rz_fwd_row(b, H, X, A, src, rh, O)
                     continue
-                _gru_var_fwd_row(b, ts, H, X, A, hcur, hn_seq, hnew)
+                _gru_var_fwd_row(b, ts, H, X, A, hcur, hn_seq, hnew, O)
             else:
                 _rnn_var_fwd_row(b, ts, cell == RNN_RELU, H, X, A, hnew, new_seq)
             if not proj:
@@ -1185,17 +1212,17 @@ def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, 
 
 
 @njit(**_JIT_PARALLEL)
-def _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, X, b_hh, hcur, c_state,
+def _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, O, X, b_hh, hcur, c_state,
                    cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
                    c_hat, c_rstd, new_seq, proj):
     """One forward phase on nth threads (on the calling thread when nth == 1)."""
     if nth == 1:
-        _fwd_phase(ph, 0, 1, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[0], X, b_hh, hcur, c_state,
+        _fwd_phase(ph, 0, 1, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[0], O[0], X, b_hh, hcur, c_state,
                    cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
                    c_hat, c_rstd, new_seq, proj)
     else:
         for c in prange(nth):
-            _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[c], X, b_hh, hcur,
+            _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S[c], O[c], X, b_hh, hcur,
                        c_state, cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq,
                        hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
 
@@ -1225,6 +1252,7 @@ def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h
     Wn = _packed_plain(w_n, H, Hr, False) if split else Wf[:0]
     Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
     S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
+    Osc = np.empty((nth_max, 4 * UNIT_GROUP), dt)        # per thread: gate outputs of a unit group
     A = np.empty((B, G), dt)
     An = np.empty((B, H if split else 0), dt)
     rh = np.empty((B, H if split else 0), dt)
@@ -1258,7 +1286,7 @@ def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h
                 continue
             if (ph == 4 or ph == 5) and not proj:
                 continue
-            _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, xw[t], b_hh, hcur,
+            _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, Osc, xw[t], b_hh, hcur,
                            c_state, cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq,
                            hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
         if m < B:  # finished rows keep their state; their outputs and saved entries are zero
@@ -1301,7 +1329,7 @@ def _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj):
 
 @njit(**_JIT)
 def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_hat, c_rstd, dc, dv, dy, gx,
-                      g_lnc_w, g_lnc_b, g_peep):
+                      g_lnc_w, g_lnc_b, g_peep, O):
     """LSTM backward of row b at step t. A[b]: saved i, f, g, o; D[b]: gradient reaching
     hu = o tanh(y); CN[b]: c_new; CP[bp]: c_prev; dc[b]: gradient reaching c_t in, c_prev out;
     dv [B, H] scratch (gradient reaching c_new from hu), dy [B, >= H] scratch (the gradient of y
@@ -1321,7 +1349,18 @@ def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_ha
     if has_lnc:   # gradient of y = LN(c_new) -> of c_new
         _ln_bwd_row(b, t, c, H, dy, dv, lnc_w, c_hat, c_rstd, g_lnc_w, g_lnc_b)
     gp = g_peep[c] if has_peep else peep
-    for j in range(uH):
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        _lstm_var_bwd_units(ub, t, uH, J, nu, A, CN, CP, bp, peep, zc, dc, dv, gx, gp, O, has_peep, has_zc)
+        _scatter_gates(O, U(0), U(3), gx, ub, uH, J, nu)
+
+
+@njit(**_JIT_INLINE)
+def _lstm_var_bwd_units(ub, t, uH, J, nu, A, CN, CP, bp, peep, zc, dc, dv, gx, gp, O, has_peep, has_zc):
+    """Units J .. J+nu-1 of _lstm_var_bwd_row after the output gate: d_i, d_f, d_g to O (UG apart)."""
+    one = A.dtype.type(1)
+    for u in range(nu):
+        j = J + u
         i, f, g = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
         d_o = gx[ub, uH + uH + uH + j]
         cp = CP[bp, j]
@@ -1341,41 +1380,51 @@ def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_ha
             gp[1, j] += d_f * cp
             gp[2, j] += d_o * CN[ub, j]
         dc[ub, j] = dcp
-        gx[ub, j], gx[ub, uH + j], gx[ub, uH + uH + j] = d_i, d_f, d_g
+        O[u], O[UG + u], O[UG2 + u] = d_i, d_f, d_g
 
 
 @njit(**_JIT)
-def _gru_var_bwd_row(b, H, A, HN, HP, bp, D, ddir, gx, gh):
+def _gru_var_bwd_row(b, H, A, HN, HP, bp, D, ddir, gx, gh, O):
     """GRU (reset_after=True) backward of row b. A[b]: saved r, z, n; HN[b]: hw_n; HP[bp]:
     h_prev; D[b]: gradient reaching h_new; ddir[b] += its part through z h_prev;
-    gx[b] <- d_r, d_z, d_n;  gh[b] <- d_r, d_z, d_n r (gradient of hw)."""
+    gx[b] <- d_r, d_z, d_n;  gh[b] <- d_r, d_z, d_n r (gradient of hw). O: scratch row."""
     one = A.dtype.type(1)
     ub, uH = U(b), U(H)
-    for j in range(uH):
-        r, z, n = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
-        d = D[ub, j]
-        d_n = d * (one - z) * (one - n * n)
-        d_z = d * (HP[bp, j] - n) * z * (one - z)
-        d_r = d_n * HN[ub, j] * r * (one - r)
-        gx[ub, j], gx[ub, uH + j], gx[ub, uH + uH + j] = d_r, d_z, d_n
-        gh[ub, j], gh[ub, uH + j], gh[ub, uH + uH + j] = d_r, d_z, d_n * r
-        ddir[ub, j] += d * z
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        for u in range(nu):
+            j = J + u
+            r, z, n = A[ub, j], A[ub, uH + j], A[ub, uH + uH + j]
+            d = D[ub, j]
+            d_n = d * (one - z) * (one - n * n)
+            O[u] = d_n * HN[ub, j] * r * (one - r)
+            O[UG + u] = d * (HP[bp, j] - n) * z * (one - z)
+            O[UG2 + u] = d_n
+            O[UG3 + u] = d_n * r
+            ddir[ub, j] += d * z
+        _scatter_gates(O, U(0), U(3), gx, ub, uH, J, nu)
+        _scatter_gates(O, U(0), U(2), gh, ub, uH, J, nu)
+        _scatter_gates(O, UG3, U(1), gh, ub, uH, J + U(2) * uH, nu)
 
 
 @njit(**_JIT)
-def _gru_zn_bwd_row(b, H, A, HP, bp, D, ddir, gx, dpn):
+def _gru_zn_bwd_row(b, H, A, HP, bp, D, ddir, gx, dpn, O):
     """GRU reset_after=False, first half of row b's backward: d_z, d_n into gx[b] and d_n
-    into dpn[b] (for d(r h_in) = d_n W_hn); ddir[b] += d z."""
+    into dpn[b] (for d(r h_in) = d_n W_hn); ddir[b] += d z. O: scratch row."""
     one = A.dtype.type(1)
     ub, uH = U(b), U(H)
-    for j in range(uH):
-        z, n = A[ub, uH + j], A[ub, uH + uH + j]
-        d = D[ub, j]
-        d_n = d * (one - z) * (one - n * n)
-        gx[ub, uH + j] = d * (HP[bp, j] - n) * z * (one - z)
-        gx[ub, uH + uH + j] = d_n
-        dpn[ub, j] = d_n
-        ddir[ub, j] += d * z
+    for J0 in range(0, H, UNIT_GROUP):
+        J, nu = U(J0), U(min(UNIT_GROUP, H - J0))
+        for u in range(nu):
+            j = J + u
+            z, n = A[ub, uH + j], A[ub, uH + uH + j]
+            d = D[ub, j]
+            d_n = d * (one - z) * (one - n * n)
+            O[u] = d * (HP[bp, j] - n) * z * (one - z)
+            O[UG + u] = d_n
+            dpn[ub, j] = d_n
+            ddir[ub, j] += d * z
+        _scatter_gates(O, U(0), U(2), gx, ub, uH, J + uH, nu)
 
 
 @njit(**_JIT)
@@ -1441,7 +1490,7 @@ def _prev_state(b, t, tp, m_prev, seq, init, reset):
 
 
 @njit(**_JIT)
-def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc,
                gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
                g_lnc_b, g_peep, proj):
@@ -1468,14 +1517,14 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0
                 cn = new_seq[t] if new_seq.shape[0] > 0 else c_seq[t]
                 _lstm_var_bwd_row(b, t, c, H, a_t, dhu if proj else dnew, cn,
                                   _prev_state(b, t, tp, m_prev, c_seq, c0, reset), U(b), peep, zc, lnc_w, lnc_b,
-                                  c_hat, c_rstd, dc, dv, dtmp, gx, g_lnc_w, g_lnc_b, g_peep)
+                                  c_hat, c_rstd, dc, dv, dtmp, gx, g_lnc_w, g_lnc_b, g_peep, O)
             elif cell == GRU:
                 hp = _prev_state(b, t, tp, m_prev, h_seq, h0, reset)
                 if split:
-                    _gru_zn_bwd_row(b, H, a_t, hp, U(b), dnew, ddir, gx, dpn)
+                    _gru_zn_bwd_row(b, H, a_t, hp, U(b), dnew, ddir, gx, dpn, O)
                 else:
                     # with layer norm, d hw goes to scratch first (the norm's backward then writes gh)
-                    _gru_var_bwd_row(b, H, a_t, hn_seq[t], hp, U(b), dnew, ddir, gx, dtmp if has_ln else gh)
+                    _gru_var_bwd_row(b, H, a_t, hn_seq[t], hp, U(b), dnew, ddir, gx, dtmp if has_ln else gh, O)
             else:
                 hn = new_seq[t] if new_seq.shape[0] > 0 else h_seq[t]
                 _rnn_var_bwd_row(b, cell == RNN_RELU, H, hn, dnew, gx)
@@ -1489,19 +1538,19 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0
 
 
 @njit(**_JIT_PARALLEL)
-def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                    mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
                    dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
                    g_lnc_b, g_peep, proj):
     """One backward phase on nth threads (on the calling thread when nth == 1)."""
     if nth == 1:
-        _bwd_phase(ph, 0, 1, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[0], gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
+        _bwd_phase(ph, 0, 1, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[0], O[0], gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                    mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
                    dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
                    g_lnc_b, g_peep, proj)
     else:
         for c in prange(nth):
-            _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[c], gs, h0, c0, ln_w, lnc_w, lnc_b,
+            _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S[c], O[c], gs, h0, c0, ln_w, lnc_w, lnc_b,
                        peep, mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd,
                        new_seq, dh, dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w,
                        g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
@@ -1532,6 +1581,7 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
     Wnb = _packed_plain(w_n, Hr, H, True) if split else Wb[:0]      # d(r h_in) = d_n W_hn
     Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]       # dhu = dh_new W_hr
     S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
+    Osc = np.empty((nth_max, 4 * UNIT_GROUP), dt)        # per thread: gate gradients of a unit group
     dnew = np.empty((B, Hr), dt)
     ddir = np.empty((B, Hr), dt)
     dhin = np.empty((B, Hr), dt)
@@ -1555,7 +1605,7 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
                 continue
             if (ph == 3 or ph == 4) and not split:
                 continue
-            _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, grad_h_seq, h0, c0, ln_w, lnc_w,
+            _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, Osc, grad_h_seq, h0, c0, ln_w, lnc_w,
                            lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd,
                            c_hat, c_rstd, new_seq, dh, dc, gx, gh, grad_hproj, dnew, ddir, dhu, dhin, dv, dtmp, dpn,
                            drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
