@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.recurrence import GATES, Variant, packed_mask
-from .ops.rnn_layer import rnn_layer
+from .ops.rnn_layer import rnn_cell as _rnn_cell_op, rnn_layer
 
 _CELL_KIND = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 
@@ -278,9 +278,8 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
     _, zoneout_h, zoneout_c = _draw_masks(cell, 1, B, H, H, input, training, 0.0, zoneout)
     ln_ih, variant = _direction_inputs(cell, layer_norm, peephole, (rec_mask, zoneout_h, zoneout_c),
                                        None, reset_after)
-    _, h, c = rnn_layer(cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, cx, backend=backend,
+    return _rnn_cell_op(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend=backend,
                         **_variant_kwargs(ln_ih, variant))
-    return h, c
 
 
 def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None, *, layer_norm=None,

@@ -258,3 +258,13 @@ def rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, batch_siz
         backend_arg(backend), cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
         ln_w, ln_b, *variant)
     return h_seq, h_T, (c_T if cell == "lstm" else None)
+
+
+def rnn_cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend=None, *, ln_ih=None, variant=None):
+    """One step: input [B, I], hx [B, H], cx [B, H] (LSTM) or None -> ``(h' [B, H], c' | None)``,
+    through ``fastrnn::rnn_cell`` (the layer op at T = 1); variant tensors with T = 1."""
+    variant = variant or Variant()
+    ln_w, ln_b = ln_ih if ln_ih is not None else (None, None)
+    h, c = torch.ops.fastrnn.rnn_cell(backend_arg(backend), cell, input, hx, cx, w_ih, w_hh, b_ih,
+                                      b_hh, ln_w, ln_b, *variant)
+    return h, (c if cell == "lstm" else None)
