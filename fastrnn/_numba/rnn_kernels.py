@@ -1286,7 +1286,9 @@ def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h
                 continue
             if (ph == 4 or ph == 5) and not proj:
                 continue
-            _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, Osc, xw[t], b_hh, hcur,
+            # phase 5 (zoneout after the projection) is a few flops per unit: no fork/join for it
+            nth_ph = 1 if ph == 5 else nth
+            _run_phase_fwd(ph, nth_ph, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, Osc, xw[t], b_hh, hcur,
                            c_state, cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq,
                            hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
         if m < B:  # finished rows keep their state; their outputs and saved entries are zero
@@ -1605,7 +1607,9 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
                 continue
             if (ph == 3 or ph == 4) and not split:
                 continue
-            _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, Osc, grad_h_seq, h0, c0, ln_w, lnc_w,
+            # the last row phase is a few adds per unit: cheaper on this thread than a fork/join
+            nth_ph = 1 if ph == 6 else nth
+            _run_phase_bwd(ph, nth_ph, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, Osc, grad_h_seq, h0, c0, ln_w, lnc_w,
                            lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd,
                            c_hat, c_rstd, new_seq, dh, dc, gx, gh, grad_hproj, dnew, ddir, dhu, dhin, dv, dtmp, dpn,
                            drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
