@@ -45,8 +45,8 @@ class _PlainLayer(torch.autograd.Function):
         grads = RL._backward(*args, grad_h_seq, grad_h_T, grad_c_T if args[1] == "lstm" else None,
                              h_seq, saved, needs)
         result = [None] * len(args)
-        for (pos, _), need, g in zip(RL.GRAD_ARGS, needs, grads):
-            result[pos] = g if need else None
+        for pos, g in zip((pos for (pos, _), need in zip(RL.GRAD_ARGS, needs) if need), grads):
+            result[pos] = g
         return tuple(result)
 
 

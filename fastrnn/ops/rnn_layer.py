@@ -34,8 +34,8 @@ LAYER_ARGS = ("str backend, str cell, Tensor x, Tensor w_ih, Tensor w_hh, Tensor
               "Tensor? ln_ih_weight, Tensor? ln_ih_bias, "
               + "".join(f"Tensor? {n}, " for n in VARIANT_TENSORS) + "bool reset_after")
 N_ARGS = LAYER_ARGS.count(",") + 1
-# Differentiable arguments: (position in LAYER_ARGS, name); rnn_layer_bwd returns one gradient
-# for each, in this order (an empty tensor where it was not asked for).
+# Differentiable arguments: (position in LAYER_ARGS, name); rnn_layer_bwd returns the gradients
+# of those its ``needs`` flags ask for, in this order.
 GRAD_ARGS = ((2, "x"), (3, "w_ih"), (4, "w_hh"), (5, "b_ih"), (6, "b_hh"), (7, "h0"), (8, "c0"),
              (9, "w_hr"), (12, "ln_ih_weight"), (13, "ln_ih_bias"), (14, "ln_hh_weight"),
              (15, "ln_hh_bias"), (16, "ln_c_weight"), (17, "ln_c_bias"), (18, "peephole"))
@@ -141,8 +141,7 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     if vgrads is not None:
         for n in ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias", "peephole"):
             grads[n] = getattr(vgrads, n)
-    empty = x.new_empty(0)
-    return [grads.get(n) if need[n] and grads.get(n) is not None else empty for _, n in GRAD_ARGS]
+    return [grads[n] for _, n in GRAD_ARGS if need[n]]
 
 
 def _layer(*args):
@@ -182,8 +181,7 @@ def _fake_forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_
 
 
 def _fake_backward(*args):
-    empty = args[2].new_empty(0)
-    return [torch.empty_like(args[pos]) if need else empty for (pos, _), need in zip(GRAD_ARGS, args[-1])]
+    return [torch.empty_like(args[pos]) for (pos, _), need in zip(GRAD_ARGS, args[-1]) if need]
 
 
 def _fake_layer(*args):
@@ -215,9 +213,8 @@ class _RNNLayer(torch.autograd.Function):
         grads = torch.ops.fastrnn.rnn_layer_bwd(
             *args, grad_h_seq, grad_h_T, grad_c_T if args[1] == "lstm" else None, h_seq, saved, needs)
         result = [None] * N_ARGS
-        for (pos, _), need, g in zip(GRAD_ARGS, needs, grads):
-            if need:
-                result[pos] = g
+        for pos, g in zip((pos for (pos, _), need in zip(GRAD_ARGS, needs) if need), grads):
+            result[pos] = g
         return tuple(result)
 
 
@@ -254,10 +251,23 @@ def rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, batch_siz
     """
     variant = variant or Variant()
     ln_w, ln_b = ln_ih if ln_ih is not None else (None, None)
-    h_seq, h_T, c_T = torch.ops.fastrnn.rnn_layer(
-        backend_arg(backend), cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
-        ln_w, ln_b, *variant)
+    args = (backend_arg(backend), cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
+            ln_w, ln_b, *variant)
+    h_seq, h_T, c_T = _call_layer(args)
     return h_seq, h_T, (c_T if cell == "lstm" else None)
+
+
+def _call_layer(args):
+    """``torch.ops.fastrnn.rnn_layer(*args)``. In eager mode the op's own autograd kernel is
+    entered directly: a dispatcher round trip into Python costs ~5 us, a tenth of a small
+    layer's time (bench/library_overhead.py); the kernels still run as the registered
+    ``rnn_layer_fwd`` / ``rnn_layer_bwd`` ops. Under torch.compile the graph gets the op itself."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fastrnn.rnn_layer(*args)
+    if torch.is_grad_enabled() and any(
+            args[pos] is not None and args[pos].requires_grad for pos, _ in GRAD_ARGS):
+        return _RNNLayer.apply(*args)
+    return torch.ops.fastrnn.rnn_layer_fwd(*args, False)[:3]
 
 
 def rnn_cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend=None, *, ln_ih=None, variant=None):
