@@ -461,7 +461,8 @@ def _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, 
     split = is_gru and not v.reset_after
     new = lambda *shape: torch.empty(*shape, dtype=h_seq.dtype)  # noqa: E731
     zeros = lambda *shape: torch.zeros(*shape, dtype=h_seq.dtype)  # noqa: E731
-    fresh = lambda g, *shape: zeros(*shape) if g is None else g.detach().to(h_seq.dtype).contiguous().clone()  # noqa: E731
+    fresh = lambda g, *shape: (zeros(*shape) if g is None  # noqa: E731
+                               else g.detach().to(h_seq.dtype).contiguous().clone())
     e1, e2, e3 = _empty(1, dt), _empty(2, dt), _empty(3, dt)
     # the saved tuple: the plain one, then the variant's tensors in saved_layout's order
     i = {"lstm": 3 + proj, "gru": 3}.get(cell, 1)
