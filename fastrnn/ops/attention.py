@@ -125,5 +125,10 @@ def sdpa(backend, q, k, v, mask: SdpaMask | None, scale: float, causal: bool, dr
     backend named ``backend`` (None: automatic); ``seed`` a 0-dim int64 tensor or None (no
     dropout). Returns ``out`` [N, L, Ev]."""
     bias, rows = mask if mask is not None else (None, None)
-    return torch.ops.fastrnn.sdpa(backend_arg(backend), q, k, v, bias, rows, scale, causal,
-                                  dropout_p, seed)
+    args = (backend_arg(backend), q, k, v, bias, rows, scale, causal, dropout_p, seed)
+    # as fastrnn.ops.rnn_layer._call_layer: eager enters the autograd formula directly
+    if torch.compiler.is_compiling():
+        return torch.ops.fastrnn.sdpa(*args)
+    if torch.is_grad_enabled() and any(args[p] is not None and args[p].requires_grad for p in GRAD_POS):
+        return _SDPA.apply(*args)
+    return torch.ops.fastrnn.sdpa_fwd(*args)[0]
