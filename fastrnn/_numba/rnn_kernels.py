@@ -26,6 +26,11 @@ shapes (it re-packs ``W_hh`` on every call, and this machine pins it to its AVX2
 panels ``[P, K, NV*L]`` (L = lanes, see ``pack_panel``). ``gemm`` runs the op code's big GEMMs
 (input projection, grad_x, weight gradients) on the same micro-kernel and threads.
 
+The variants of docs/variants.md (layer norm, peephole, recurrent dropout, zoneout, resets,
+GRU reset_after=False) have their own kernels, ``rnn_forward_var`` / ``rnn_backward_var``, at
+the end of this file (see the comment there for their phase structure); the plain kernels
+above do not know about them.
+
 Kernel arguments are numpy arrays (zero-copy views of torch tensors), all C-contiguous, all of
 one float dtype (float32 or float64: one compiled signature each). Absent optional inputs are
 passed as empty arrays of the right rank, so that every call of a kernel has the same types.
