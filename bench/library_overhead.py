@@ -28,19 +28,23 @@ from fastrnn.ops.recurrence import Variant
 
 
 class _PlainLayer(torch.autograd.Function):
-    """The unregistered path: the registered ops' kernels called straight from autograd."""
+    """The unregistered path: fastrnn.ops.rnn_layer's autograd formula, saving the same tensors,
+    with the kernels called straight from it instead of through the dispatcher."""
 
     @staticmethod
     def forward(ctx, *args):
         h_seq, h_T, c_T, saved = RL._forward(*args, training=True)
-        ctx.args = args
-        ctx.save_for_backward(h_seq, *saved)
+        ctx.flags = (args[0], args[1], args[11], args[-1])
+        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) or a is None else None for a in args),
+                              h_seq, *saved)
         return h_seq, h_T, c_T
 
     @staticmethod
     def backward(ctx, grad_h_seq, grad_h_T, grad_c_T):
-        h_seq, *saved = ctx.saved_tensors
-        args = ctx.args
+        tensors = ctx.saved_tensors
+        args = list(tensors[:RL.N_ARGS])
+        args[0], args[1], args[11], args[-1] = ctx.flags
+        h_seq, saved = tensors[RL.N_ARGS], list(tensors[RL.N_ARGS + 1:])
         needs = [ctx.needs_input_grad[pos] for pos, _ in RL.GRAD_ARGS]
         grads = RL._backward(*args, grad_h_seq, grad_h_T, grad_c_T if args[1] == "lstm" else None,
                              h_seq, saved, needs)
