@@ -11,10 +11,13 @@ Per variant (``variant_loops.CASES``):
 1. build the fastrnn module per backend and the loop with the same parameter values; compile a
    second copy of the loop (``torch.compile(dynamic=False, fullgraph=True)``; without fullgraph
    only if that fails, which the report says) and time its first training call: compile time;
-2. gate: every fastrnn backend and the compiled loop against the eager loop -- outputs, final
-   states, gradients of the input and of every parameter, in training mode from the same RNG
-   state (the loop draws its masks in fastrnn.functional's documented order), fastrnn.bench's
-   float32 tolerance; a failed gate is reported and its ratios are not;
+2. gate (``variant_loops.gate``): every fastrnn backend and the compiled loop against the eager
+   loop -- outputs, final states, gradients of the input and of every parameter, in training
+   mode from the same RNG state (the loop draws its masks in fastrnn.functional's documented
+   order). fastrnn backends are compared in float64 (float32 layer-norm gradients at T=100 are
+   too ill-conditioned to compare implementations); the compiled loop, in float32 against the
+   float64 loop, may be at most 4x as far off as the eager loop. A failed gate is reported and
+   its ratios are not;
 3. time in interleaved rounds: each round runs every candidate once (inner calls averaged),
    alternating the order every round and leaving a short idle gap between candidates (torch's
    OpenMP pool and numba's spin for milliseconds after their last parallel region), so drift on
@@ -39,7 +42,7 @@ import fastrnn
 from fastrnn.bench import machine, shape_id
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from variant_loops import CASES, CASES_BY_NAME, VariantLoop, build, compare, compile_loop, gate_tolerance, make_inputs  # noqa: E402
+from variant_loops import CASES, CASES_BY_NAME, VariantLoop, build, compile_loop, gate, gate_tolerance, make_inputs  # noqa: E402
 
 FULL = (100, 32, 256, 256)   # issue 8's T, B, I, H
 QUICK = (20, 4, 32, 32)
@@ -108,13 +111,13 @@ def run_case(case, shape, backends, rounds, do_compile):
         comp, row["compile_s"], row["fullgraph"] = compiled_loop(case, I, H, loop.state_dict(), (x, reset))
         cands["compiled"] = comp
     cands.update(fast)
-    tol = gate_tolerance(T, max(I, H), x.dtype, training=True)
     for k, m in cands.items():
         if k == "loop":
             continue
-        errs = compare(m, loop, x, reset, training=True)
-        worst = max(errs, key=errs.get)
-        row["gates"][k] = (worst, errs[worst], errs[worst] <= tol)
+        res = gate(m, loop, x, reset, in_float64=k != "compiled")
+        worst = max(res, key=lambda n: res[n][0] / (1 if res[n][3] else 1e-30))  # a failure first
+        f32 = max(res, key=lambda n: res[n][1])
+        row["gates"][k] = (worst, res[worst][0], all(v[3] for v in res.values()), res[f32][1], res[f32][2])
     fns = {k: train_step(m, x, reset) for k, m in cands.items()}
     probe = interleaved({"loop": fns["loop"]}, 1, 1, 0)["loop"][0]
     inner = max(1, min(20, int(50 / max(probe, 1e-3))))  # >= ~50 ms per sample
@@ -143,8 +146,9 @@ def report(rows, info, args, shape, backends) -> str:
         f"Median of {rows[0]['rounds'] if rows else '?'} interleaved rounds (order alternating each round). "
         "**ratio = loop time / fastrnn time** (> 1: fastrnn faster); `best` = the same for the fastest rounds. "
         f"Targets: >= {TARGET_EAGER:g}x the eager loop, >= {TARGET_COMPILED:g}x the compiled loop. "
-        "The gate (max error of each candidate against the eager loop, outputs and every gradient, "
-        "training mode, same random masks) passed unless marked FAIL.", "",
+        "The gate (`variant_loops.gate`: outputs, final states and every gradient against the eager loop, "
+        "training mode, same random masks; fastrnn in float64, the compiled loop by the low-precision rule "
+        "in float32) passed unless marked FAIL.", "",
     ]
     comp = any(r["compile_s"] is not None for r in rows)
     head = "| variant | loop ms |" + (" compiled ms | compile s |" if comp else "")
@@ -161,7 +165,7 @@ def report(rows, info, args, shape, backends) -> str:
             fg = "" if r["fullgraph"] else " (graph breaks)"
             line += f" {ms['compiled']:.1f} | {r['compile_s']:.0f}{fg} |"
         for b in backends:
-            worst, err, ok = r["gates"][b]
+            worst, err, ok = r["gates"][b][:3]
             if not ok:
                 fails.append(f"{r['case']}/{b}: {worst} error {err:.2g}")
                 line += f" {ms[b]:.1f} | gate FAIL |" + (" gate FAIL |" if comp else "")
@@ -179,12 +183,16 @@ def report(rows, info, args, shape, backends) -> str:
                         misses.append(f"{r['case']}/{b} vs compiled {c:.2f}x")
                     line += f" **{c:.2f}x** ({cb:.2f}) |"
         lines.append(line)
-    gate_errs = [err for r in rows for _, err, _ in r["gates"].values()]
     spreads = sorted(s for r in rows for s in r["spread"].values())
     lines.append("")
-    if gate_errs:
-        lines.append(f"Gate: largest error {max(gate_errs):.1e} over all cases and candidates "
-                     f"(tolerance {gate_tolerance(T, max(I, H), torch.float32, True):.1e}).")
+    e64 = [g[1] for r in rows for k, g in r["gates"].items() if k != "compiled"]
+    if e64:
+        lines.append(f"Gate, fastrnn in float64: largest error {max(e64):.1e} "
+                     f"(tolerance {gate_tolerance(T, max(I, H), torch.float64, True):.1e}).")
+    lines.append("Float32 error against the float64 loop, largest over outputs and gradients, "
+                 "candidate / eager loop: " + "; ".join(
+                     f"{r['case']} " + ", ".join(f"{k} {g[3]:.1e}" for k, g in r["gates"].items())
+                     + f" / {next(iter(r['gates'].values()))[4]:.1e}" for r in rows if r["gates"]) + ".")
     if spreads:
         lines.append(f"Noise: (max - min) / median of a candidate's rounds: median {statistics.median(spreads):.0%}, "
                      f"largest {spreads[-1]:.0%}.")
