@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.recurrence import VariantGrads, is_plain
-from .reference_rnn import check_variant
+from ..ops.recurrence import check_variant
 
 name = "cpp"
 

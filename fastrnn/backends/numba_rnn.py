@@ -42,7 +42,7 @@ peephole) are accumulated per thread in the kernel and summed here; ``VariantGra
 plain tuple (``c_seq`` = c_t after zoneout; GRU ``hn_seq`` = the hidden-side n pre-activation
 as used), then ``hw_hat, hw_rstd`` (layer norm), ``c_hat, c_rstd`` (LSTM cell layer norm),
 ``c_new`` / ``h_new`` (LSTM / RNN zoneout). The accepted combinations are the reference's
-(``reference_rnn.check_variant``).
+(``fastrnn.ops.recurrence.check_variant``).
 
 Dtypes and compilation
 ----------------------
@@ -102,7 +102,7 @@ import numpy as np
 import torch
 
 from ..ops.recurrence import GATES, VariantGrads, check_cell, is_plain, recurrent_inputs
-from .reference_rnn import check_variant
+from ..ops.recurrence import check_variant
 
 name = "numba"
 

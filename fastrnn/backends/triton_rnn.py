@@ -51,7 +51,8 @@ import torch
 from .. import _triton as _triton_pkg
 
 from ..ops import recurrence
-from ..ops.recurrence import GATES, Variant, VariantGrads, is_plain, previous_states, recurrent_inputs, time_steps
+from ..ops.recurrence import (GATES, Variant, VariantGrads, check_variant, is_plain, previous_states,
+                              recurrent_inputs, time_steps)
 
 name = "triton"
 
@@ -91,7 +92,6 @@ _VarFlags = collections.namedtuple("_VarFlags", "ln ln_c peep mask zh zc reset r
 def _var_flags(cell, variant):
     if is_plain(variant):
         return None
-    from .reference_rnn import check_variant  # the one rule for accepted combinations
     v = check_variant(cell, variant)
     return _VarFlags(ln=v.ln_hh_weight is not None, ln_c=v.ln_c_weight is not None, peep=v.peephole is not None,
                      mask=v.rec_mask is not None, zh=v.zoneout_h is not None, zc=v.zoneout_c is not None,

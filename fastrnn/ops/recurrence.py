@@ -112,6 +112,23 @@ def is_plain(variant: Variant | None) -> bool:
     return variant is None or variant == Variant()
 
 
+def check_variant(cell: str, variant: Variant | None) -> Variant:
+    """The variant with its combinations checked (``Variant()`` for None): the saved layout
+    (``saved_layout``) assumes these pairings, so a backend may rely on them."""
+    v = Variant() if variant is None else variant
+    if (v.ln_hh_weight is None) != (v.ln_hh_bias is None) or (v.ln_c_weight is None) != (v.ln_c_bias is None):
+        raise ValueError("fastrnn: layer norm needs both its weight and its bias")
+    if cell != "lstm" and (v.ln_c_weight is not None or v.peephole is not None or v.zoneout_c is not None):
+        raise ValueError(f"fastrnn: ln_c, peephole and zoneout_c are LSTM options, not {cell}'s")
+    if v.ln_c_weight is not None and v.ln_hh_weight is None:
+        raise ValueError("fastrnn: the cell-state layer norm comes with the hidden-product layer norm")
+    if cell == "lstm" and (v.zoneout_h is None) != (v.zoneout_c is None):
+        raise ValueError("fastrnn: LSTM zoneout needs both zoneout_h and zoneout_c")
+    if not v.reset_after and (cell != "gru" or v.ln_hh_weight is not None):
+        raise ValueError("fastrnn: reset_after=False is a GRU option and excludes layer norm")
+    return v
+
+
 def recurrent_inputs(h_seq, h0, batch_sizes, reverse, variant: Variant | None):
     """``h_in`` [T, B, Hr]: the left operand of step t's recurrent product, for dW_hh.
 
