@@ -129,6 +129,4 @@ def sdpa(backend, q, k, v, mask: SdpaMask | None, scale: float, causal: bool, dr
     # as fastrnn.ops.rnn_layer._call_layer: eager enters the autograd formula directly
     if torch.compiler.is_compiling():
         return torch.ops.fastrnn.sdpa(*args)
-    if torch.is_grad_enabled() and any(args[p] is not None and args[p].requires_grad for p in GRAD_POS):
-        return _SDPA.apply(*args)
-    return torch.ops.fastrnn.sdpa_fwd(*args)[0]
+    return _sdpa_autograd(*args)

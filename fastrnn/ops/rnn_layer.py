@@ -260,14 +260,12 @@ def rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, batch_siz
 def _call_layer(args):
     """``torch.ops.fastrnn.rnn_layer(*args)``. In eager mode the op's own autograd kernel is
     entered directly: a dispatcher round trip into Python costs ~5 us, a tenth of a small
-    layer's time (bench/library_overhead.py); the kernels still run as the registered
-    ``rnn_layer_fwd`` / ``rnn_layer_bwd`` ops. Under torch.compile the graph gets the op itself."""
+    layer's time (bench/library_overhead.py); the kernels still run as registered ops
+    (``rnn_layer_fwd`` / ``rnn_layer_bwd`` in training, ``rnn_layer`` below autograd in
+    inference). Under torch.compile the graph gets the op itself."""
     if torch.compiler.is_compiling():
         return torch.ops.fastrnn.rnn_layer(*args)
-    if torch.is_grad_enabled() and any(
-            args[pos] is not None and args[pos].requires_grad for pos, _ in GRAD_ARGS):
-        return _RNNLayer.apply(*args)
-    return torch.ops.fastrnn.rnn_layer_fwd(*args, False)[:3]
+    return _layer_autograd(*args)
 
 
 def rnn_cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend=None, *, ln_ih=None, variant=None):
