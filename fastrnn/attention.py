@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, precision
 from .ops.attention import SdpaMask, sdpa
 
 
@@ -110,22 +110,28 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Returns [..., L, Ev]. ``backend`` as everywhere in fastrnn (None: automatic).
     """
     _check_inputs(query, key, value, attn_mask, dropout_p, is_causal)
-    impl = backends.resolve(backend, query.device, "sdpa")
+    # torch's autocast runs SDPA in the autocast dtype (fastrnn.precision); a dtype the backend
+    # does not compute in runs in float32 and is cast back. plan() is a constant to torch.compile.
+    want = precision.autocast_dtype("sdpa", query.device.type)
+    result = want if want is not None and query.dtype != torch.float64 else query.dtype
+    name, dtype = backends.plan(backend, query.device, "sdpa", result)
+    if want is not None:  # autocast casts every floating input (a float mask too)
+        query, key, value, attn_mask = precision.cast((query, key, value, attn_mask), want)
     L, E = query.shape[-2:]
     S, Ev = key.shape[-2], value.shape[-1]
     batch, k3, v3 = _flatten_kv(query, key, value, enable_gqa)
     q3 = query.expand(batch + (L, E)).reshape(math.prod(batch), L, E)
-    dtype = query.dtype if query.dtype in impl.dtypes else torch.float32
     mask = _flatten_mask(attn_mask, batch, L, S, dtype) if attn_mask is not None else None
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     p = float(dropout_p) if dropout_p > 0 else 0.0
     # a tensor, not a Python int: drawing it is then part of a compiled graph, not a graph break
     seed = torch.randint(0, 2 ** 32, ()) if 0 < p < 1 else None
-    out = sdpa(impl.name, q3.to(dtype), k3.to(dtype), v3.to(dtype), mask, scale, bool(is_causal),
-               p if p < 1 else 0.0, seed)
-    if p >= 1:
-        out = out * 0.0  # every weight dropped (torch returns zeros; NaN still propagates)
-    return out.to(query.dtype).view(batch + (L, Ev))
+    with precision.no_autocast(query.device.type):
+        out = sdpa(name, q3.to(dtype), k3.to(dtype), v3.to(dtype), mask, scale, bool(is_causal),
+                   p if p < 1 else 0.0, seed)
+        if p >= 1:
+            out = out * 0.0  # every weight dropped (torch returns zeros; NaN still propagates)
+    return out.to(result).view(batch + (L, Ev))
 
 
 class Attention(nn.Module):
@@ -154,7 +160,8 @@ class Attention(nn.Module):
         super().__init__()
         if score not in self.SCORES:
             raise ValueError(f"fastrnn.Attention: score must be one of {self.SCORES}, got {score!r}")
-        self.hidden_size, self.score, self.backend = hidden_size, score, backend
+        self.hidden_size, self.score = hidden_size, score
+        self.backend = backends.check_name(backend)
         if score == "general":
             self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size, device=device, dtype=dtype))
         else:

@@ -14,6 +14,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from . import backends, precision
 from .ops.recurrence import GATES, Variant, packed_mask
 from .ops.rnn_layer import rnn_cell as _rnn_cell_op, rnn_layer
 
@@ -148,6 +149,33 @@ def _variant_kwargs(ln_ih, variant):
     return kw
 
 
+def _precision_plan(op, x, tensors, backend, packed=False):
+    """``(run dtype, result dtype)`` when a call must run in another dtype than it was given
+    (fastrnn.precision: torch's autocast policy, or a low-precision input that the backend computes
+    in float32), else None. Outside autocast the inputs must share one dtype (torch's rule), so that
+    is checked before anything is cast."""
+    want = precision.autocast_dtype(op, x.device.type, packed)
+    if want is None and x.dtype not in precision.LOW:
+        return None
+    if want is None:
+        _check_same([(f"tensor {k}", t) for k, t in enumerate(tensors)], "input", x)
+    target = want if want is not None and x.dtype != torch.float64 else x.dtype
+    if not target.is_floating_point:
+        return None
+    _, run = backends.plan(backend, x.device, "rnn", target)
+    if want is None and run == x.dtype:
+        return None  # the backend computes in the inputs' dtype (triton: float16 / bfloat16)
+    return run, target
+
+
+def _flat(*trees):
+    for t in trees:
+        if isinstance(t, (tuple, list)):
+            yield from _flat(*t)
+        elif isinstance(t, torch.Tensor):
+            yield t
+
+
 def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, training=False,
         batch_sizes=None, backend=None, layer_norm=None, peephole=None, recurrent_dropout=0.0,
         zoneout=0.0, reset_after=True, reset_mask=None):
@@ -186,6 +214,18 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     layer (as torch). B and T are the padded shape (packed batches included: the backends ignore
     masks on inactive rows). Eval mode draws nothing.
     """
+    plan = _precision_plan(cell, x, list(_flat(h0, c0, weights, layer_norm, peephole)), backend,
+                           packed=batch_sizes is not None)
+    if plan is not None:
+        run, result = plan
+        with precision.no_autocast(x.device.type):
+            out, h_n, c_n = rnn(
+                cell, *precision.cast((x, h0, c0, weights), run), num_layers=num_layers,
+                bidirectional=bidirectional, dropout=dropout, training=training,
+                batch_sizes=batch_sizes, backend=backend, layer_norm=precision.cast(layer_norm, run),
+                peephole=precision.cast(peephole, run), recurrent_dropout=recurrent_dropout,
+                zoneout=zoneout, reset_after=reset_after, reset_mask=reset_mask)
+        return precision.cast((out, h_n, c_n), result)
     D = 2 if bidirectional else 1
     if len(weights) != num_layers * D:
         raise ValueError(f"fastrnn: expected {num_layers * D} weight groups, got {len(weights)}")
@@ -239,7 +279,12 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
             c_n.append(c_T)
         x = outs[0] if D == 1 else torch.cat(outs, -1)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            if mask is None:
+                x = F.dropout(x, dropout, training=True)
+            else:
+                # torch draws the mask on the packed data [N, D*Hr]: the same draws, same numbers
+                x = x.new_zeros(x.shape).masked_scatter(
+                    mask.unsqueeze(-1), F.dropout(x[mask], dropout, training=True))
 
     out = x if mask is None else x[mask]
     return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
@@ -253,6 +298,15 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
     rec_mask [B, H] or None (the caller's recurrent-dropout mask: a cell cannot know where a
     sequence starts, so it never draws one); zoneout p (training: one 0/1 draw [1, B, H] for h,
     then one for c; eval: p)."""
+    plan = _precision_plan(f"{cell}_cell", input, list(_flat(hx, cx, w_ih, w_hh, b_ih, b_hh, layer_norm,
+                                                             peephole, rec_mask)), backend)
+    if plan is not None:
+        run, result = plan
+        with precision.no_autocast(input.device.type):
+            h, c = _cell(cell, *precision.cast((input, hx, cx, w_ih, w_hh, b_ih, b_hh), run), backend,
+                         precision.cast(layer_norm, run), precision.cast(peephole, run), zoneout,
+                         training, precision.cast(rec_mask, run), reset_after)
+        return precision.cast((h, c), result)
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
     for k, state in enumerate((hx, cx)):

@@ -19,6 +19,9 @@ from __future__ import annotations
 import importlib
 import os
 import types
+import warnings
+
+import torch
 
 # backend name -> module-name prefix. "torch" is the plain-PyTorch reference (the specification).
 BACKENDS = {"cpp": "cpp", "numba": "numba", "triton": "triton", "torch": "reference"}
@@ -42,6 +45,15 @@ def _device_type(device) -> str:
     if isinstance(device, str):
         return device.split(":")[0]
     return device.type
+
+
+def check_name(backend: str | None) -> str | None:
+    """``backend`` itself if it is None or a known backend name; else ValueError (at construction,
+    ``convert`` or CLI parse time, not at the first forward)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"fastrnn: unknown backend {backend!r}; expected None (automatic) or one of "
+                         f"{sorted(BACKENDS)}")
+    return backend
 
 
 def load(name: str, op: str) -> types.ModuleType | str:
@@ -98,7 +110,47 @@ def resolve(backend: str | None, device, op: str) -> types.ModuleType:
                 f"fastrnn: backend {requested!r} (from {source}) cannot run {op} on {dtype}: {reason}"
             )
         return load(requested, op)
-    for name in PREFERENCE.get(dtype, ("torch",)):
+    preferred = PREFERENCE.get(dtype, ("torch",))
+    for name in preferred:
         if unavailable_reason(name, dtype, op) is None:
+            if name != preferred[0]:
+                _warn_fallback(preferred[0], name, dtype, op)
             return load(name, op)
     raise RuntimeError(f"fastrnn: no backend can run {op} on device type {dtype!r}")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_fallback(wanted: str, used: str, device_type: str, op: str) -> None:
+    """Once per process and op: the automatic choice could not use the best backend (a failed C++
+    build is otherwise invisible after a default ``pip install``)."""
+    if (device_type, op) in _warned:
+        return
+    _warned.add((device_type, op))
+    warnings.warn(f"fastrnn: backend {wanted!r} is unavailable for {op} on {device_type} "
+                  f"({unavailable_reason(wanted, device_type, op)}); using {used!r} instead. "
+                  "`python -m fastrnn info` lists every backend and why it is (not) usable.",
+                  RuntimeWarning, stacklevel=3)
+
+
+# What each backend computes in; other floating dtypes run in float32 and are cast back by the
+# user-facing functions (fastrnn.functional, fastrnn.attention).
+_DEFAULT_DTYPES = (torch.float32, torch.float64)
+
+
+def plan(backend: str | None, device, op: str, dtype: torch.dtype) -> tuple[str, torch.dtype]:
+    """``(backend name, compute dtype)`` for ``op`` on ``device`` with inputs of ``dtype``, by the
+    selection rule (raises as ``resolve``). The compute dtype is ``dtype`` if the backend computes
+    in it, else float32.
+
+    torch.compile treats the result as a constant of the traced code (what
+    ``torch.compiler.assume_constant_result`` marks; set directly so ``import fastrnn`` does not
+    import dynamo): resolving imports backend modules lazily, which dynamo cannot trace, and the
+    choice cannot change within a process except through ``FASTRNN_BACKEND``.
+    """
+    impl = resolve(backend, device, op)
+    return impl.name, (dtype if dtype in getattr(impl, "dtypes", _DEFAULT_DTYPES) else torch.float32)
+
+
+plan._dynamo_marked_constant = True

@@ -55,6 +55,9 @@ from ..ops.recurrence import (GATES, Variant, VariantGrads, check_variant, is_pl
                               recurrent_inputs, time_steps)
 
 name = "triton"
+# float16 / bfloat16 run natively (float32 state and accumulation); the other backends compute in
+# float32 / float64 only (fastrnn.backends.plan)
+dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 TF32_ENV = "FASTRNN_TRITON_TF32"
 GRAPHS_ENV = "FASTRNN_TRITON_CUDA_GRAPHS"

@@ -19,6 +19,8 @@ four (tests/test_library.py).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LIB = torch.library.Library("fastrnn", "DEF")
@@ -29,10 +31,26 @@ def define(schema: str, kernel, fake, autograd=None) -> None:
     its autograd kernel (a function of the op's arguments that calls an autograd.Function)."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)
-    LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    LIB.impl(name, _autocast_off(kernel), "CompositeExplicitAutograd")
     torch.library.register_fake(f"fastrnn::{name}", fake, lib=LIB)
     if autograd is not None:
         LIB.impl(name, autograd, "Autograd")
+
+
+def _autocast_off(kernel):
+    """The kernel with autocast off while it runs: the ops have no autocast kernel, so inside a
+    user's autocast region the torch ops *within* a kernel (the big GEMMs) would otherwise run in
+    the autocast dtype. The user-facing functions apply torch's autocast policy to the op's inputs
+    (fastrnn.precision); the kernel computes in the dtype it is given."""
+    def run(*args):
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not on:
+            return kernel(*args)
+        with contextlib.ExitStack() as stack:
+            for d in on:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return kernel(*args)
+    return run
 
 
 def below_autograd():
