@@ -8,17 +8,30 @@ import sys
 import torch
 
 import fastrnn
+from fastrnn import backends
 
 
 def cmd_bench(args) -> int:
     from . import bench
     if args.threads:
         fastrnn.set_num_threads(args.threads)
+    if args.backends:
+        # an explicit backend that cannot run is an error, not a silently shorter table
+        families = {"sdpa" if op == "sdpa" else "rnn" for op in args.ops}
+        bad = {f"{b} ({fam}): {r}" for b in args.backends for fam in families
+               if (r := backends.unavailable_reason(b, args.device, fam)) is not None}
+        if bad:
+            print("fastrnn bench: requested backend(s) cannot run here:\n  " + "\n  ".join(sorted(bad)),
+                  file=sys.stderr)
+            return 2
     info = bench.machine()
     print(f"fastrnn bench on {info['cpu']} ({info['logical_cpus']} CPUs, torch {info['torch']}, "
           f"{info['torch_threads']} threads)", flush=True)
     results = bench.run(ops=args.ops, backends=args.backends, modes=args.modes, quick=args.quick,
                         rounds=args.rounds, device=args.device, progress=not args.no_progress)
+    if not results:
+        print("fastrnn bench: no case ran (no usable backend); nothing written", file=sys.stderr)
+        return 1
     print(bench.table(results))
     paths = bench.save(results, args.out, info)
     print("wrote " + ", ".join(paths.values()))
@@ -30,7 +43,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import backends, bench
+    from . import bench
     info = bench.machine()
     print("fastrnn", fastrnn.__version__)
     for k, v in info.items():
@@ -87,7 +100,8 @@ def main(argv=None) -> int:
 
     b = sub.add_parser("bench", help="time fastrnn against torch (correctness gate first)")
     b.add_argument("--ops", nargs="+", default=["lstm", "gru", "rnn", "sdpa"], choices=["lstm", "gru", "rnn", "sdpa"])
-    b.add_argument("--backends", nargs="+", default=None, help="default: every usable one but the reference")
+    b.add_argument("--backends", nargs="+", default=None, choices=sorted(backends.BACKENDS),
+                   help="default: every usable one but the reference")
     b.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"],
                    help="infer: forward under no_grad; train: forward + backward")
     b.add_argument("--quick", action="store_true", help="one small shape, few rounds (a smoke test)")
@@ -103,7 +117,7 @@ def main(argv=None) -> int:
 
     f = sub.add_parser("profile", help="run one op under torch.profiler")
     f.add_argument("--op", default="lstm", choices=["lstm", "gru", "rnn"])
-    f.add_argument("--backend", default=None)
+    f.add_argument("--backend", default=None, choices=sorted(backends.BACKENDS))
     f.add_argument("--mode", default="train", choices=["infer", "train"])
     f.add_argument("--seq-len", "-T", type=int, default=50)
     f.add_argument("--batch", "-B", type=int, default=16)

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
+from . import backends
 from . import functional as FR
 from .ops.recurrence import GATES
 
@@ -185,6 +187,7 @@ class _BackendArg:
                  recurrent_dropout=0.0, zoneout=0.0, reset_after=True, forget_bias=0.0, **kwargs):
         # torch's __init__ draws torch's parameters (through our reset_parameters, which at that
         # point sees the class defaults: no variant parameters, no forget_bias).
+        backends.check_name(backend)  # before torch's __init__ draws any parameter
         super().__init__(*args, **kwargs)
         self.backend = backend
         if recurrent_dropout and isinstance(self, nn.RNNCellBase):
@@ -395,36 +398,101 @@ class RNNCell(_OneStateCell, nn.RNNCell):
                            nonlinearity=self.nonlinearity, backend=self.backend, **self._step_kwargs())
 
 
-# torch class -> fastrnn class. Exact types only: a user subclass may have its own forward.
+# torch class -> fastrnn class. Exact types only by default: a user subclass may have its own forward.
 SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
          nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
 
 
-def _swap(module: nn.Module, table: dict, backend):
-    cls = table.get(type(module))
-    if cls is None:
-        return module
+def _share(module: nn.Module, cls: type, exclude=()) -> nn.Module:
+    """A ``cls`` object with ``module``'s state: the same parameter tensors, own containers (so
+    registering a parameter on one later does not change the other)."""
     new = cls.__new__(cls)
-    # Same parameter tensors, own containers: the new module shares weights with the old one
-    # but registering a parameter on one later does not change the other.
     new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
-                    for k, v in module.__dict__.items()}
-    if backend is not None or "backend" not in new.__dict__:
-        new.backend = backend
+                    for k, v in module.__dict__.items() if k not in exclude}
     return new
 
 
-def convert(module: nn.Module, backend: str | None = None) -> nn.Module:
+_SUBCLASS_SWAPS: dict[type, type] = {}
+
+
+def _fused_subclass(sub: type, torch_cls: type) -> type:
+    """``sub`` (a user subclass of ``torch_cls``) with the fused forward where torch's stood.
+
+    The new class derives from ``sub`` and from a class that is both fastrnn's and ``torch_cls``
+    (the cells already are; for the layers, ``LSTM`` + ``nn.LSTM``), so Python's method order puts
+    fastrnn's methods right before ``torch_cls``'s: ``sub``'s own ``forward`` runs, and its
+    ``super().forward(...)`` reaches the fused one. The object is still an instance of ``sub`` and
+    of ``torch_cls`` (so dynamo's refusal to trace nn.LSTM/GRU/RNN instances applies to it)."""
+    if sub not in _SUBCLASS_SWAPS:
+        fast = SWAPS[torch_cls]
+        middle = fast if issubclass(fast, torch_cls) else type(fast.__name__, (fast, torch_cls), {})
+        _SUBCLASS_SWAPS[sub] = type(sub.__name__, (sub, middle),
+                                    {"__module__": sub.__module__, "__qualname__": sub.__qualname__,
+                                     "_fastrnn_subclass_of": sub})
+    return _SUBCLASS_SWAPS[sub]
+
+
+def _torch_base(module: nn.Module) -> type | None:
+    """The torch RNN class ``module`` is an instance of through a user subclass, else None."""
+    if type(module) in SWAPS:
+        return None
+    return next((t for t in SWAPS if isinstance(module, t)), None)
+
+
+def convert(module: nn.Module, backend: str | None = None, *, subclasses=False, report: bool = False):
     """Replace every ``nn.LSTM/GRU/RNN`` and ``nn.LSTMCell/GRUCell/RNNCell`` in ``module``
     (the module itself included) by its fastrnn counterpart sharing the same parameter tensors.
-    Children are replaced in place; returns the (possibly new) top-level module."""
+    Children are replaced in place; returns the (possibly new) top-level module.
+
+    Subclasses of those classes (e.g. a library's ``class LSTM(nn.LSTM)`` that overrides
+    ``forward``) are left unchanged with a warning naming them, since their code may do anything.
+    ``subclasses=True`` (or a tuple of the classes to take) converts them too, for subclasses whose
+    ``forward`` wraps torch's: their own methods run and ``super().forward`` reaches the fused
+    kernel (an instance of the subclass still; ``to_torch`` turns it back).
+
+    ``report=True`` returns ``(module, report)``: one ``(path, class name, result)`` row per RNN
+    module met, ``result`` the fastrnn class name or ``"skipped: <why>"``.
+    """
+    backends.check_name(backend)
+    if not isinstance(subclasses, (bool, tuple, list, set)):
+        raise TypeError(f"fastrnn.convert: subclasses must be a bool or a tuple of classes, got {subclasses!r}")
+    rows = []
+    new = _convert(module, backend, subclasses, rows, "")
+    skipped = [f"{path or '<root>'} ({name})" for path, name, result in rows if result.startswith("skipped")]
+    if skipped:
+        warnings.warn("fastrnn.convert left these subclasses of torch's RNN modules unchanged (their "
+                      "own code may differ from torch's): " + ", ".join(skipped) + ". If their forward "
+                      "wraps torch's, convert them with convert(..., subclasses=True) or "
+                      "subclasses=(TheClass,).", UserWarning, stacklevel=2)
+    return (new, rows) if report else new
+
+
+def _convert(module, backend, subclasses, rows, path):
     for name, child in module.named_children():
-        setattr(module, name, convert(child, backend))
+        setattr(module, name, _convert(child, backend, subclasses, rows, f"{path}.{name}" if path else name))
+    cls_name = type(module).__qualname__
     if isinstance(module, (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)):
         if backend is not None:
             module.backend = backend
+        rows.append((path, cls_name, f"{cls_name} (already fastrnn)"))
         return module
-    return _swap(module, SWAPS, backend)
+    if type(module) in SWAPS:
+        new = _share(module, SWAPS[type(module)])
+        if backend is not None or "backend" not in new.__dict__:
+            new.backend = backend
+        rows.append((path, cls_name, type(new).__name__))
+        return new
+    torch_cls = _torch_base(module)
+    if torch_cls is None:
+        return module
+    if subclasses is True or (not isinstance(subclasses, bool) and type(module) in tuple(subclasses)):
+        new = _share(module, _fused_subclass(type(module), torch_cls))
+        new.backend = backend
+        rows.append((path, cls_name, f"{cls_name} on fastrnn.{SWAPS[torch_cls].__name__}"))
+        return new
+    rows.append((path, cls_name, f"skipped: a subclass of torch.nn.{torch_cls.__name__} with code of "
+                                 "its own (pass subclasses=True to convert it)"))
+    return module
 
 
 # fastrnn class -> torch class, for to_torch().
@@ -433,17 +501,14 @@ _FASTRNN_ATTRS = ("backend", "_variant_names", *_OPTIONS)
 
 
 def _unswap(module: nn.Module) -> nn.Module:
-    cls = _UNSWAPS.get(type(module))
+    cls = getattr(type(module), "_fastrnn_subclass_of", None) or _UNSWAPS.get(type(module))
     if cls is None:
         return module
     on = [opt for opt, off in _OPTIONS.items() if getattr(module, opt) != off]
     if on:
         raise ValueError(f"fastrnn.to_torch: {type(module).__name__} uses {', '.join(on)}, which "
                          f"torch.nn.{cls.__name__} cannot express")
-    new = cls.__new__(cls)
-    new.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, list, set)) else v
-                    for k, v in module.__dict__.items() if k not in _FASTRNN_ATTRS}
-    return new
+    return _share(module, cls, exclude=_FASTRNN_ATTRS)
 
 
 def to_torch(module: nn.Module) -> nn.Module:

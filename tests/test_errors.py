@@ -98,9 +98,14 @@ def test_nan_propagates_like_torch(backend, kind):
 
 
 def test_backend_selection_errors(monkeypatch):
-    m = fastrnn.LSTM(5, 4, backend="no-such-backend")
-    with pytest.raises(RuntimeError, match="unknown backend"):
-        m(torch.randn(3, 2, 5))
+    # an unknown name fails where it is written, not at the first forward
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastrnn.LSTM(5, 4, backend="no-such-backend")
+    m = fastrnn.LSTM(5, 4, backend="torch")
+    with pytest.raises(RuntimeError, match="unknown backend"):  # the functional API checks at call time
+        fastrnn.functional.rnn("lstm", torch.randn(3, 2, 5), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4),
+                               [(m.weight_ih_l0, m.weight_hh_l0, None, None, None)], num_layers=1,
+                               bidirectional=False, backend="no-such-backend")
     monkeypatch.setenv("FASTRNN_BACKEND", "no-such-backend")
     with pytest.raises(RuntimeError, match="FASTRNN_BACKEND"):
         fastrnn.GRU(5, 4)(torch.randn(3, 2, 5))
