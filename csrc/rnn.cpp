@@ -756,13 +756,17 @@ struct Steps {
 Steps make_steps(const Tensor& seq, bool reverse, const c10::optional<Tensor>& batch_sizes) {
   const int64_t* bs = nullptr;
   if (batch_sizes.has_value() && batch_sizes->defined()) {
-    TORCH_CHECK(batch_sizes->dtype() == at::kLong && batch_sizes->is_contiguous() &&
-                    batch_sizes->numel() == seq.size(0),
-                "batch_sizes must be a contiguous int64 tensor with one entry per time step");
+    TORCH_CHECK(batch_sizes->device().is_cpu() && batch_sizes->dtype() == at::kLong && batch_sizes->dim() == 1 &&
+                    batch_sizes->is_contiguous() && batch_sizes->numel() == seq.size(0),
+                "fastrnn cpp backend: batch_sizes must be a contiguous 1-D int64 CPU tensor with one entry per "
+                "time step (T = ", seq.size(0), "), got ", batch_sizes->sizes(), " ", batch_sizes->dtype(), " on ",
+                batch_sizes->device());
     bs = batch_sizes->data_ptr<int64_t>();
+    // the loops touch rows [0, bs[t]) of [B]-row buffers and rely on rows only finishing
     for (int64_t t = 0; t < seq.size(0); ++t)
       TORCH_CHECK(bs[t] >= 0 && bs[t] <= seq.size(1) && (t == 0 || bs[t] <= bs[t - 1]),
-                  "batch_sizes must be descending and at most the batch size");
+                  "fastrnn cpp backend: batch_sizes must be non-increasing, in [0, B = ", seq.size(1),
+                  "]; batch_sizes[", t, "] = ", bs[t]);
   }
   return Steps{seq.size(0), seq.size(1), reverse, bs};
 }
@@ -1394,6 +1398,97 @@ std::vector<Tensor> backward_variant_impl(int64_t cell, const Tensor& grad_h_seq
   return out;
 }
 
+bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------------------------------------------------
+// Entry-point checks: every size, dtype, device and layout the loops rely on (they index raw
+// pointers), so that a direct call of the extension with bad tensors raises instead of reading
+// or writing out of bounds. The Python layers check the same first (fastrnn/ops/checks.py).
+// ---------------------------------------------------------------------------------------------
+int64_t gates_of(int64_t cell) {
+  TORCH_CHECK(cell >= kLSTM && cell <= kRNNRelu, "fastrnn cpp backend: unknown cell code ", cell,
+              " (0 LSTM, 1 GRU, 2 RNN tanh, 3 RNN relu)");
+  return cell == kLSTM ? 4 : cell == kGRU ? 3 : 1;
+}
+
+void check_shape(const Tensor& t, at::IntArrayRef want, const char* name) {
+  TORCH_CHECK(t.sizes() == want, "fastrnn cpp backend: ", name, " has shape ", t.sizes(), ", expected ", want);
+}
+
+struct Dims {
+  int64_t T, B, G, H, Hr;
+};
+
+// w_hh [G, Hr], h0 [B, Hr], c0 [B, H] (LSTM), w_hr [Hr, H] (LSTM; without it Hr = H), batch_sizes
+// against T and B (make_steps checks its entries).
+Dims check_recurrence(int64_t cell, int64_t T, int64_t B, const Tensor& w_hh, const Tensor& h0,
+                      const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr) {
+  const int64_t ng = gates_of(cell);
+  TORCH_CHECK(w_hh.dim() == 2, "fastrnn cpp backend: w_hh must be 2-D [G, Hr], got ", w_hh.sizes());
+  const int64_t G = w_hh.size(0), Hr = w_hh.size(1), H = G / ng;
+  TORCH_CHECK(G > 0 && G % ng == 0 && Hr > 0, "fastrnn cpp backend: w_hh has shape ", w_hh.sizes(),
+              "; G must be a positive multiple of ", ng, " and Hr positive");
+  if (has(w_hr)) {
+    TORCH_CHECK(cell == kLSTM, "fastrnn cpp backend: w_hr (projection) is an LSTM option");
+    check_shape(*w_hr, {Hr, H}, "w_hr");
+  } else {
+    TORCH_CHECK(Hr == H, "fastrnn cpp backend: w_hh has shape ", w_hh.sizes(), "; without w_hr it must be [G, H = G/",
+                ng, " = ", H, "]");
+  }
+  check_shape(h0, {B, Hr}, "h0");
+  if (cell == kLSTM) {
+    TORCH_CHECK(has(c0), "LSTM needs c0");
+    check_shape(*c0, {B, H}, "c0");
+  }
+  return Dims{T, B, G, H, Hr};
+}
+
+Dims check_forward(int64_t cell, const Tensor& xw, const Tensor& w_hh, const c10::optional<Tensor>& b_hh,
+                   const Tensor& h0, const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr) {
+  TORCH_CHECK(xw.dim() == 3, "fastrnn cpp backend: xw must be 3-D [T, B, G], got ", xw.sizes());
+  const Dims d = check_recurrence(cell, xw.size(0), xw.size(1), w_hh, h0, c0, w_hr);
+  check_shape(xw, {d.T, d.B, d.G}, "xw");
+  if (has(b_hh)) check_shape(*b_hh, {d.G}, "b_hh");
+  return d;
+}
+
+// The backward's arguments and `saved` against what forward_impl / forward_variant_impl save for
+// these flags (the layout of fastrnn.ops.recurrence.saved_layout).
+Dims check_backward(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
+                    const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
+                    const Tensor& h0, const c10::optional<Tensor>& c0, const std::vector<Tensor>& saved, bool ln,
+                    bool ln_c, bool zoneout_h, bool zoneout_c) {
+  TORCH_CHECK(!saved.empty(), "rnn_backward needs the tensors saved by a training forward");
+  const Tensor& h_seq = saved[0];
+  TORCH_CHECK(h_seq.dim() == 3, "fastrnn cpp backend: saved[0] (h_seq) must be 3-D [T, B, Hr], got ", h_seq.sizes());
+  const Dims d = check_recurrence(cell, h_seq.size(0), h_seq.size(1), w_hh, h0, c0, w_hr);
+  const int64_t T = d.T, B = d.B, G = d.G, H = d.H, Hr = d.Hr;
+  check_shape(grad_h_seq, {T, B, Hr}, "grad_h_seq");
+  check_shape(grad_h_T, {B, Hr}, "grad_h_T");
+  const bool lstm = cell == kLSTM, gru = cell == kGRU;
+  if (lstm) {
+    TORCH_CHECK(has(grad_c_T), "fastrnn cpp backend: LSTM backward needs grad_c_T");
+    check_shape(*grad_c_T, {B, H}, "grad_c_T");
+  }
+  std::vector<std::vector<int64_t>> want = {{T, B, Hr}};
+  if (lstm || gru) want.insert(want.end(), {{T, B, G}, {T, B, H}});
+  if (lstm && has(w_hr)) want.push_back({T, B, H});
+  if (ln) want.insert(want.end(), {{T, B, G}, {T, B}});
+  if (lstm && ln_c) want.insert(want.end(), {{T, B, H}, {T, B}});
+  if ((lstm && (zoneout_h || zoneout_c)) || (!lstm && !gru && zoneout_h)) want.push_back({T, B, H});
+  TORCH_CHECK(saved.size() == want.size(), "fastrnn cpp backend: saved holds ", saved.size(),
+              " tensors, expected ", want.size(), " (what the forward of the same configuration saves)");
+  for (size_t k = 0; k < saved.size(); ++k) {
+    const Tensor& t = saved[k];
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.scalar_type() == grad_h_seq.scalar_type() &&
+                    t.is_contiguous(),
+                "fastrnn cpp backend: saved[", k, "] must be a contiguous CPU ", grad_h_seq.scalar_type(), " tensor");
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(want[k]), "fastrnn cpp backend: saved[", k, "] has shape ", t.sizes(),
+                ", expected ", at::IntArrayRef(want[k]));
+  }
+  return d;
+}
+
 void check_inputs(const Tensor& ref, std::initializer_list<c10::optional<Tensor>> ts) {
   TORCH_CHECK(ref.device().is_cpu(), "fastrnn cpp backend: tensors must be on the CPU");
   TORCH_CHECK(ref.scalar_type() == at::kFloat || ref.scalar_type() == at::kDouble,
@@ -1410,7 +1505,7 @@ std::vector<Tensor> rnn_forward(int64_t cell, Tensor xw, Tensor w_hh, c10::optio
                                 Tensor h0, c10::optional<Tensor> c0, c10::optional<Tensor> w_hr,
                                 c10::optional<Tensor> batch_sizes, bool reverse, bool training) {
   check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
-  TORCH_CHECK(cell != kLSTM || (c0.has_value() && c0->defined()), "LSTM needs c0");
+  check_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward", [&] {
     return forward_impl<scalar_t>(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training);
   });
@@ -1422,14 +1517,12 @@ std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_
                                  c10::optional<Tensor> batch_sizes, bool reverse,
                                  std::vector<Tensor> saved) {
   check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
-  TORCH_CHECK(!saved.empty(), "rnn_backward needs the tensors saved by a training forward");
+  check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, false, false, false, false);
   return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward", [&] {
     return backward_impl<scalar_t>(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                                    batch_sizes, reverse, saved);
   });
 }
-
-bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Checks the variant tensors (docs/variants.md, fastrnn.ops.recurrence.Variant) and points a Var at them.
 template <typename T>
@@ -1477,7 +1570,7 @@ std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c1
                                         c10::optional<Tensor> zh, c10::optional<Tensor> zc,
                                         c10::optional<Tensor> reset, bool reset_after) {
   check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
-  TORCH_CHECK(cell != kLSTM || has(c0), "LSTM needs c0");
+  check_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward_variant", [&] {
     const auto v = make_var<scalar_t>(xw, cell, xw.size(0), xw.size(1), xw.size(2), h0.size(1), ln_w, ln_b,
                                       lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after);
@@ -1496,7 +1589,8 @@ std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor
                                          c10::optional<Tensor> zc, c10::optional<Tensor> reset,
                                          bool reset_after) {
   check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
-  TORCH_CHECK(!saved.empty(), "rnn_backward needs the tensors saved by a training forward");
+  check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, has(ln_w), has(lnc_w), has(zh),
+                 has(zc));
   return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward_variant", [&] {
     const auto v = make_var<scalar_t>(grad_h_seq, cell, grad_h_seq.size(0), grad_h_seq.size(1), w_hh.size(0),
                                       grad_h_seq.size(2), ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset,
@@ -1523,6 +1617,8 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   TORCH_CHECK(x.size(1) == w.size(1) && w.scalar_type() == x.scalar_type(), "linear: shape/dtype mismatch");
   const int64_t N = x.size(0), I = x.size(1), G = w.size(0);
   const bool has_b = b.has_value() && b->defined();
+  TORCH_CHECK(!has_b || (b->numel() == G && b->scalar_type() == x.scalar_type() && b->device().is_cpu()),
+              "linear: b must be a CPU tensor of G = ", G, " elements and x's dtype");
   Tensor out = at::empty({N, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_linear", [&] {
     const auto wt = PackedB<scalar_t>::transposed(w.data_ptr<scalar_t>(), G, I, panel_width(G, N), w.options());

@@ -455,9 +455,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& rows,
                      double scale, bool causal, double dropout_p, int64_t seed, int64_t block_l,
                      int64_t block_s) {
+  // Every size, stride, dtype and index the kernels rely on (they index raw pointers): a direct
+  // call with bad tensors raises instead of reading out of bounds (fastrnn/ops/checks.py checks
+  // the same first on the Python side).
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "sdpa: q, k, v must be 3-D");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "sdpa: q, k, v must be contiguous");
-  TORCH_CHECK(q.device().is_cpu(), "sdpa: the cpp backend runs on CPU");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "sdpa: the cpp backend runs on CPU");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "sdpa: dtypes differ");
   TORCH_CHECK(block_l > 0 && block_s > 0, "sdpa: block sizes must be positive");
   Problem P{};
@@ -469,6 +472,9 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   P.Ev = v.size(2);
   TORCH_CHECK(P.Nk > 0 && P.N % P.Nk == 0, "sdpa: N must be a multiple of Nk");
   TORCH_CHECK(k.size(2) == P.E && v.size(0) == P.Nk && v.size(1) == P.S, "sdpa: k, v shapes");
+  // the tiles divide by L and S: empty problems belong to the reference backend (the op layer sends them there)
+  TORCH_CHECK(P.L > 0 && P.S > 0, "sdpa: L and S must be positive (empty problems go to the reference backend), ",
+              "got L = ", P.L, ", S = ", P.S);
   P.G = P.N / P.Nk;
   P.BL = std::min<int64_t>(block_l, std::max<int64_t>(P.L, 1));
   P.BS = std::min<int64_t>(block_s, std::max<int64_t>(P.S, 1));
@@ -477,11 +483,19 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK(rows.has_value(), "sdpa: a mask needs its rows");
-    TORCH_CHECK(b.dim() == 3 && b.size(1) == P.L && b.size(2) == P.S, "sdpa: bias must be [Nm, L, S]");
+    TORCH_CHECK(b.dim() == 3 && b.size(0) > 0 && b.size(1) == P.L && b.size(2) == P.S,
+                "sdpa: bias must be [Nm, L, S] with Nm >= 1, got ", b.sizes());
+    TORCH_CHECK(b.device().is_cpu(), "sdpa: bias must be on the CPU");
     TORCH_CHECK(b.scalar_type() == q.scalar_type(), "sdpa: bias dtype must match q");
     TORCH_CHECK(b.stride(2) == 0 || b.stride(2) == 1, "sdpa: bias stride along S must be 0 or 1");
-    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->numel() == P.N,
-                "sdpa: rows must be a contiguous int64 [N]");
+    TORCH_CHECK(b.stride(0) >= 0 && b.stride(1) >= 0, "sdpa: bias strides must be non-negative");
+    TORCH_CHECK(rows->scalar_type() == at::kLong && rows->is_contiguous() && rows->dim() == 1 &&
+                    rows->numel() == P.N && rows->device().is_cpu(),
+                "sdpa: rows must be a contiguous int64 CPU tensor [N]");
+    const int64_t* r = rows->data_ptr<int64_t>();
+    for (int64_t n = 0; n < P.N; ++n)  // query row n reads bias[rows[n]]
+      TORCH_CHECK(r[n] >= 0 && r[n] < b.size(0), "sdpa: rows[", n, "] = ", r[n], " is out of range for a mask of ",
+                  b.size(0), " rows");
     P.bias = b.data_ptr();
     P.bias_sN = b.stride(0);
     P.bias_sL = b.stride(1);
@@ -489,7 +503,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     P.rows = rows->data_ptr<int64_t>();
   }
   P.dropout = dropout_p > 0;
-  TORCH_CHECK(dropout_p < 1, "sdpa: dropout_p must be < 1 here (the op layer handles p >= 1)");
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1,
+              "sdpa: dropout_p must be in [0, 1) here (the op layer handles p >= 1, p < 0 and NaN), got ", dropout_p);
   P.seed = static_cast<uint32_t>(seed);
   P.threshold = static_cast<uint32_t>(dropout_p * 4294967296.0);  // floor, as the reference
   P.inv_keep = P.dropout ? 1.0 / (1.0 - dropout_p) : 1.0;
@@ -519,6 +534,11 @@ std::vector<at::Tensor> sdpa_backward(const at::Tensor& grad_out, const at::Tens
   const Problem P = make_problem(q, k, v, bias, rows, scale, causal, dropout_p, seed, block_l, block_s);
   TORCH_CHECK(grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "sdpa: grad_out, out, lse must be contiguous");
+  TORCH_CHECK(grad_out.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
+              "sdpa: grad_out, out, lse must be on the CPU");
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type() &&
+                  lse.scalar_type() == q.scalar_type(),
+              "sdpa: grad_out, out, lse must have q's dtype");
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == P.N && out.size(1) == P.L &&
                   out.size(2) == P.Ev && lse.numel() == P.N * P.L,
               "sdpa: grad_out / out / lse shapes");

@@ -46,7 +46,14 @@ def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal):
             raise RuntimeError(
                 "Expected attn_mask dtype to be bool or float or to match query dtype, but got "
                 f"attn_mask.dtype: {attn_mask.dtype} and query.dtype: {query.dtype} instead.")
+        if attn_mask.device != query.device:
+            # torch 2.13's CPU kernels read a mask on another device (a meta mask gives uninitialised
+            # memory back); its CUDA path refuses. Refuse everywhere.
+            raise RuntimeError(f"Expected attn_mask to be on the device of query ({query.device}), but got "
+                               f"attn_mask.device: {attn_mask.device}")
         if is_causal:
+            # torch 2.13 raises this on its math path (bool and float masks alike); its CPU flash path
+            # (4-D, E == Ev) instead applies both. One rule here: torch's documented one.
             raise RuntimeError(
                 "_scaled_dot_product_attention: Explicit attn_mask should not be set when is_causal=True")
     if dropout_p > 1:
@@ -84,7 +91,11 @@ def _flatten_kv(query, key, value, enable_gqa):
 def _flatten_mask(attn_mask, batch, L, S, dtype):
     """attn_mask broadcastable to batch + [L, S] -> SdpaMask(bias [Nm, L, S], rows [N])."""
     target = batch + (L, S)
-    if attn_mask.dim() > len(target) or torch.broadcast_shapes(attn_mask.shape, target) != target:
+    try:
+        fits = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:  # torch's own message names neither the mask nor the attention shape
+        fits = False
+    if not fits:
         raise RuntimeError(f"fastrnn sdpa: attn_mask of shape {tuple(attn_mask.shape)} does not "
                            f"broadcast to the attention shape {target}")
     m = attn_mask.reshape((1,) * (len(target) - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -122,7 +133,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     batch, k3, v3 = _flatten_kv(query, key, value, enable_gqa)
     q3 = query.expand(batch + (L, E)).reshape(math.prod(batch), L, E)
     mask = _flatten_mask(attn_mask, batch, L, S, dtype) if attn_mask is not None else None
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    # E = 0: every score is an empty sum, 0 at any finite scale (torch returns the mean of v), not 1/0
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
     p = float(dropout_p) if dropout_p > 0 else 0.0
     # a tensor, not a Python int: drawing it is then part of a compiled graph, not a graph break
     seed = torch.randint(0, 2 ** 32, ()) if 0 < p < 1 else None

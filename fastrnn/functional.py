@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, precision
-from .ops.recurrence import GATES, Variant, packed_mask
+from .ops.checks import check_batch_sizes
+from .ops.recurrence import GATES, Variant, check_cell, packed_mask
 from .ops.rnn_layer import rnn_cell as _rnn_cell_op, rnn_layer
 
 _CELL_KIND = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
@@ -30,6 +31,136 @@ def _check_same(tensors, what, ref):
                                "all inputs, states and weights must share one dtype")
         if t.device != ref.device:
             raise RuntimeError(f"fastrnn: {name} is on {t.device} but {what} is on {ref.device}; "
+                               "all inputs, states and weights must be on one device")
+
+
+def _check_floating(x):
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"fastrnn: expected a floating-point input (float16, bfloat16, float32 or "
+                           f"float64), got {x.dtype}")
+
+
+def _is_tensor(name, t, optional=False):
+    if not (isinstance(t, torch.Tensor) or (optional and t is None)):
+        raise TypeError(f"fastrnn: {name} must be a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+
+
+def _fmt(shape):
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _check_rnn_args(cell, x, h0, c0, weights, num_layers, bidirectional, batch_sizes):
+    """Every size and device ``rnn`` relies on, before anything runs (dtypes are checked after the
+    precision plan: under autocast the inputs may mix dtypes). Messages and types are torch's
+    (``nn.RNNBase.check_forward_args`` and its device check) where torch has one.
+
+    x [T, B, I] (or packed [N, I] with batch_sizes [T]: ``check_batch_sizes``, sum N); per layer
+    and direction w_ih [G, I_l] (I_0 = I, later D * Hr), w_hh [G, Hr], b_ih / b_hh [G] or None,
+    w_hr [Hr, H] (LSTM; in every group or none; without it Hr = H); G = gates * H from the first
+    group's w_hh; h0 [L*D, B, Hr]; c0 [L*D, B, H] for LSTM, None otherwise."""
+    check_cell(cell)
+    lstm = cell == "lstm"
+    _is_tensor("input", x)
+    _is_tensor("hx" if lstm else "h0", h0)
+    _is_tensor("cx", c0, optional=True)
+    D = 2 if bidirectional else 1
+    if not isinstance(weights, (list, tuple)):
+        raise TypeError(f"fastrnn: weights must be a list of weight groups, got {type(weights).__name__}")
+    if len(weights) != num_layers * D:  # RuntimeError, as torch._VF.lstm & co. for a missing group
+        raise RuntimeError(f"fastrnn: expected {num_layers * D} weight groups (one per layer and direction), "
+                           f"got {len(weights)}")
+    for k, group in enumerate(weights):
+        if not isinstance(group, (list, tuple)) or len(group) != 5:
+            got = f"{len(group)} entries" if isinstance(group, (list, tuple)) else f"a {type(group).__name__}"
+            raise RuntimeError(f"fastrnn: weight group {k} must be (w_ih, w_hh, b_ih, b_hh, w_hr), got {got}")
+        for name, t in zip(("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"), group):
+            _is_tensor(f"{name} of weight group {k}", t, optional=name not in ("w_ih", "w_hh"))
+    packed = batch_sizes is not None
+    if x.dim() != (2 if packed else 3):
+        raise RuntimeError(f"input must have {2 if packed else 3} dimensions, got {x.dim()}")
+    if packed:
+        B = check_batch_sizes(batch_sizes, N=x.shape[0])
+        if B == 0:  # no time step at all (torch: the same error as for an empty padded sequence)
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    else:
+        B = x.shape[1]
+    gates, w_hh0, w_hr0 = GATES[cell], weights[0][1], weights[0][4]
+    if w_hh0.dim() != 2 or w_hh0.shape[0] == 0 or w_hh0.shape[0] % gates:
+        raise RuntimeError(f"fastrnn: w_hh of weight group 0 has shape {_fmt(w_hh0.shape)}; expected [G, Hr] "
+                           f"with G = {gates} * hidden_size ({_CELL_KIND[cell]})")
+    H = w_hh0.shape[0] // gates
+    Hr = w_hr0.shape[0] if lstm and w_hr0 is not None and w_hr0.dim() == 2 else H
+    G = gates * H
+    if weights[0][0].dim() == 2 and x.shape[-1] != weights[0][0].shape[1]:
+        raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected {weights[0][0].shape[1]}, "
+                           f"got {x.shape[-1]}")
+    for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
+        I_l = x.shape[-1] if k < D else D * Hr
+        where = f"weight group {k} (layer {k // D}{', reverse' if k % D else ''})"
+        if w_hr is not None and not lstm:
+            raise RuntimeError(f"fastrnn: {where} has a w_hr, but only LSTM has a projection (proj_size)")
+        if (w_hr is None) != (w_hr0 is None):
+            raise RuntimeError(f"fastrnn: {where}: w_hr (proj_size) must be in every weight group or in none")
+        want = [("w_ih", w_ih, (G, I_l), "[G, I]" if k < D else "[G, D * Hr]"), ("w_hh", w_hh, (G, Hr), "[G, Hr]"),
+                ("b_ih", b_ih, (G,), "[G]"), ("b_hh", b_hh, (G,), "[G]"), ("w_hr", w_hr, (Hr, H), "[Hr, H]")]
+        for name, t, shape, letters in want:
+            if t is not None and t.shape != shape:
+                raise RuntimeError(f"fastrnn: {name} of {where} has shape {_fmt(t.shape)}, expected {letters} = "
+                                   f"{_fmt(shape)}")
+    want_h = (num_layers * D, B, Hr)
+    if h0.shape != want_h:
+        msg = "Expected hidden[0] size {}, got {}" if lstm else "Expected hidden size {}, got {}"
+        raise RuntimeError(msg.format(want_h, list(h0.shape)))
+    if lstm:
+        if c0 is None:
+            raise RuntimeError("fastrnn: LSTM needs both states (h0, c0), got c0=None")
+        if c0.shape != (num_layers * D, B, H):
+            raise RuntimeError("Expected hidden[1] size {}, got {}".format((num_layers * D, B, H), list(c0.shape)))
+    elif c0 is not None:
+        raise RuntimeError(f"fastrnn: {_CELL_KIND[cell]} has one state; c0 must be None")
+    device = x.device
+    cpu = device.type == "cpu"  # is_cpu: half the cost of building a torch.device to compare
+    for what, tensors in (("parameter", [t for group in weights for t in group]), ("hidden", (h0, c0))):
+        for t in tensors:
+            if t is not None and (not t.is_cpu if cpu else t.device != device):
+                raise RuntimeError(f"Input and {what} tensors are not at the same device, found input tensor at "
+                                   f"{device} and {what} tensor at {t.device}")
+
+
+def _check_cell_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """Sizes of a cell step: input [B, I], w_ih [G, I], w_hh [G, H], b_ih / b_hh [G] or None,
+    hx [B, H], cx [B, H] (LSTM); torch's messages (``_VF.lstm_cell`` and friends) where it has one."""
+    check_cell(cell)
+    for name, t, optional in (("input", input, False), ("hx", hx, False), ("cx", cx, True),
+                              ("weight_ih", w_ih, False), ("weight_hh", w_hh, False),
+                              ("bias_ih", b_ih, True), ("bias_hh", b_hh, True)):
+        _is_tensor(name, t, optional)
+        if name in ("input", "weight_ih", "weight_hh") and t.dim() != 2:
+            raise RuntimeError(f"fastrnn: {name} must be 2-D, got shape {_fmt(t.shape)}")
+    if input.shape[1] != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
+    if cell == "lstm" and cx is None:
+        raise RuntimeError("fastrnn: an LSTM cell needs both states (hx, cx), got cx=None")
+    for k, state in enumerate((hx, cx)):
+        if state is None:
+            continue
+        if state.dim() != 2 or state.shape[1] != w_hh.shape[1]:
+            got = state.shape[-1] if state.dim() else 0
+            raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {got}, expected {w_hh.shape[1]}")
+        if state.shape[0] != input.shape[0]:
+            raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{k} batch size {state.shape[0]}")
+    gates, H = GATES[cell], w_hh.shape[1]
+    for name, w in (("weight_ih", w_ih), ("weight_hh", w_hh)):
+        if w.shape[0] != gates * H:
+            raise RuntimeError(f"{name} first dim must be {gates} * hidden_size = {gates * H}, but got {w.shape[0]}")
+    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if b is not None and b.shape != (gates * H,):
+            raise RuntimeError(f"fastrnn: {name} has shape {_fmt(b.shape)}, expected [{gates} * hidden_size] = "
+                               f"[{gates * H}]")
+    for name, t in (("hx", hx), ("cx", cx), ("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih),
+                    ("bias_hh", b_hh)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"fastrnn: {name} is on {t.device} but input is on {input.device}; "
                                "all inputs, states and weights must be on one device")
 
 
@@ -48,7 +179,7 @@ def check_options(cell, *, layer_norm=False, peephole=False, recurrent_dropout=0
     """Validate the variant options for ``cell`` (shared by the modules' constructors and the
     functional API). An option that does not exist for the cell raises TypeError, a value out of
     range or an impossible combination ValueError."""
-    kind = _CELL_KIND[cell]
+    kind = _CELL_KIND.get(cell, cell)  # an unknown cell fails where it runs, as torch's RNNCell does
     if peephole and cell != "lstm":
         raise TypeError(f"fastrnn: peephole=True applies to LSTM only (got it for {kind})")
     if forget_bias and cell != "lstm":
@@ -214,6 +345,7 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     layer (as torch). B and T are the padded shape (packed batches included: the backends ignore
     masks on inactive rows). Eval mode draws nothing.
     """
+    _check_rnn_args(cell, x, h0, c0, weights, num_layers, bidirectional, batch_sizes)
     plan = _precision_plan(cell, x, list(_flat(h0, c0, weights, layer_norm, peephole)), backend,
                            packed=batch_sizes is not None)
     if plan is not None:
@@ -227,10 +359,9 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
                 zoneout=zoneout, reset_after=reset_after, reset_mask=reset_mask)
         return precision.cast((out, h_n, c_n), result)
     D = 2 if bidirectional else 1
-    if len(weights) != num_layers * D:
-        raise ValueError(f"fastrnn: expected {num_layers * D} weight groups, got {len(weights)}")
     _check_same([("hx" if c0 is not None else "h0", h0), ("cx", c0)], "input", x)
     _check_same([(f"weight group {k}", w) for k, group in enumerate(weights) for w in group], "input", x)
+    _check_floating(x)
     check_options(cell, layer_norm=layer_norm is not None, peephole=peephole is not None,
                   recurrent_dropout=recurrent_dropout, zoneout=zoneout, reset_after=reset_after)
 
@@ -298,6 +429,7 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
     rec_mask [B, H] or None (the caller's recurrent-dropout mask: a cell cannot know where a
     sequence starts, so it never draws one); zoneout p (training: one 0/1 draw [1, B, H] for h,
     then one for c; eval: p)."""
+    _check_cell_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     plan = _precision_plan(f"{cell}_cell", input, list(_flat(hx, cx, w_ih, w_hh, b_ih, b_hh, layer_norm,
                                                              peephole, rec_mask)), backend)
     if plan is not None:
@@ -307,18 +439,9 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
                          precision.cast(layer_norm, run), precision.cast(peephole, run), zoneout,
                          training, precision.cast(rec_mask, run), reset_after)
         return precision.cast((h, c), result)
-    if input.shape[1] != w_ih.shape[1]:
-        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
-    for k, state in enumerate((hx, cx)):
-        if state is None:
-            continue
-        if state.dim() != 2 or state.shape[1] != w_hh.shape[1]:
-            got = state.shape[-1] if state.dim() else 0
-            raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {got}, expected {w_hh.shape[1]}")
-        if state.shape[0] != input.shape[0]:
-            raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{k} batch size {state.shape[0]}")
     _check_same([("hx", hx), ("cx", cx)], "input", input)
     _check_same([("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh)], "input", input)
+    _check_floating(input)
     check_options(cell, layer_norm=layer_norm is not None, peephole=peephole is not None,
                   zoneout=zoneout, reset_after=reset_after)
     B, H = input.shape[0], w_hh.shape[1]
@@ -359,6 +482,6 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
              layer_norm=None, zoneout=0.0, training=False, rec_mask=None):
     """Elman cell step: input [B, I], hx [B, H] -> h' [B, H]. Variant keywords as ``gru_cell``."""
     if nonlinearity not in ("tanh", "relu"):
-        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")  # nn.RNNCell.forward's error
     return _cell(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm,
                  None, zoneout, training, rec_mask)[0]

@@ -311,7 +311,7 @@ def _cell_inputs(name, input, states):
     """torch's cell-input handling: 1-D (unbatched) or 2-D input and states."""
     if input.dim() not in (1, 2):
         raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-    for idx, s in enumerate(states or ()):
+    for idx, s in enumerate(states if states is not None else ()):
         if s.dim() not in (1, 2):
             label = f"hx[{idx}]" if len(states) > 1 else "hidden"
             raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {s.dim()}D instead")
@@ -356,6 +356,8 @@ class LSTMCell(_CellBase, nn.LSTMCell):
         return "lstm"
 
     def forward(self, input, hx=None):
+        if isinstance(hx, torch.Tensor) and input.dim() == 2:  # torch's binding refuses it so
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
         input, hx, is_batched = _cell_inputs("LSTMCell", input, hx)
         if hx is None:
             hx = (_zeros(input, self.hidden_size), _zeros(input, self.hidden_size))
@@ -391,9 +393,13 @@ class RNNCell(_OneStateCell, nn.RNNCell):
     ``backend``, ``layer_norm``, ``zoneout`` (docs/variants.md)."""
 
     def _cell_name(self):
-        return f"rnn_{self.nonlinearity}"
+        # torch accepts any nonlinearity at construction and refuses it at forward: the parameters
+        # are those of an Elman cell either way
+        return f"rnn_{self.nonlinearity}" if self.nonlinearity in ("tanh", "relu") else "rnn_tanh"
 
     def _step(self, input, hx):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return FR.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
                            nonlinearity=self.nonlinearity, backend=self.backend, **self._step_kwargs())
 

@@ -12,6 +12,7 @@ import torch
 
 from ..ops.recurrence import VariantGrads, is_plain
 from ..ops.recurrence import check_variant
+from ..ops.checks import check_rnn_backward, check_rnn_forward
 
 name = "cpp"
 
@@ -65,6 +66,7 @@ def _variant_args(cell, variant):
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
+    check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     args = (_CELL[cell], xw.contiguous(), _c(w_hh), _c(b_hh), _c(h0), _c(c0), _c(w_hr), _c(batch_sizes),
             reverse, training)
     if is_plain(variant):
@@ -76,6 +78,7 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
 
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
+    check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant)
     args = (_CELL[cell], _c(grad_h_seq), _c(grad_h_T), _c(grad_c_T), _c(w_hh), _c(w_hr), _c(h0), _c(c0),
             _c(batch_sizes), reverse, list(saved))
     plain = is_plain(variant)

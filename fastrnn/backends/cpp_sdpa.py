@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.checks import check_sdpa_backward, check_sdpa_forward
+
 name = "cpp"
 dtypes = (torch.float32, torch.float64)
 
@@ -43,12 +45,14 @@ def _mask(mask):
 
 
 def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
+    check_sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed)
     bias, rows = _mask(mask)
     out, lse = _C.sdpa_forward(q, k, v, bias, rows, scale, causal, dropout_p, seed, *FWD_BLOCKS)
     return out, lse
 
 
 def sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed):
+    check_sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
     bias, rows = _mask(mask)
     grad_q, grad_k, grad_v = _C.sdpa_backward(grad_out, q, k, v, out, lse, bias, rows, scale, causal,
                                               dropout_p, seed, *BWD_BLOCKS)

@@ -51,6 +51,7 @@ import torch
 from .. import _triton as _triton_pkg
 
 from ..ops import recurrence
+from ..ops.checks import check_rnn_backward, check_rnn_forward
 from ..ops.recurrence import (GATES, Variant, VariantGrads, check_variant, is_plain, previous_states,
                               recurrent_inputs, time_steps)
 
@@ -581,6 +582,7 @@ def _variant_tensors(variant):
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
+    check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     T, B, G = xw.shape
     var = _var_flags(cell, variant)
     p = _plan(cell, T, B, G, h0.shape[-1], xw.dtype, xw.device, b_hh is not None, w_hr is not None,
@@ -593,6 +595,8 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
     """The contract's backward: ``(grad_xw, grad_hw, grad_h0, grad_c0, grad_w_hr, VariantGrads | None)``."""
+    check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant,
+                       layout=saved_layout)
     T, B, Hr = saved[0].shape  # saved[0] is h_seq; the bias plays no part in backward
     var = _var_flags(cell, variant)
     p = _plan(cell, T, B, w_hh.shape[0], Hr, saved[0].dtype, saved[0].device, False, w_hr is not None,

@@ -19,6 +19,7 @@ import os
 import torch
 
 from .. import _triton as _triton_pkg
+from ..ops.checks import check_sdpa_backward, check_sdpa_forward
 
 name = "triton"
 dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -85,6 +86,7 @@ def _compute_dtype(*tensors):
 
 
 def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
+    check_sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed)
     (q, k, v), cast_back = _compute_dtype(q, k, v)
     if cast_back is not None and mask is not None:
         mask = mask._replace(bias=mask.bias.float())
@@ -101,6 +103,7 @@ def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
 
 
 def sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed):
+    check_sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
     (grad_out, q, k, v, out), cast_back = _compute_dtype(grad_out, q, k, v, out)
     if cast_back is not None and mask is not None:
         mask = mask._replace(bias=mask.bias.float())
