@@ -25,6 +25,10 @@ def set_num_threads(n: int) -> None:
     numba cannot use more threads than it started with (``NUMBA_NUM_THREADS``, by default the
     number of cores), so it gets ``min(n, NUMBA_NUM_THREADS)``. torch is set last: starting
     numba's OpenMP pool can reset torch's count where both share one OpenMP runtime (numba#9387).
+    The numba kernels use ``min(torch's count, numba's count)``: numba's is per Python thread
+    (a new thread starts at ``NUMBA_NUM_THREADS``), torch's per process, so ``torch.set_num_threads``
+    alone (as DataLoader workers do) also rules them; a fork child runs them on one thread
+    (``fastrnn._numba.runtime``).
     """
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")

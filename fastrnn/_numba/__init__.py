@@ -6,6 +6,9 @@ One file per op family, and everything a cached kernel inlines lives in that sam
 the file that defines a cached function, so a helper kept in another file could change
 without invalidating the cached kernels that inlined it.
 
+``runtime.py`` is what both families need from the process: the checked on-disk cache
+(``runtime.jit``), the threading layer, fork children, concurrent Python threads, OpenBLAS.
+
 This package is imported only when the numba backend is used; ``import fastrnn`` never
 imports numba.
 """

@@ -52,20 +52,20 @@ Numerics
 from __future__ import annotations
 
 import math
-import os
 
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
-from numba import get_num_threads, njit, prange, types  # noqa: F401  (get_num_threads: for callers)
+from numba import prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic, overload
 
-# On-disk cache of compiled kernels (see the module docstring of fastrnn.backends.numba_rnn).
-CACHE = os.environ.get("FASTRNN_NUMBA_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+# jit: numba.njit with fastrnn's on-disk cache (FASTRNN_NUMBA_CACHE, damaged entries rebuilt,
+# read-only installs compile in memory): see fastrnn/_numba/runtime.py
+from .runtime import CACHE, jit  # noqa: F401  (CACHE: for callers)
 
 # fastmath "contract" only: fused multiply-add, nothing that assumes values are finite.
-_JIT = dict(cache=CACHE, nogil=True, fastmath={"contract"}, error_model="numpy")
+_JIT = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 # Only explicit prange loops run in parallel: Numba would otherwise turn every slice
 # assignment inside the time loop into a parallel region of its own.
 _JIT_PARALLEL = dict(_JIT, parallel={"prange": True, "comprehension": False, "reduction": False,
@@ -75,6 +75,9 @@ _JIT_PARALLEL = dict(_JIT, parallel={"prange": True, "comprehension": False, "re
 # Small helpers called once per row: inlined into the caller's Numba IR, so that the array
 # views passed to them cost no reference counting and no call.
 _JIT_INLINE = dict(_JIT, inline="always")
+# @overload implementations go through numba's own jit, not runtime.jit: uncached (they are
+# one-line lambdas, compiled into each cached caller anyway).
+_JIT_OVERLOAD = {k: v for k, v in _JIT.items() if k != "cache"}
 
 LSTM, GRU, RNN_TANH, RNN_RELU = 0, 1, 2, 3
 CELL_CODES = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU}
@@ -193,7 +196,7 @@ def tile_gemm(typingctx, a, a_off, lda, ldk, mr, w, w_off, ldw, c, c_off, ldc, l
     return types.none(a, a_off, lda, ldk, mr, w, w_off, ldw, c, c_off, ldc, ldv, K, nv, mr_max), codegen
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def pack_panel(M, trans, gates, units, nv, out, p):
     """Panel p of the weight matrix of ``y = x @ M'`` (``M' = M^T``, or ``M`` if ``trans``),
     packed into ``out [P, K, nv*L]`` (L lanes): row k of a panel holds the nv*L output columns
@@ -256,7 +259,7 @@ _T3, _T5, _T7, _T9 = _F(-1 / 3), _F(2 / 15), _F(-17 / 315), _F(62 / 2835)
 _TANH_SMALL = _F(0.25)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _exp_f32(y):
     # Clamps written as "if y < lo" so that NaN passes through (it fails both comparisons).
     if y < _EXP_LO:
@@ -272,12 +275,12 @@ def _exp_f32(y):
     return p * scale
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _sigmoid_f32(x):
     return _ONE32 / (_ONE32 + _exp_f32(-x))
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _tanh_f32(x):
     a = abs(x)
     e = _exp_f32(-_TWO32 * a)
@@ -289,7 +292,7 @@ def _tanh_f32(x):
     return small if a < _TANH_SMALL else big
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _sigmoid_f64(x):
     e = math.exp(-abs(x))            # never overflows
     return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
@@ -305,14 +308,14 @@ def tanh(x):
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(sigmoid, jit_options=_JIT)
+@overload(sigmoid, jit_options=_JIT_OVERLOAD)
 def _sigmoid_overload(x):
     if x == types.float32:
         return lambda x: _sigmoid_f32(x)
     return lambda x: _sigmoid_f64(x)
 
 
-@overload(tanh, jit_options=_JIT)
+@overload(tanh, jit_options=_JIT_OVERLOAD)
 def _tanh_overload(x):
     if x == types.float32:
         return lambda x: _tanh_f32(x)
@@ -337,7 +340,7 @@ U = np.uint64
 UG, UG2, UG3 = U(UNIT_GROUP), U(2 * UNIT_GROUP), U(3 * UNIT_GROUP)
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def lstm_fwd_units(save, nu, S, r, X, b, H, J, bh, C, C_out, Hu, O):
     """S[r]: h_{t-1} W_hh^T of these units (gate-major, UG apart); X[b]: xw_t; bh: b_hh;
     C[b]: c_{t-1} in, c_t out; Hu[b] <- o * tanh(c_t). If ``save`` (training): activated
@@ -356,7 +359,7 @@ def lstm_fwd_units(save, nu, S, r, X, b, H, J, bh, C, C_out, Hu, O):
             C_out[b, j] = c_new
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def gru_fwd_units(save, nu, S, r, X, b, H, J, bh, H_prev, HN, H_out, O):
     """S[r]: h_{t-1} W_hh^T of these units (gate-major, UG apart); X[b]: input-side
     pre-activations; bh: b_hh; H_prev[b]: h_{t-1}; H_out[b] <- h_t. If ``save``: activated
@@ -374,7 +377,7 @@ def gru_fwd_units(save, nu, S, r, X, b, H, J, bh, H_prev, HN, H_out, O):
             HN[b, j] = h_n
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def rnn_fwd_units(relu, nu, S, r, X, b, J, bh, H_out):
     """H_out[b, j] <- act(X[b, j] + S[r, u] + bh[j]); relu keeps NaN (a NaN fails ``v < 0``)."""
     zero = X.dtype.type(0)
@@ -387,7 +390,7 @@ def rnn_fwd_units(relu, nu, S, r, X, b, J, bh, H_out):
             H_out[b, j] = tanh(v)
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def lstm_bwd_units(nu, A, b, H, J, C, C_prev, bp, D, bd, d0, GS, bs, DC, O):
     """A[b]: saved i, f, g, o; C[b], C_prev[bp]: c_t, c_{t-1}; ``D[bd, d0 + u] + GS[bs, j]``: the
     gradient reaching o * tanh(c_t); DC[b]: gradient reaching c_t from step t+1 in, reaching
@@ -406,7 +409,7 @@ def lstm_bwd_units(nu, A, b, H, J, C, C_prev, bp, D, bd, d0, GS, bs, DC, O):
         DC[b, j] = dc_t * f
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def gru_bwd_units(nu, A, b, H, J, HN, H_prev, bp, DH, GS, O):
     """A[b]: saved r, z, n; HN[b]: saved W_hn h_{t-1} + b_hn; H_prev[bp]: h_{t-1}; DH[b]: the
     gradient reaching h_t from step t+1 in (GS[b] from the output is added), its direct part
@@ -425,7 +428,7 @@ def gru_bwd_units(nu, A, b, H, J, HN, H_prev, bp, DH, GS, O):
         DH[b, j] = d * z
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def rnn_bwd_units(relu, nu, Hs, b, J, DH, GS, GX):
     """Hs[b]: h_t; the gradient reaching h_t is DH[b] + GS[b]; GX[b] <- pre-activation
     gradient. relu selects rather than multiplies by 0/1, so a NaN gradient stays out of units
@@ -440,7 +443,7 @@ def rnn_bwd_units(relu, nu, Hs, b, J, DH, GS, GX):
             GX[b, j] = d * (one - Hs[b, j] * Hs[b, j])
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _scatter_gates(O, o0, ngates, X, b, H, J, nu):
     """X[b, v*H + J + u] = O[o0 + v*UG + u] for gates v < ngates: one simple loop per gate."""
     for v in range(ngates):
@@ -449,7 +452,7 @@ def _scatter_gates(O, o0, ngates, X, b, H, J, nu):
             X[b, dst + u] = O[src + u]
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _copy_units(src, b, dst, J, nu):
     for u in range(nu):
         dst[b, J + u] = src[b, J + u]
@@ -458,7 +461,7 @@ def _copy_units(src, b, dst, J, nu):
 # ---------------------------------------------------------------------------------------------
 # One thread's share of a step: panels [p0, p1) of the packed weights
 # ---------------------------------------------------------------------------------------------
-@njit(**_JIT)
+@jit(**_JIT)
 def _row_tiles(m, mr_max):
     """Number of row tiles and the base tile height for m rows in tiles of at most mr_max
     (heights differ by at most one: 32 rows -> 6, 6, 5, 5, 5, 5)."""
@@ -466,7 +469,7 @@ def _row_tiles(m, mr_max):
     return n, (m // n if n > 0 else 0), (m % n if n > 0 else 0)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
     """S[r, s_off + v*ldv + l] = (a[r0 + r] @ panel p of W)[v*L + l]; nv is 3 or 4."""
     K = W.shape[1]
@@ -478,7 +481,7 @@ def _gemm_tile(a, r0, mr, W, p, S, s_off, ldv, nv):
                   K, 4, MR4)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def fwd_chunk(cell, save, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, hu_t, hn_t, h_out, h_seq_t, S, O):
     """Forward step for the units of panels [p0, p1) of ``Wf`` and active rows [0, m).
 
@@ -523,7 +526,7 @@ def fwd_chunk(cell, save, p0, p1, m, proj, Wf, h_in, x_t, b_hh, c_state, c_out, 
             r0 += mr
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _store_units(S, r, out, b, J, nu, accumulate):
     """out[b, J + u] (+)= S[r, u] for u < nu."""
     if accumulate:
@@ -534,7 +537,7 @@ def _store_units(S, r, out, b, J, nu, accumulate):
             out[b, J + u] = S[r, u]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gemm_group(g0, g1, m, W, a, S, out_a, out_b, accumulate):
     """out_a[:m, units of panels [g0, g1)] (+)= a[:m] @ W' for a plain-layout W (4 vectors per
     panel); also copied to out_b when it has rows."""
@@ -557,7 +560,7 @@ def _gemm_group(g0, g1, m, W, a, S, out_a, out_b, accumulate):
         r0 += mr
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def gemm_chunk(p0, p1, m, W, a, S, out_a, out_b, accumulate):
     """``_gemm_group`` over panels [p0, p1), a group of UNIT_GROUP units at a time."""
     ppg = UNIT_GROUP // W.shape[2]
@@ -565,7 +568,7 @@ def gemm_chunk(p0, p1, m, W, a, S, out_a, out_b, accumulate):
         _gemm_group(g0, min(g0 + ppg, p1), m, W, a, S, out_a, out_b, accumulate)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev, dc, hn_t, h_t,
               dh, gx_t, gh_t, S, O):
     """Backward step for the units of panels [p0, p1) of ``Wb`` (no projection: Hr = H).
@@ -602,7 +605,7 @@ def bwd_chunk(cell, p0, p1, m_g, g_in, Wb, m, gs_t, a_t, c_t, prev, init, m_prev
                 rnn_bwd_units(cell == RNN_RELU, unu, h_t, b, uJ, dh, gs_t, gx_t)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, dc, gx_t, S, O):
     """LSTM with a projection, second half of a backward step: for the H-units of panels
     [p0, p1) of ``Wu`` (W_hr packed), ``dhu = dh[:m] @ W_hr`` into the scratch tile, then the
@@ -631,7 +634,7 @@ def lstm_proj_bwd_chunk(p0, p1, m, Wu, dh, a_t, c_t, prev, init, m_prev, zeros, 
             r0 += mr
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def proj_grad_rows(J0, J1, m, dh, gs_t, ghp_t):
     """dh[:m, J0:J1] += gs_t (the output gradient), recorded in ghp_t (for grad_w_hr)."""
     for b in range(m):
@@ -644,7 +647,7 @@ def proj_grad_rows(J0, J1, m, dh, gs_t, ghp_t):
 # ---------------------------------------------------------------------------------------------
 # Whole-sequence kernels
 # ---------------------------------------------------------------------------------------------
-@njit(**_JIT)
+@jit(**_JIT)
 def _threads(macs, panels, nth_max, min_macs):
     """Threads for one step: one when the step is too small to repay a parallel region."""
     if macs < min_macs or nth_max < 2:
@@ -652,49 +655,62 @@ def _threads(macs, panels, nth_max, min_macs):
     return min(nth_max, panels)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _copy_rows(src, dst, r0, r1):
     for b in range(r0, r1):
         for k in range(src.shape[1]):
             dst[b, k] = src[b, k]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _zero_rows(a, r0):
     for b in range(r0, a.shape[0]):
         for k in range(a.shape[1]):
             a[b, k] = 0
 
 
-@njit(**_JIT_PARALLEL)
-def _packed_forward_weights(cell, w_hh, H, dtype_probe):
+# Every parallel loop below has a serial twin taken when the call may use one thread
+# (nth / nth_max == 1): a fork child must open no parallel region at all (runtime.py), and a
+# one-thread region would only cost its fork/join.
+@jit(**_JIT_PARALLEL)
+def _packed_forward_weights(cell, w_hh, H, dtype_probe, nth):
     L = VEC_BYTES // dtype_probe.itemsize
     gate_layout = cell == LSTM or cell == GRU
     nv = 3 if cell == GRU else 4
     upp = L if gate_layout else nv * L
     W = np.empty(((H + upp - 1) // upp, w_hh.shape[1], nv * L), w_hh.dtype)
-    for p in prange(W.shape[0]):
-        pack_panel(w_hh, False, nv if gate_layout else 1, H, nv, W, p)
+    if nth == 1:
+        for p in range(W.shape[0]):
+            pack_panel(w_hh, False, nv if gate_layout else 1, H, nv, W, p)
+    else:
+        for p in prange(W.shape[0]):
+            pack_panel(w_hh, False, nv if gate_layout else 1, H, nv, W, p)
     return W
 
 
-@njit(**_JIT_PARALLEL)
-def _packed_plain(M, units, K, trans):
-    """Pack for ``y = x @ M'`` with ``units`` output columns, K inputs (see pack_panel)."""
+@jit(**_JIT_PARALLEL)
+def _packed_plain(M, units, K, trans, nth):
+    """Pack for ``y = x @ M'`` with ``units`` output columns, K inputs (see pack_panel); in
+    parallel unless nth == 1."""
     L = VEC_BYTES // M.itemsize
     W = np.empty(((units + 4 * L - 1) // (4 * L), K, 4 * L), M.dtype)
-    for p in prange(W.shape[0]):
-        pack_panel(M, trans, 1, units, 4, W, p)
+    if nth == 1:
+        for p in range(W.shape[0]):
+            pack_panel(M, trans, 1, units, 4, W, p)
+    else:
+        for p in prange(W.shape[0]):
+            pack_panel(M, trans, 1, units, 4, W, p)
     return W
 
 
-@njit(**_JIT_PARALLEL)
+@jit(**_JIT_PARALLEL)
 def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
                 h_seq, h_state, c_state, c_seq, hu_seq, hn_seq):
     """Forward recurrence over all T steps.
 
-    nth_max     threads to use at most (``numba.get_num_threads()``: passed in because calling
-                it from compiled code would make the kernel uncacheable)
+    nth_max     threads to use at most (``runtime.kernel_call``'s count: passed in because
+                calling numba.get_num_threads() from compiled code would make the kernel
+                uncacheable); 1: no parallel region at all (a fork child must open none)
     min_macs    a step with fewer multiply-adds runs on one thread (PAR_MIN_MACS)
     cell        LSTM | GRU | RNN_TANH | RNN_RELU
     xw          [T, B, G]  in: x W_ih^T + b_ih;  out when training: activated gates (LSTM
@@ -713,9 +729,9 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
     Hr = w_hh.shape[1]
     proj = w_hr.shape[0] > 0
     H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
-    Wf = _packed_forward_weights(cell, w_hh, H, xw)
+    Wf = _packed_forward_weights(cell, w_hh, H, xw, nth_max)
     P = Wf.shape[0]
-    Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
+    Wr = _packed_plain(w_hr, Hr, H, False, nth_max) if proj else Wf[:0]
     Pr = Wr.shape[0]
     S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), xw.dtype)   # per thread: GEMM tile
     O = np.empty((nth_max, 4 * UNIT_GROUP), xw.dtype)                   # and gate-output row
@@ -761,7 +777,7 @@ def rnn_forward(nth_max, min_macs, cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_siz
     _copy_rows(hbuf[T % 2], h_state, 0, B)
 
 
-@njit(**_JIT_PARALLEL)
+@jit(**_JIT_PARALLEL)
 def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_sizes, reverse,
                  h_seq, acts, c_seq, hn_seq, dh, dc, grad_xw, grad_hw, grad_hproj):
     """Backward recurrence over all T steps (the forward's steps in the opposite order).
@@ -778,12 +794,13 @@ def rnn_backward(nth_max, min_macs, cell, grad_h_seq, w_hh, w_hr, h0, c0, batch_
     Hr = w_hh.shape[1]
     proj = w_hr.shape[0] > 0
     H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
-    Wb = _packed_plain(w_hh, Hr, G, True)            # dh = grad_gates @ W_hh
+    Wb = _packed_plain(w_hh, Hr, G, True, nth_max)   # dh = grad_gates @ W_hh
     Pb = Wb.shape[0]
-    Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]   # dhu = dh @ W_hr
+    Wu = _packed_plain(w_hr, H, Hr, True, nth_max) if proj else Wb[:0]   # dhu = dh @ W_hr
     Pu = Wu.shape[0]
     upp = Wb.shape[2]
-    zeros = np.zeros((1, H), grad_xw.dtype)
+    zeros = np.empty((1, H), grad_xw.dtype)
+    _zero_rows(zeros, 0)   # not np.zeros: in a parallel kernel that is a parallel region of its own
     S = np.empty((nth_max, max(MR3, MR4), 4 * UNIT_GROUP), grad_xw.dtype)
     O = np.empty((nth_max, 4 * UNIT_GROUP), grad_xw.dtype)
     g_src = grad_hw if cell == GRU else grad_xw      # what the step GEMM multiplies by W_hh
@@ -859,7 +876,7 @@ GEMM_ROW_BLOCK = 96   # rows of A whose tiles stay in L2 while all panels of B' 
 GEMM_K_CHUNK = 256    # depth per pass: keeps a strided A (mm_tn) and a W chunk in L2
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _store_row(S, r, out, row, n0, nn, bias, has_bias, accumulate):
     """out[row, n0 + u] (+)= S[r, u] (+ bias[n0 + u]) for u < nn (unsigned indices: vectorised)."""
     if accumulate:
@@ -873,46 +890,56 @@ def _store_row(S, r, out, row, n0, nn, bias, has_bias, accumulate):
             out[row, n0 + u] = S[r, u]
 
 
-@njit(**_JIT_PARALLEL)
+@jit(**_JIT_INLINE)
+def _gemm_rows(r_lo, r_hi, a, a_rs, a_ks, K, N, Wflat, ldw, direct, bias, has_bias, out):
+    """Rows [r_lo, r_hi) of gemm's out, GEMM_K_CHUNK deep at a time, as register tiles against
+    every panel of B' (Wflat: packed panels, or B_mat itself when ``direct``). Inlined into
+    both loops of gemm: called as a function it ran 20-30% slower (measured, one thread)."""
+    L = VEC_BYTES // out.itemsize
+    P = (N + 4 * L - 1) // (4 * L)
+    S = np.empty((MR4, 4 * L), out.dtype)
+    n_tiles, base, extra = _row_tiles(r_hi - r_lo, MR4)
+    for k0 in range(0, K, GEMM_K_CHUNK):
+        kc = min(GEMM_K_CHUNK, K - k0)
+        for p in range(P):
+            n0 = p * 4 * L
+            nn = U(min(4 * L, N - n0))
+            w_off = k0 * N + n0 if direct else (p * K + k0) * 4 * L
+            r0 = r_lo
+            for tile in range(n_tiles):
+                mr = base + (1 if tile < extra else 0)
+                tile_gemm(a, r0 * a_rs + k0 * a_ks, a_rs, a_ks, mr, Wflat, w_off, ldw, S, 0, 4 * L, L,
+                          kc, 4, MR4)
+                for r in range(mr):
+                    _store_row(S, U(r), out, U(r0 + r), U(n0), nn, bias, has_bias, k0 > 0)
+                r0 += mr
+
+
+@jit(**_JIT_PARALLEL)
 def gemm(nth, a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
     """out [M, N] = A @ B' (+ bias): A[r, k] = a[r*a_rs + k*a_ks] (``a`` flat, so A may be a
     transposed view); B' = B_mat^T for B_mat [N, K], or B_mat [K, N] itself if ``trans_b``;
-    bias [N] or empty; nth: threads. B' is packed into plain panels (in parallel) unless it
-    is B_mat [K, N] with N a multiple of the panel width (then its rows already are panel
-    rows); then row blocks of A run in parallel, GEMM_K_CHUNK deep at a time, each as
-    register tiles against every panel."""
+    bias [N] or empty; nth: threads (1: no parallel region). B' is packed into plain panels
+    unless it is B_mat [K, N] with N a multiple of the panel width (then its rows already are
+    panel rows); then row blocks of A (``_gemm_rows``) run in parallel."""
     N = out.shape[1]
     K = B_mat.shape[0] if trans_b else B_mat.shape[1]
     L = VEC_BYTES // out.itemsize
-    P = (N + 4 * L - 1) // (4 * L)
     direct = trans_b and N % (4 * L) == 0
-    W = np.empty((0 if direct else P, K, 4 * L), out.dtype)
-    if not direct:
-        for p in prange(P):
-            pack_panel(B_mat, trans_b, 1, N, 4, W, p)
+    W = np.empty((0, K, 4 * L), out.dtype) if direct else _packed_plain(B_mat, N, K, trans_b, nth)
     Wflat = B_mat.reshape(-1) if direct else W.reshape(-1)
     ldw = N if direct else 4 * L
     has_bias = bias.shape[0] > 0
     # at least one block per thread, blocks of at most GEMM_ROW_BLOCK rows, balanced
     nblk = max((M + GEMM_ROW_BLOCK - 1) // GEMM_ROW_BLOCK, min(nth, (M + MR4 - 1) // MR4))
-    for blk in prange(nblk):
-        S = np.empty((MR4, 4 * L), out.dtype)
-        r_lo, r_hi = blk * M // nblk, (blk + 1) * M // nblk
-        n_tiles, base, extra = _row_tiles(r_hi - r_lo, MR4)
-        for k0 in range(0, K, GEMM_K_CHUNK):
-            kc = min(GEMM_K_CHUNK, K - k0)
-            for p in range(P):
-                n0 = p * 4 * L
-                nn = U(min(4 * L, N - n0))
-                w_off = k0 * N + n0 if direct else (p * K + k0) * 4 * L
-                r0 = r_lo
-                for tile in range(n_tiles):
-                    mr = base + (1 if tile < extra else 0)
-                    tile_gemm(a, r0 * a_rs + k0 * a_ks, a_rs, a_ks, mr, Wflat, w_off, ldw, S, 0, 4 * L, L,
-                              kc, 4, MR4)
-                    for r in range(mr):
-                        _store_row(S, U(r), out, U(r0 + r), U(n0), nn, bias, has_bias, k0 > 0)
-                    r0 += mr
+    if nth == 1:
+        for blk in range(nblk):
+            _gemm_rows(blk * M // nblk, (blk + 1) * M // nblk, a, a_rs, a_ks, K, N, Wflat, ldw, direct, bias,
+                       has_bias, out)
+    else:
+        for blk in prange(nblk):
+            _gemm_rows(blk * M // nblk, (blk + 1) * M // nblk, a, a_rs, a_ks, K, N, Wflat, ldw, direct, bias,
+                       has_bias, out)
     if K == 0:
         for r in range(M):
             for n in range(N):
@@ -948,7 +975,7 @@ def gemm(nth, a, a_rs, a_ks, M, B_mat, trans_b, bias, out):
 _JIT_REASSOC = dict(_JIT, fastmath={"contract", "reassoc"})   # sums: vectorised; NaN still propagates
 
 
-@njit(**_JIT_REASSOC)
+@jit(**_JIT_REASSOC)
 def _row_sum(a, b, n):
     """sum(a[b, :n]), reassociated (vector partial sums); not inlined, so the flag stays local."""
     s = a.dtype.type(0)
@@ -957,7 +984,7 @@ def _row_sum(a, b, n):
     return s
 
 
-@njit(**_JIT_REASSOC)
+@jit(**_JIT_REASSOC)
 def _row_sq_dev(a, b, n, mean):
     """sum((a[b, :n] - mean)^2)."""
     s = a.dtype.type(0)
@@ -967,7 +994,7 @@ def _row_sq_dev(a, b, n, mean):
     return s
 
 
-@njit(**_JIT_REASSOC)
+@jit(**_JIT_REASSOC)
 def _row_dot2(d, b, w, hat, n):
     """(sum(d[b] * w), sum(d[b] * w * hat[b])) over n entries: the layer-norm backward sums."""
     s1 = d.dtype.type(0)
@@ -979,7 +1006,7 @@ def _row_dot2(d, b, w, hat, n):
     return s1, s2
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _ln_stats(a, b, n):
     """mean and 1 / sqrt(biased var + eps) of a[b, :n] (two passes: no cancellation)."""
     one, nf = a.dtype.type(1), a.dtype.type(n)
@@ -991,7 +1018,7 @@ def _ln_stats(a, b, n):
 LN_EPS = 1e-5   # fastrnn.ops.recurrence.LN_EPS (not imported: this file must not depend on torch)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _hw_row(b, ts, n, A, bh, ln_w, ln_b, hat, rstd):
     """A[b, :n] (= h_in W^T) <- LN(A[b]; ln) + b_hh, saving the normalised row and its rstd
     at step slot ts; without layer norm A[b] + b_hh."""
@@ -1009,7 +1036,7 @@ def _hw_row(b, ts, n, A, bh, ln_w, ln_b, hat, rstd):
             A[ub, k] += bh[k]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _ln_bwd_row(b, t, c, n, D, dst, ln_w, hat, rstd, g_w, g_b):
     """Layer-norm backward of one row: D[b, :n] = gradient of y = w * v_hat + bias ->
     dst[b] = gradient of v; g_w[c], g_b[c] += this row's weight / bias grads. dst = D would be
@@ -1028,7 +1055,7 @@ def _ln_bwd_row(b, t, c, n, D, dst, ln_w, hat, rstd, g_w, g_b):
         dst[ub, k] = rs * (d * ln_w[k] - m1 - h * m2)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c_rstd, c_seq, new_seq, hu, O):
     """LSTM step of row b: X[b] xw_t in, activated i, f, g, o out; A[b]: hw (after norm and
     bias); C[b]: c_prev in (reset applied), c_t out; cn [B, H] scratch <- c_new; hu[b] <- o tanh(y).
@@ -1045,7 +1072,7 @@ def _lstm_var_fwd_row(b, t, ts, H, X, A, C, peep, zc, cn, lnc_w, lnc_b, c_hat, c
     _lstm_hu_row(b, ts, H, X, cn, lnc_w, lnc_b, c_hat, c_rstd, hu)
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _lstm_var_fwd_units(ub, t, ts, uH, J, nu, X, A, C, peep, zc, cn, cs, new_seq, O, has_peep, has_zc, save_new):
     """Units J .. J+nu-1 of _lstm_var_fwd_row: gates to O (UG apart), c_new to cn, c_t to C and cs."""
     one = X.dtype.type(1)
@@ -1073,7 +1100,7 @@ def _lstm_var_fwd_units(ub, t, ts, uH, J, nu, X, A, C, peep, zc, cn, cs, new_seq
             new_seq[ts, ub, j] = c_new
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _lstm_hu_row(b, ts, H, X, cn, lnc_w, lnc_b, c_hat, c_rstd, hu):
     """hu[b] <- o tanh(y), y = LN(c_new; ln_c) (saving c_hat, c_rstd at slot ts) or c_new."""
     ub, uH = U(b), U(H)
@@ -1090,7 +1117,7 @@ def _lstm_hu_row(b, ts, H, X, cn, lnc_w, lnc_b, c_hat, c_rstd, hu):
             hu[ub, j] = X[ub, uH + uH + uH + j] * tanh(cn[ub, j])
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_var_fwd_row(b, ts, H, X, A, hprev, hn_seq, hnew, O):
     """GRU (reset_after=True) step of row b: X[b] xw_t in, r, z, n out; A[b]: hw; hprev[b]:
     h_prev; hn_seq[ts, b] <- hw_n; hnew[b] <- (1-z) n + z h_prev. O: scratch row (gates)."""
@@ -1111,7 +1138,7 @@ def _gru_var_fwd_row(b, ts, H, X, A, hprev, hn_seq, hnew, O):
         _scatter_gates(O, U(0), U(3), X, ub, uH, J, nu)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_rz_fwd_row(b, H, X, A, hin, rh, O):
     """GRU reset_after=False, first half of row b: r, z into X[b]; rh[b] <- r * h_in."""
     ub, uH = U(b), U(H)
@@ -1126,7 +1153,7 @@ def _gru_rz_fwd_row(b, H, X, A, hin, rh, O):
         _scatter_gates(O, U(0), U(2), X, ub, uH, J, nu)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_n_fwd_row(b, ts, H, X, An, bh, hprev, hn_seq, hnew):
     """GRU reset_after=False, second half: An[b] = (r h_in) W_hn^T; n into X[b];
     hn_seq[ts, b] <- An + b_hn; hnew[b] <- (1-z) n + z h_prev."""
@@ -1142,7 +1169,7 @@ def _gru_n_fwd_row(b, ts, H, X, An, bh, hprev, hn_seq, hnew):
         hnew[ub, j] = (one - z) * n + z * hprev[ub, j]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _rnn_var_fwd_row(b, ts, relu, H, X, A, hnew, new_seq):
     """RNN step of row b: hnew[b] <- act(X[b] + A[b]); saved as h_new (zoneout) if new_seq has rows."""
     zero = X.dtype.type(0)
@@ -1159,7 +1186,7 @@ def _rnn_var_fwd_row(b, ts, relu, H, X, A, hnew, new_seq):
             ns[ub, j] = hnew[ub, j]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq):
     """h_t = zh h_prev + (1 - zh) h_new (zoneout) or h_new, into the state hcur[b] and h_seq[t, b]."""
     one = hnew.dtype.type(1)
@@ -1178,7 +1205,7 @@ def _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq):
             hs[ub, k] = h
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, O, X, b_hh, hcur, c_state,
                cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
                c_hat, c_rstd, new_seq, proj):
@@ -1216,7 +1243,7 @@ def _fwd_phase(ph, c, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, 
             _h_finish_row(b, t, Hr, hnew, hcur, zh, h_seq)
 
 
-@njit(**_JIT_PARALLEL)
+@jit(**_JIT_PARALLEL)
 def _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew, S, O, X, b_hh, hcur, c_state,
                    cn, ln_w, ln_b, lnc_w, lnc_b, peep, zh, zc, h_seq, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd,
                    c_hat, c_rstd, new_seq, proj):
@@ -1232,7 +1259,7 @@ def _run_phase_fwd(ph, nth, m, t, ts, cell, H, Wf, Wn, Wr, src, A, An, rh, hnew,
                        hw_hat, hw_rstd, c_hat, c_rstd, new_seq, proj)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h0, c0, w_hr, batch_sizes,
                     reverse, training, ln_w, ln_b, lnc_w, lnc_b, peep, rec_mask, zh, zc, reset,
                     h_seq, h_state, c_state, c_seq, hu_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq):
@@ -1253,9 +1280,9 @@ def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h
     H = G // 4 if cell == LSTM else (G // 3 if cell == GRU else G)
     split = cell == GRU and not reset_after
     dt = xw.dtype
-    Wf = _packed_plain(w_hh, 2 * H if split else G, Hr, False)
-    Wn = _packed_plain(w_n, H, Hr, False) if split else Wf[:0]
-    Wr = _packed_plain(w_hr, Hr, H, False) if proj else Wf[:0]
+    Wf = _packed_plain(w_hh, 2 * H if split else G, Hr, False, nth_max)
+    Wn = _packed_plain(w_n, H, Hr, False, nth_max) if split else Wf[:0]
+    Wr = _packed_plain(w_hr, Hr, H, False, nth_max) if proj else Wf[:0]
     S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
     Osc = np.empty((nth_max, 4 * UNIT_GROUP), dt)        # per thread: gate outputs of a unit group
     A = np.empty((B, G), dt)
@@ -1310,7 +1337,7 @@ def rnn_forward_var(nth_max, min_macs, cell, reset_after, xw, w_hh, w_n, b_hh, h
     _copy_rows(hcur, h_state, 0, B)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj):
     """Gradient reaching h_t (dh[b] from step t+1, gs[t, b] from the output) split by zoneout:
     dnew[b] <- (1 - zh) of it (to h_new), ddir[b] <- zh of it (straight to h_prev); with a
@@ -1334,7 +1361,7 @@ def _bwd_pre_row(b, t, Hr, dh, gs, zh, dnew, ddir, ghp, proj):
             gt[ub, k] = dnew[ub, k]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_hat, c_rstd, dc, dv, dy, gx,
                       g_lnc_w, g_lnc_b, g_peep, O):
     """LSTM backward of row b at step t. A[b]: saved i, f, g, o; D[b]: gradient reaching
@@ -1362,7 +1389,7 @@ def _lstm_var_bwd_row(b, t, c, H, A, D, CN, CP, bp, peep, zc, lnc_w, lnc_b, c_ha
         _scatter_gates(O, U(0), U(3), gx, ub, uH, J, nu)
 
 
-@njit(**_JIT_INLINE)
+@jit(**_JIT_INLINE)
 def _lstm_var_bwd_units(ub, t, uH, J, nu, A, CN, CP, bp, peep, zc, dc, dv, gx, gp, O, has_peep, has_zc):
     """Units J .. J+nu-1 of _lstm_var_bwd_row after the output gate: d_i, d_f, d_g to O (UG apart)."""
     one = A.dtype.type(1)
@@ -1390,7 +1417,7 @@ def _lstm_var_bwd_units(ub, t, uH, J, nu, A, CN, CP, bp, peep, zc, dc, dv, gx, g
         O[u], O[UG + u], O[UG2 + u] = d_i, d_f, d_g
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_var_bwd_row(b, H, A, HN, HP, bp, D, ddir, gx, gh, O):
     """GRU (reset_after=True) backward of row b. A[b]: saved r, z, n; HN[b]: hw_n; HP[bp]:
     h_prev; D[b]: gradient reaching h_new; ddir[b] += its part through z h_prev;
@@ -1414,7 +1441,7 @@ def _gru_var_bwd_row(b, H, A, HN, HP, bp, D, ddir, gx, gh, O):
         _scatter_gates(O, UG3, U(1), gh, ub, uH, J + U(2) * uH, nu)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_zn_bwd_row(b, H, A, HP, bp, D, ddir, gx, dpn, O):
     """GRU reset_after=False, first half of row b's backward: d_z, d_n into gx[b] and d_n
     into dpn[b] (for d(r h_in) = d_n W_hn); ddir[b] += d z. O: scratch row."""
@@ -1434,7 +1461,7 @@ def _gru_zn_bwd_row(b, H, A, HP, bp, D, ddir, gx, dpn, O):
         _scatter_gates(O, U(0), U(2), gx, ub, uH, J + uH, nu)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _gru_r_bwd_row(b, H, A, HP, bp, mask, drh, gx, dhin):
     """GRU reset_after=False, second half: drh[b] = d(r h_in); d_r into gx[b]; dhin[b] <- drh r
     (the part of h_in's gradient through r * h_in; the W_h{r,z} product is added after)."""
@@ -1448,7 +1475,7 @@ def _gru_r_bwd_row(b, H, A, HP, bp, mask, drh, gx, dhin):
         dhin[ub, j] = drh[ub, j] * r
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _rnn_var_bwd_row(b, relu, H, HN, D, gx):
     """RNN backward of row b: HN[b] = h_new; gx[b] <- D[b] act'(h_new) (relu: a select, so that a
     NaN gradient stays out of switched-off units, as torch)."""
@@ -1462,7 +1489,7 @@ def _rnn_var_bwd_row(b, relu, H, HN, D, gx):
             gx[ub, j] = D[ub, j] * (one - h * h)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _bwd_finish_row(b, t, dhin, mask, ddir, reset, dh, dc, gh0, gc0):
     """dh_prev = dh_in * rec_mask + ddir; a reset row sends it (and dc_prev) to the initial
     state's gradient gh0 / gc0 and carries 0, other rows carry it in dh[b] (dc[b] already holds dc_prev)."""
@@ -1487,7 +1514,7 @@ def _bwd_finish_row(b, t, dhin, mask, ddir, reset, dh, dc, gh0, gc0):
             dh[ub, k] = dhin[ub, k]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _prev_state(b, t, tp, m_prev, seq, init, reset):
     """The state row b entered step t with: ``init`` after a reset or at the row's first step
     (b >= m_prev), else ``seq[tp]`` (the saved state of the previously visited step)."""
@@ -1496,7 +1523,7 @@ def _prev_state(b, t, tp, m_prev, seq, init, reset):
     return seq[tp]
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc,
                gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
@@ -1544,7 +1571,7 @@ def _bwd_phase(ph, c, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0,
             _bwd_finish_row(b, t, dhin, mask, ddir, reset, dh, dc, gh0, gc0)
 
 
-@njit(**_JIT_PARALLEL)
+@jit(**_JIT_PARALLEL)
 def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0, c0, ln_w, lnc_w, lnc_b, peep,
                    mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq, hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh,
                    dc, gx, gh, ghp, dnew, ddir, dhu, dhin, dv, dtmp, dpn, drh, gh0, gc0, g_ln_w, g_ln_b, g_lnc_w,
@@ -1563,7 +1590,7 @@ def _run_phase_bwd(ph, nth, m, t, tp, m_prev, cell, H, Wb, Wnb, Wu, S, O, gs, h0
                        g_ln_b, g_lnc_w, g_lnc_b, g_peep, proj)
 
 
-@njit(**_JIT)
+@jit(**_JIT)
 def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n, w_hr, h0, c0, batch_sizes,
                      reverse, ln_w, lnc_w, lnc_b, peep, rec_mask, zh, zc, reset, h_seq, acts, c_seq, hn_seq,
                      hw_hat, hw_rstd, c_hat, c_rstd, new_seq, dh, dc, grad_xw, grad_hw, grad_hproj,
@@ -1584,9 +1611,9 @@ def rnn_backward_var(nth_max, min_macs, cell, reset_after, grad_h_seq, w_hh, w_n
     split = cell == GRU and not reset_after
     sep = grad_hw.shape[0] > 0
     dt = grad_xw.dtype
-    Wb = _packed_plain(w_hh, Hr, 2 * H if split else G, True)       # dh_in = grad_hw W_hh
-    Wnb = _packed_plain(w_n, Hr, H, True) if split else Wb[:0]      # d(r h_in) = d_n W_hn
-    Wu = _packed_plain(w_hr, H, Hr, True) if proj else Wb[:0]       # dhu = dh_new W_hr
+    Wb = _packed_plain(w_hh, Hr, 2 * H if split else G, True, nth_max)       # dh_in = grad_hw W_hh
+    Wnb = _packed_plain(w_n, Hr, H, True, nth_max) if split else Wb[:0]      # d(r h_in) = d_n W_hn
+    Wu = _packed_plain(w_hr, H, Hr, True, nth_max) if proj else Wb[:0]       # dhu = dh_new W_hr
     S = np.empty((nth_max, MR4, 4 * UNIT_GROUP), dt)
     Osc = np.empty((nth_max, 4 * UNIT_GROUP), dt)        # per thread: gate gradients of a unit group
     dnew = np.empty((B, Hr), dt)

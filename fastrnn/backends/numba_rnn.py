@@ -68,14 +68,17 @@ recurrence that follows on numba's threads.
 On-disk cache (choice and why)
 ------------------------------
 On by default; ``FASTRNN_NUMBA_CACHE=0`` turns it off (read when the kernels are first imported).
-It is Numba's own ``cache=True``: the files go to ``fastrnn/_numba/__pycache__`` (or, where that
-is not writable, Numba's user-wide cache directory, or ``NUMBA_CACHE_DIR`` if set). Numba keys
-entries on the kernel source file's timestamp, the argument types, the Numba version and the
-host CPU (the kernels bake in the host's vector width), and writes each file through a
-temporary name and an atomic rename. Two weaknesses are handled here: (1) staleness across
-files -- every function the kernels inline lives in the single file ``rnn_kernels.py``, whose
-timestamp is the key; (2) several processes (pytest workers) compiling the same kernels at
-once -- the first use of a dtype takes an exclusive file lock next to the cache, so one
+Numba's cache with fastrnn's checks around it, the same for attention (``fastrnn/_numba/runtime.py``):
+the files go to ``fastrnn/_numba/__pycache__`` (or, where that is not writable, ``NUMBA_CACHE_DIR``
+or Numba's user-wide cache directory; with none of them writable the kernels compile in memory,
+with one warning). Numba keys entries on the kernel source file's timestamp, the argument types,
+the Numba version and the host CPU (the kernels bake in the host's vector width), and writes each
+file through a temporary name and an atomic rename; fastrnn stores each payload behind its
+SHA-256, so a damaged entry is detected, deleted and rebuilt (one warning) instead of failing
+every later process. Two more weaknesses are handled: (1) staleness across files -- every
+function the kernels inline lives in the single file ``rnn_kernels.py``, whose timestamp is the
+key; (2) several processes (pytest workers) compiling the same kernels at once -- the first use
+of a dtype takes an exclusive file lock next to the cache (``runtime.compiling``), so one
 process compiles and writes while the others wait and then load its result. The thread
 count is a kernel argument, not ``numba.get_num_threads()`` called inside: that call embeds
 a process-specific address, which makes a function uncacheable.
@@ -86,16 +89,18 @@ A step runs as one ``prange`` region (two with a projection) over numba's thread
 owning a contiguous share of the hidden units (and so of ``W_hh``, which stays in its core's
 L2 across steps); a step with fewer than ``PAR_MIN_MACS`` multiply-adds runs on the calling
 thread, because waking the pool costs more than it saves. The big GEMMs run on the same pool.
-``fastrnn.set_num_threads(n)`` sets torch and numba together. Numba can reset torch's thread
-count when its OpenMP pool starts (numba#9387): every kernel call here restores
-``torch.get_num_threads()`` if it changed. Both pools spin for milliseconds after their last
-parallel region (GNU OpenMP's default), so work that alternates between torch ops and numba
-kernels on a 2-core machine pays for it where the switch happens.
+A call uses ``min(torch.get_num_threads(), numba.get_num_threads())`` threads
+(``fastrnn.set_num_threads(n)`` sets both), one in a ``fork`` child (DataLoader workers: GNU
+OpenMP's pool does not survive ``fork``, so the kernels take their serial path and open no
+parallel region); calls from several Python threads at once are safe. All of this lives in
+``fastrnn._numba.runtime.kernel_call`` (with the threading layer it picks, and why), which also
+restores ``torch.get_num_threads()`` where numba's OpenMP start reset it (numba#9387). Both
+pools spin for milliseconds after their last parallel region (GNU OpenMP's default), so work
+that alternates between torch ops and numba kernels on a 2-core machine pays for it where the
+switch happens.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import numpy as np
@@ -103,20 +108,22 @@ import torch
 
 from ..ops.recurrence import GATES, VariantGrads, check_cell, is_plain, recurrent_inputs
 from ..ops.recurrence import check_variant
+from ..ops.checks import check_rnn_backward, check_rnn_forward
 
 name = "numba"
 
 _kernels = None            # the fastrnn._numba.rnn_kernels module, or the reason it is unusable
+_runtime = None            # fastrnn._numba.runtime (cache, threads, fork), once the kernels import
 _compile_seconds: dict[str, dict[str, float]] = {}   # dtype name -> kernel name -> seconds
 PAR_MIN_MACS: int | None = None   # None: the kernels' default
 
 
 def _load():
-    global _kernels
+    global _kernels, _runtime
     if _kernels is None:
         try:
-            from .._numba import rnn_kernels
-            _kernels = rnn_kernels
+            from .._numba import rnn_kernels, runtime
+            _kernels, _runtime = rnn_kernels, runtime
         except Exception as exc:  # numba missing or broken
             _kernels = f"numba kernels unavailable: {type(exc).__name__}: {exc}"
     return _kernels
@@ -139,30 +146,9 @@ def _kernels_or_raise():
 # ---------------------------------------------------------------------------------------------
 # compilation: once per dtype and process, under a lock shared by all processes using the cache
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _cache_lock(dispatcher):
-    path = getattr(dispatcher.stats, "cache_path", None)
-    try:
-        import fcntl
-        if path:
-            os.makedirs(path, exist_ok=True)   # numba creates it only when it first saves
-        f = open(os.path.join(path, "fastrnn-compile.lock"), "a") if path else None
-    except (ImportError, OSError):  # no fcntl (Windows) or a read-only cache: compile unlocked
-        f = None
-    if f is None:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _example_args(k, dtype: np.dtype):
     """Tiny arguments with the exact types of every real call (one signature per dtype)."""
-    a1, a2, a3 = (np.zeros((1,) * n, dtype) for n in (1, 2, 3))
+    a1, a2, a3 = (np.zeros((1,) * n, dtype) for n in (1, 2, 3))   # (1, ...: the thread count)
     bs = np.ones(1, np.int64)
     fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3)
     bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3)
@@ -176,22 +162,12 @@ def _ensure_compiled(dtype: np.dtype) -> None:
     import numba
     k = _kernels_or_raise()
     times = {}
-    with _preserve_torch_threads(), _cache_lock(k.rnn_forward):
+    with _runtime.compiling(k.rnn_forward):
         for kname, args in _example_args(k, dtype).items():
             t0 = time.perf_counter()
             getattr(k, kname).compile(tuple(numba.typeof(a) for a in args))
             times[kname] = time.perf_counter() - t0
     _compile_seconds[dtype.name] = times
-
-
-@contextlib.contextmanager
-def _preserve_torch_threads():
-    n = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != n:  # numba#9387
-            torch.set_num_threads(n)
 
 
 def info(warm: bool = True) -> dict:
@@ -203,10 +179,6 @@ def info(warm: bool = True) -> dict:
     import numba
     if warm:
         _ensure_compiled(np.dtype(np.float32))
-    try:
-        layer = numba.threading_layer()
-    except ValueError:  # no parallel region has run yet
-        layer = f"not started (configured: {numba.config.THREADING_LAYER})"
     stats = {kname: getattr(k, kname).stats for kname in ("rnn_forward", "rnn_backward", "gemm")}
     return {
         "available": True,
@@ -215,8 +187,10 @@ def info(warm: bool = True) -> dict:
         "cache": {"enabled": k.CACHE,
                   "dir": stats["rnn_forward"].cache_path if k.CACHE else None,
                   "hits": sum(sum(s.cache_hits.values()) for s in stats.values()),
-                  "misses": sum(sum(s.cache_misses.values()) for s in stats.values())},
-        "threading_layer": layer,
+                  "misses": sum(sum(s.cache_misses.values()) for s in stats.values()),
+                  "rebuilt_entries": list(_runtime.rebuilt_entries)},
+        "threading_layer": _runtime.threading_layer(),
+        "fork_child": _runtime.forked(),
         "numba_threads": numba.get_num_threads(),
         "vector_bytes": k.VEC_BYTES,
     }
@@ -230,7 +204,7 @@ def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
     k = _kernels_or_raise()
     dt = _dtype(like, k)
     out = torch.empty(M, N, dtype=like.dtype)
-    _run(k.gemm, dt, k.get_num_threads(), a_flat, a_rs, a_ks, M, _np(b), trans_b,
+    _run(k.gemm, dt, a_flat, a_rs, a_ks, M, _np(b), trans_b,
          _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
     return out
 
@@ -284,12 +258,15 @@ def _min_macs(k) -> int:
 
 
 def _run(kernel, dtype: np.dtype, *args) -> None:
+    """``kernel(nth, *args)``, compiled first if needed, with the thread count of this call
+    (``runtime.kernel_call``: 1 in a fork child, where the kernels open no parallel region)."""
     _ensure_compiled(dtype)
-    with _preserve_torch_threads():
-        kernel(*args)
+    with _runtime.kernel_call() as nth:
+        kernel(nth, *args)
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
+    check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     check_cell(cell)
     if not is_plain(variant):
         return _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
@@ -299,6 +276,7 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
 
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
+    check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant)
     check_cell(cell)
     if not is_plain(variant):
         return _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
@@ -324,7 +302,7 @@ def _forward_plain(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, tra
     e2, e3 = _empty(2, dt), _empty(3, dt)
     opt = lambda t, e: e if t is None else _np(t)  # noqa: E731
     b = _np(b_hh) if b_hh is not None else np.zeros(G, dt)
-    _run(k.rnn_forward, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], _np(xw), _np(w_hh), b, _np(h0),
+    _run(k.rnn_forward, dt, _min_macs(k), k.CELL_CODES[cell], _np(xw), _np(w_hh), b, _np(h0),
          opt(c0 if is_lstm else None, e2), opt(w_hr, e2), _batch_sizes(batch_sizes, T, B),
          bool(reverse), bool(training), h_seq.numpy(), h_T.numpy(), opt(c_T, e2),
          opt(c_seq, e3), opt(hu_seq, e3), opt(hn_seq, e3))
@@ -360,7 +338,7 @@ def _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, ba
     acts = _np(saved[1]) if (is_lstm or is_gru) else e3
     c_seq = _np(saved[2]) if is_lstm else e3
     hn_seq = _np(saved[2]) if is_gru else e3
-    _run(k.rnn_backward, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], g_seq, _np(w_hh),
+    _run(k.rnn_backward, dt, _min_macs(k), k.CELL_CODES[cell], g_seq, _np(w_hh),
          _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2, _batch_sizes(batch_sizes, T, B),
          bool(reverse), _np(h_seq), acts, c_seq, hn_seq, dh.numpy(), dc.numpy() if is_lstm else e2,
          grad_xw.numpy(), grad_hw.numpy(), grad_hproj.numpy() if proj else e3)
@@ -376,17 +354,17 @@ def _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, ba
 def _run_variant(kernel, dtype: np.dtype, *args) -> None:
     """Runs a variant kernel, compiling it first (under the cache lock, timed for ``info()``)
     for the argument types of this call: every call of a variant kernel has the same types
-    for a given dtype (absent options are empty arrays), so there is one signature per dtype."""
+    for a given dtype (absent options are empty arrays), so there is one signature per dtype.
+    Called inside ``runtime.kernel_call``, whose thread count is ``args[0]``."""
     times = _compile_seconds.setdefault(dtype.name + " variant", {})
     name = kernel.py_func.__name__
     if name not in times:
         import numba
-        with _preserve_torch_threads(), _cache_lock(kernel):
+        with _runtime.compiling(kernel):
             t0 = time.perf_counter()
             kernel.compile(tuple(numba.typeof(a) for a in args))
             times[name] = time.perf_counter() - t0
-    with _preserve_torch_threads():
-        kernel(*args)
+    kernel(*args)
 
 
 def _variant_inputs(v, dt):
@@ -421,16 +399,17 @@ def _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, t
     o2 = lambda t: e2 if t is None else t.numpy()  # noqa: E731
     o3 = lambda t: e3 if t is None else t.numpy()  # noqa: E731
     vi = _variant_inputs(v, dt)
-    _run_variant(
-        k.rnn_forward_var, dt, k.get_num_threads(), _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after),
-        xw.numpy(), _np(w_hh), _np(w_hh[2 * H:]) if split else e2,
-        _np(b_hh) if b_hh is not None else np.zeros(G, dt), _np(h0), _np(c0) if is_lstm else e2,
-        _np(w_hr) if proj else e2, _batch_sizes(batch_sizes, T, B), bool(reverse), bool(training),
-        _np(v.ln_hh_weight) if ln else e1, _np(v.ln_hh_bias) if ln else e1,
-        _np(v.ln_c_weight) if lnc else e1, _np(v.ln_c_bias) if lnc else e1,
-        vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
-        h_seq.numpy(), h_T.numpy(), o2(c_T), o3(c_seq), o3(hu_seq), o3(hn_seq), o3(hw_hat), o2(hw_rstd),
-        o3(c_hat), o2(c_rstd), o3(new_seq))
+    with _runtime.kernel_call() as nth:
+        _run_variant(
+            k.rnn_forward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after),
+            xw.numpy(), _np(w_hh), _np(w_hh[2 * H:]) if split else e2,
+            _np(b_hh) if b_hh is not None else np.zeros(G, dt), _np(h0), _np(c0) if is_lstm else e2,
+            _np(w_hr) if proj else e2, _batch_sizes(batch_sizes, T, B), bool(reverse), bool(training),
+            _np(v.ln_hh_weight) if ln else e1, _np(v.ln_hh_bias) if ln else e1,
+            _np(v.ln_c_weight) if lnc else e1, _np(v.ln_c_bias) if lnc else e1,
+            vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
+            h_seq.numpy(), h_T.numpy(), o2(c_T), o3(c_seq), o3(hu_seq), o3(hn_seq), o3(hw_hat), o2(hw_rstd),
+            o3(c_hat), o2(c_rstd), o3(new_seq))
     if not training:
         return h_seq, h_T, c_T, ()
     if is_lstm:
@@ -478,23 +457,23 @@ def _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, 
     dc = fresh(grad_c_T, B, H) if is_lstm else None      # becomes grad_c0
     g_seq = _np(grad_h_seq) if grad_h_seq is not None else np.zeros((T, B, Hr), dt)
     grad_hproj = new(T, B, Hr) if proj else None
-    nth = k.get_num_threads()
-    g_ln_w, g_ln_b = (zeros(nth, G), zeros(nth, G)) if ln else (None, None)
-    g_lnc_w, g_lnc_b = (zeros(nth, H), zeros(nth, H)) if lnc else (None, None)
-    g_peep = zeros(nth, 3, H) if v.peephole is not None else None
-    o = lambda t, e: e if t is None else _np(t)  # noqa: E731
-    vi = _variant_inputs(v, dt)
-    _run_variant(
-        k.rnn_backward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after), g_seq, _np(w_hh),
-        _np(w_hh[2 * H:]) if split else e2, _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2,
-        _batch_sizes(batch_sizes, T, B), bool(reverse),
-        o(v.ln_hh_weight, e1), o(v.ln_c_weight, e1), o(v.ln_c_bias, e1),
-        vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
-        _np(h_seq), _np(saved[1]) if (is_lstm or is_gru) else e3, _np(saved[2]) if is_lstm else e3,
-        _np(saved[2]) if is_gru else e3, o(hw_hat, e3), o(hw_rstd, e2), o(c_hat, e3), o(c_rstd, e2), o(new_seq, e3),
-        dh.numpy(), dc.numpy() if is_lstm else e2, grad_xw.numpy(), grad_hw.numpy() if separate_hw else e3,
-        grad_hproj.numpy() if proj else e3, o(g_ln_w, e2), o(g_ln_b, e2), o(g_lnc_w, e2), o(g_lnc_b, e2),
-        o(g_peep, e3))
+    with _runtime.kernel_call() as nth:   # the per-thread accumulators are sized by the call's threads
+        g_ln_w, g_ln_b = (zeros(nth, G), zeros(nth, G)) if ln else (None, None)
+        g_lnc_w, g_lnc_b = (zeros(nth, H), zeros(nth, H)) if lnc else (None, None)
+        g_peep = zeros(nth, 3, H) if v.peephole is not None else None
+        o = lambda t, e: e if t is None else _np(t)  # noqa: E731
+        vi = _variant_inputs(v, dt)
+        _run_variant(
+            k.rnn_backward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after), g_seq, _np(w_hh),
+            _np(w_hh[2 * H:]) if split else e2, _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2,
+            _batch_sizes(batch_sizes, T, B), bool(reverse),
+            o(v.ln_hh_weight, e1), o(v.ln_c_weight, e1), o(v.ln_c_bias, e1),
+            vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
+            _np(h_seq), _np(saved[1]) if (is_lstm or is_gru) else e3, _np(saved[2]) if is_lstm else e3,
+            _np(saved[2]) if is_gru else e3, o(hw_hat, e3), o(hw_rstd, e2), o(c_hat, e3), o(c_rstd, e2), o(new_seq, e3),
+            dh.numpy(), dc.numpy() if is_lstm else e2, grad_xw.numpy(), grad_hw.numpy() if separate_hw else e3,
+            grad_hproj.numpy() if proj else e3, o(g_ln_w, e2), o(g_ln_b, e2), o(g_lnc_w, e2), o(g_lnc_b, e2),
+            o(g_peep, e3))
     grad_w_hr = None
     if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
         grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, H))

@@ -6,22 +6,27 @@ the kernels get a strided dummy and ``has_bias=False``, so the argument types de
 dtype and on whether the mask is a broadcast view (numba layout 'A', the usual case) or
 contiguous ('C'): at most two compilations per dtype (seconds each; then numba's disk cache).
 
-Threads: the kernels run ``prange`` on numba's pool, sized to ``torch.get_num_threads()`` on
-every call; numba may reset torch's count when its OpenMP pool starts (numba#9387), so torch's
-is restored if it changed. The tile products (``np.dot``) call scipy's bundled OpenBLAS, whose
-own thread pool would fight the ``prange`` workers (numba#6933; measured here: 15x slower,
-all time in OpenBLAS's thread wait), so it is set to one thread for the duration of a call and
-restored afterwards.
+Threads, processes and the cache are the recurrence's (``fastrnn/_numba/runtime.py``): every
+call runs inside ``runtime.kernel_call``, which gives it ``min(torch.get_num_threads(),
+numba.get_num_threads())`` threads (one below ``SERIAL_WORK`` and in a ``fork`` child, where
+the kernels take their serial path and open no parallel region), sets numba's count for the
+call only and restores torch's if numba reset it (numba#9387); the kernels are cached by
+``runtime.jit`` (``FASTRNN_NUMBA_CACHE``, damaged entries rebuilt, read-only installs compile in
+memory), and the first call of a signature compiles under the same cross-process lock. The
+tile products (``np.dot``) call scipy's bundled OpenBLAS, whose own thread pool would fight the
+``prange`` workers (numba#6933; measured here: 15x slower, all time in OpenBLAS's thread wait),
+so it is held at one thread while any call runs (``runtime.serial_blas``: reference-counted,
+so that concurrent calls from several Python threads neither race on the process-global setting
+nor restore it under each other).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
-import os
 
 import numpy as np
 import torch
+
+from ..ops.checks import check_sdpa_backward, check_sdpa_forward
 
 name = "numba"
 dtypes = (torch.float32, torch.float64)
@@ -35,6 +40,8 @@ except ImportError as exc:
     _numba, _IMPORT_ERROR = None, exc
 
 _kernels = None
+_rt = None          # fastrnn._numba.runtime, imported with the kernels
+_compiled = set()   # (kernel, dtype) already called once in this process
 
 
 def availability(device_type: str) -> str | None:
@@ -46,10 +53,10 @@ def availability(device_type: str) -> str | None:
 
 
 def _k():
-    global _kernels
+    global _kernels, _rt
     if _kernels is None:
-        from .._numba import sdpa_kernels
-        _kernels = sdpa_kernels
+        from .._numba import runtime, sdpa_kernels
+        _kernels, _rt = sdpa_kernels, runtime
     return _kernels
 
 
@@ -58,50 +65,24 @@ def _k():
 SERIAL_WORK = 1 << 21
 
 
-def _threads(work):
-    n = torch.get_num_threads()
-    n_numba = 1 if work < SERIAL_WORK else min(n, _numba.config.NUMBA_NUM_THREADS)
-    if _numba.get_num_threads() != n_numba:
-        _numba.set_num_threads(n_numba)
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-    return n_numba
+def _limit(work):
+    """A cap on the threads of a call with ``work`` multiply-adds (None: no cap)."""
+    return 1 if work < SERIAL_WORK else None
 
 
-_openblas_lib = None  # None: not looked up; False: not found
+def _first_call(name, arrays):
+    """The kernel, and a context for its call: the cross-process compile lock on the first call
+    of this kernel and dtype in this process (a later signature of the same dtype, e.g. another
+    mask layout, compiles unlocked: at worst two processes compile it both)."""
+    kernel = getattr(_k(), name)
+    key = (name, arrays[0].dtype.str)
+    if key in _compiled:
+        return kernel, _NO_LOCK
+    _compiled.add(key)   # a concurrent first call compiles too (numba's lock): no harm
+    return kernel, _rt.compiling(kernel)
 
 
-def _openblas():
-    """scipy's OpenBLAS (the BLAS behind numba's np.dot), or None."""
-    global _openblas_lib
-    if _openblas_lib is None:
-        _openblas_lib = False
-        import scipy
-        import scipy.linalg.cython_blas  # noqa: F401  (loads the library)
-        libdir = os.path.dirname(scipy.__file__) + ".libs"
-        for path in sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*"))):
-            try:
-                lib = ctypes.CDLL(path)  # already loaded: the same handle
-                lib.scipy_openblas_get_num_threads.restype = ctypes.c_int
-                lib.scipy_openblas_set_num_threads.argtypes = [ctypes.c_int]
-            except (OSError, AttributeError):
-                continue
-            _openblas_lib = lib
-            break
-    return _openblas_lib or None
-
-
-@contextlib.contextmanager
-def _serial_blas():
-    lib = _openblas()
-    before = lib.scipy_openblas_get_num_threads() if lib is not None else 1
-    if before != 1:
-        lib.scipy_openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            lib.scipy_openblas_set_num_threads(before)
+_NO_LOCK = contextlib.nullcontext()
 
 
 def _np(t):
@@ -122,31 +103,35 @@ def _dropout_args(dropout_p, seed, np_dtype):
 
 
 def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
+    check_sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed)
     N, L, E = q.shape
-    _threads(N * L * k.shape[1] * (E + v.shape[2]))
     out = q.new_empty(N, L, v.shape[-1])
     lse = q.new_empty(N, L)
     dt = _np(q).dtype
     bias, rows, has_bias = _mask_args(mask, q)
     threshold, inv_keep, seed = _dropout_args(dropout_p, seed, dt)
-    with _serial_blas():
-        _k().sdpa_forward(_np(q), _np(k), _np(v), bias, rows, has_bias, dt.type(scale), bool(causal),
-                          threshold, inv_keep, seed, BLOCK_L, BLOCK_S, _np(out), _np(lse))
+    arrays = (_np(q), _np(k), _np(v), bias, rows)
+    kernel, first = _first_call("sdpa_forward", arrays)
+    with _rt.kernel_call(_limit(N * L * k.shape[1] * (E + v.shape[2]))) as nth, _rt.serial_blas(), first:
+        kernel(*arrays, has_bias, dt.type(scale), bool(causal), threshold, inv_keep, seed, BLOCK_L, BLOCK_S,
+               nth, _np(out), _np(lse))
     return out, lse
 
 
 def sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed):
+    check_sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed)
     N, L, E = q.shape
     Nk, S, _ = k.shape
-    threads = _threads(N * L * S * (2 * E + 3 * v.shape[2]))
-    chunks = min(-(-S // BLOCK_S), max(1, -(-threads // Nk)))
-    grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dq_part = q.new_zeros(Nk * chunks if chunks > 1 else 1, (N // Nk) * L if chunks > 1 else 1, E)
     dt = _np(q).dtype
     bias, rows, has_bias = _mask_args(mask, q)
     threshold, inv_keep, seed = _dropout_args(dropout_p, seed, dt)
-    with _serial_blas():
-        _k().sdpa_backward(_np(grad_out), _np(q), _np(k), _np(v), _np(out), _np(lse), bias, rows,
-                           has_bias, dt.type(scale), bool(causal), threshold, inv_keep, seed, BLOCK_L,
-                           BLOCK_S, chunks, _np(grad_q), _np(grad_k), _np(grad_v), _np(dq_part))
+    arrays = (_np(grad_out), _np(q), _np(k), _np(v), _np(out), _np(lse), bias, rows)
+    kernel, first = _first_call("sdpa_backward", arrays)
+    with _rt.kernel_call(_limit(N * L * S * (2 * E + 3 * v.shape[2]))) as nth, _rt.serial_blas(), first:
+        # key chunks per key/value row: enough tasks for every thread (dQ then sums per chunk)
+        chunks = min(-(-S // BLOCK_S), max(1, -(-nth // Nk)))
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dq_part = q.new_zeros(Nk * chunks if chunks > 1 else 1, (N // Nk) * L if chunks > 1 else 1, E)
+        kernel(*arrays, has_bias, dt.type(scale), bool(causal), threshold, inv_keep, seed, BLOCK_L, BLOCK_S,
+               chunks, nth, _np(grad_q), _np(grad_k), _np(grad_v), _np(dq_part))
     return grad_q, grad_k, grad_v
