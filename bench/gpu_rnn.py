@@ -55,7 +55,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-args = parse_args()
+# bench/gpu_check.py imports this module and sets ``args`` itself: read the command line only
+# when run as a script.
+args = parse_args(None if __name__ == "__main__" else [])
 if args.tf32:
     os.environ["FASTRNN_TRITON_TF32"] = "1"
 if args.no_graphs:

@@ -1,8 +1,9 @@
 """Test setup. TRITON_INTERPRET must be set before triton is imported anywhere, so that the
-triton backend runs on this CPU through the interpreter."""
+triton backend runs on this CPU through the interpreter. FASTRNN_TEST_DEVICE=cuda (read by the
+device-aware tests) compiles the kernels for the GPU instead (bench/gpu_check.py)."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("FASTRNN_TEST_DEVICE") == "cuda" else "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -14,8 +14,12 @@ from fastrnn.ops.attention import SdpaMask, sdpa
 from fastrnn.testing import assert_close, assert_low_precision
 
 BACKENDS = fastrnn.available_backends("cpu", "sdpa")
+# FASTRNN_TEST_DEVICE=cuda runs the tests that take DEVICE_BACKENDS on the GPU (bench/gpu_check.py
+# does, with compiled triton kernels); the others build their tensors on the CPU and stay there.
+DEVICE = os.environ.get("FASTRNN_TEST_DEVICE", "cpu")
+DEVICE_BACKENDS = fastrnn.available_backends(DEVICE, "sdpa")
 # The triton interpreter runs one program at a time in numpy: it gets the small cases only.
-SLOW = {"triton"}
+SLOW = {"triton"} if DEVICE == "cpu" else set()
 
 
 def rand_mask(shape, p_keep=0.7):
@@ -55,18 +59,18 @@ CASES = [
 
 
 def case_params():
-    for backend in BACKENDS:
+    for backend in DEVICE_BACKENDS:
         for case in CASES:
             if backend in SLOW and not case[5]:
                 continue
             yield pytest.param(backend, *case[1:5], id=f"{backend}-{case[0]}")
 
 
-def make_qkv(qs, ks, vs, dtype, logit_scale=1.0):
+def make_qkv(qs, ks, vs, dtype, logit_scale=1.0, device="cpu"):
     q = torch.randn(qs, dtype=dtype) * logit_scale
     k = torch.randn(ks, dtype=dtype)
     v = torch.randn(vs, dtype=dtype)
-    return q, k, v
+    return q.to(device), k.to(device), v.to(device)
 
 
 def run_both(backend, q, k, v, kwargs, grad_out=None):
@@ -93,9 +97,10 @@ def assert_all_close(expected, actual, tag):
 @pytest.mark.parametrize("backend,qs,ks,vs,kwargs", list(case_params()))
 def test_matches_torch(backend, qs, ks, vs, kwargs, dtype):
     kw = kwargs()
-    if "attn_mask" in kw and kw["attn_mask"].is_floating_point():
-        kw["attn_mask"] = kw["attn_mask"].to(dtype)
-    q, k, v = make_qkv(qs, ks, vs, dtype)
+    if "attn_mask" in kw:
+        mask = kw["attn_mask"]
+        kw["attn_mask"] = mask.to(DEVICE, dtype if mask.is_floating_point() else mask.dtype)
+    q, k, v = make_qkv(qs, ks, vs, dtype, device=DEVICE)
     expected, actual = run_both(backend, q, k, v, kw)
     assert_all_close(expected, actual, backend)
 
@@ -116,10 +121,11 @@ def test_fully_masked_rows_match_torch(backend):
         assert torch.all(actual["out"][1, :, 7] == 0) and torch.all(actual["grad_q"][1, :, 7] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 def test_huge_logits_finite(backend):
     """Scores around 1e4: the running max keeps exp in range."""
-    q, k, v = make_qkv((2, 2, 17, 8), (2, 2, 29, 8), (2, 2, 29, 8), torch.float64, logit_scale=3e3)
+    q, k, v = make_qkv((2, 2, 17, 8), (2, 2, 29, 8), (2, 2, 29, 8), torch.float64, logit_scale=3e3,
+                       device=DEVICE)
     expected, actual = run_both(backend, q, k, v, {})
     for name, t in actual.items():
         assert torch.isfinite(t).all(), f"{backend}/{name} not finite"
@@ -139,11 +145,11 @@ def test_nan_propagates_like_torch(backend):
     assert_close(actual, expected, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", ["L0", "S0", "N0"])
 def test_empty(backend, shape):
     L, S, N = (0 if shape == s else n for s, n in (("L0", 5), ("S0", 6), ("N0", 2)))
-    q, k, v = make_qkv((N, 2, L, 4), (N, 2, S, 4), (N, 2, S, 3), torch.float64)
+    q, k, v = make_qkv((N, 2, L, 4), (N, 2, S, 4), (N, 2, S, 3), torch.float64, device=DEVICE)
     expected, actual = run_both(backend, q, k, v, {})
     assert_all_close(expected, actual, backend)
 
@@ -162,11 +168,11 @@ def test_float_mask_gradient(backend):
     assert_close(grads[1], grads[0], f"{backend}/grad_mask", grad=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 def test_low_precision(backend, dtype):
     """CPU backends compute half inputs in float32: error at most 2x torch's own in that dtype."""
-    q, k, v = make_qkv((2, 2, 33, 16), (2, 2, 41, 16), (2, 2, 41, 16), torch.float64)
+    q, k, v = make_qkv((2, 2, 33, 16), (2, 2, 41, 16), (2, 2, 41, 16), torch.float64, device=DEVICE)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     lowp = [t.to(dtype) for t in (q, k, v)]
     expected = F.scaled_dot_product_attention(*lowp, is_causal=True)
@@ -233,16 +239,17 @@ def test_dropout_seeded(backend):
     assert torch.equal(run(1.0), F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("backend", [b for b in DEVICE_BACKENDS if b != "torch"])
 def test_dropout_matches_reference(backend):
     """Same seed -> the same mask bits as the reference (forward and all gradients)."""
-    dtype = torch.float64
+    dtype, device = torch.float64, DEVICE
     N, Nk, L, S, E, Ev = 6, 3, 37, 45, 8, 5
-    q = torch.randn(N, L, E, dtype=dtype)
-    k = torch.randn(Nk, S, E, dtype=dtype)
-    v = torch.randn(Nk, S, Ev, dtype=dtype)
-    mask = SdpaMask(torch.randn(1, L, S, dtype=dtype).expand(1, L, S), torch.zeros(N, dtype=torch.long))
-    g = torch.randn(N, L, Ev, dtype=dtype)
+    q = torch.randn(N, L, E, dtype=dtype, device=device)
+    k = torch.randn(Nk, S, E, dtype=dtype, device=device)
+    v = torch.randn(Nk, S, Ev, dtype=dtype, device=device)
+    mask = SdpaMask(torch.randn(1, L, S, dtype=dtype, device=device).expand(1, L, S),
+                    torch.zeros(N, dtype=torch.long, device=device))
+    g = torch.randn(N, L, Ev, dtype=dtype, device=device)
     res = {}
     for name in ("torch", backend):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]

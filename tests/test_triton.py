@@ -80,7 +80,8 @@ def test_interpreter_uses_one_small_config():
 
 
 @needs_triton
-def test_gpu_configs_and_pruning():
+def test_gpu_configs_and_pruning(monkeypatch):
+    monkeypatch.delenv("FASTRNN_TRITON_TILES", raising=False)  # the default lists (gpu_check restricts them)
     k = _triton()._kernels()
     configs = k.configs(interpreted=False)
     assert len(configs) > 4
@@ -241,8 +242,9 @@ def test_variants_several_programs_and_row_tiles(cell, proj, opts, reverse):
 
 
 @needs_triton
-def test_variant_configs_row_and_tile_mode():
+def test_variant_configs_row_and_tile_mode(monkeypatch):
     """Layer-norm launches (row mode, no tl.dot) get the row configs, the others the tile configs."""
+    monkeypatch.delenv("FASTRNN_TRITON_TILES", raising=False)  # the default lists (gpu_check restricts them)
     k = _triton()._kernels()
     configs = k.var_configs(interpreted=False)
     rows = k.prune_var_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=True)
@@ -295,11 +297,11 @@ def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
     cell = "lstm"
     results = []
     for step in range(4):  # eager, capture + replay, replay, replay
-        args, _ = _case(cell, T=3, B=5, H=6, proj=3, dtype=torch.float32, packed=True, device="cpu")
+        args, _ = _case(cell, T=3, B=5, H=6, proj=3, dtype=torch.float32, packed=True)
         if step == 0:
             sizes = args["batch_sizes"]
         args["batch_sizes"] = sizes  # same plan every call
-        p = tr._plan(cell, 3, 5, 24, 3, torch.float32, torch.device("cpu"), True, True, sizes, True, True)
+        p = tr._plan(cell, 3, 5, 24, 3, torch.float32, torch.device(DEVICE), True, True, sizes, True, True)
         flat = [args[n] for n in ("xw", "w_hh", "b_hh", "h0", "c0", "w_hr")]
         out = cache.run(("fwd", p), lambda *a: tr._forward_launches(p, *a), flat)
         expected = ref.rnn_forward(cell, **{n: (v.clone() if isinstance(v, torch.Tensor) else v)
@@ -316,8 +318,8 @@ def test_graph_cache_eager_then_capture_then_replay(monkeypatch):
     first = ("fwd", p)
     for T in (2, 4, 5):
         for _ in range(2):
-            args, _ = _case(cell, T=T, B=5, H=6, proj=0, dtype=torch.float32, packed=False, device="cpu")
-            p = tr._plan(cell, T, 5, 24, 6, torch.float32, torch.device("cpu"), True, False, None, False, False)
+            args, _ = _case(cell, T=T, B=5, H=6, proj=0, dtype=torch.float32, packed=False)
+            p = tr._plan(cell, T, 5, 24, 6, torch.float32, torch.device(DEVICE), True, False, None, False, False)
             cache.run(("fwd", p), lambda *a: tr._forward_launches(p, *a),
                       [args[n] for n in ("xw", "w_hh", "b_hh", "h0", "c0", "w_hr")])
     assert len(cache.graphs) == 2 and first not in cache.graphs and ("fwd", p) in cache.graphs

@@ -57,9 +57,39 @@ _GPU_TILES = [(16, 16, 64, 4), (16, 32, 64, 4), (16, 64, 64, 4), (16, 128, 32, 4
               (64, 64, 32, 8), (64, 128, 32, 8), (128, 64, 32, 8)]
 
 
+# FASTRNN_TRITON_TILES="32x32x32x4,2x32x16x4" replaces the candidate lists: each entry is
+# BLOCK_B x BLOCK_H x BLOCK_K x num_warps; entries with BLOCK_B < 16 replace the row-mode tiles
+# (_ROW_TILES), the others the tile-mode ones (_GPU_TILES); a list without either kind keeps that
+# kind's default. Every candidate is compiled for every flag combination and benchmarked once per
+# autotuning key, so a short list is what makes a time-limited GPU run (bench/gpu_check.py)
+# spend its minutes measuring. Read when the kernels are decorated (at import).
+TILES_ENV = "FASTRNN_TRITON_TILES"
+
+
+def _parse_tile(text):
+    try:
+        tile = tuple(int(v) for v in text.strip().lower().split("x"))
+    except ValueError:
+        tile = ()
+    if len(tile) != 4 or any(v < 1 or v & (v - 1) for v in tile):
+        raise ValueError(f"{TILES_ENV}: {text!r} is not BLOCK_B x BLOCK_H x BLOCK_K x num_warps "
+                         "in powers of two, e.g. 32x64x32x4")
+    if tile[0] >= 16 and min(tile[1:3]) < 16:  # tile mode runs tl.dot: every block dimension >= 16
+        raise ValueError(f"{TILES_ENV}: {text!r}: a tile-mode entry (BLOCK_B >= 16) needs BLOCK_H and "
+                         "BLOCK_K >= 16 (tl.dot)")
+    return tile
+
+
+def env_tiles(row_mode: bool, default):
+    """The tiles of one kind from $FASTRNN_TRITON_TILES, or ``default`` (unset or none of that kind)."""
+    spec = os.environ.get(TILES_ENV, "")
+    tiles = [_parse_tile(t) for t in spec.split(",") if t.strip()]
+    return [t for t in tiles if (t[0] < 16) == row_mode] or default
+
+
 def _gpu_configs():
     return [triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=3)
-            for bb, bh, bk, w in _GPU_TILES]
+            for bb, bh, bk, w in env_tiles(False, _GPU_TILES)]
 
 
 # tl.dot needs every block dimension >= 16, also in the interpreter; one config there, since
@@ -426,7 +456,7 @@ def var_configs(interpreted: bool = INTERPRETED):
     if interpreted:
         return [INTERPRETER_CONFIG]
     rows = [triton.Config({"BLOCK_B": bb, "BLOCK_H": bh, "BLOCK_K": bk}, num_warps=w, num_stages=1)
-            for bb, bh, bk, w in _ROW_TILES]
+            for bb, bh, bk, w in env_tiles(True, _ROW_TILES)]
     return _gpu_configs() + rows
 
 
