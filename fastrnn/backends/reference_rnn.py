@@ -148,9 +148,32 @@ def _layer_norm_backward(dy, weight, v_hat, rstd):
 
 
 def _with_rows(state, m, new):
-    """``state`` with its first m rows replaced by ``new``, out of place: the forward stays
-    differentiable by torch.autograd (the tests check the hand-written backward against it)."""
+    """``state`` with its first m rows replaced by ``new``, out of place (see ``_Steps``)."""
     return new if m == state.shape[0] else torch.cat([new, state[m:]], 0)
+
+
+def _pad_rows(v, B):
+    """Rows ``[0, m)`` of a step -> all B rows, zero on the inactive ones."""
+    m = v.shape[0]
+    return v if m == B else torch.cat([v, v.new_zeros((B - m,) + tuple(v.shape[1:]))], 0)
+
+
+class _Steps:
+    """Per-step tensors of the active rows, stacked to ``[T, B, ...]`` (zero on inactive rows) at
+    the end. Both directions of this file are written out of place -- no writes into preallocated
+    buffers, no in-place accumulation -- so that torch.autograd can differentiate them (twice:
+    the op code's double backward recomputes ``rnn_forward`` under autograd; the tests check the
+    hand-written backward against it and differentiate ``rnn_backward`` itself) and vmap can
+    batch them."""
+
+    def __init__(self, T, B):
+        self.T, self.B, self.steps = T, B, {}
+
+    def put(self, name, t, value):
+        self.steps.setdefault(name, [None] * self.T)[t] = value
+
+    def stack(self, name):
+        return torch.stack([_pad_rows(v, self.B) for v in self.steps[name]])
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
@@ -160,18 +183,10 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
     ln, ln_c = v.ln_hh_weight is not None, v.ln_c_weight is not None
     zoneout = v.zoneout_h is not None
     gru_reset_before = cell == "gru" and not v.reset_after
-    h = h0.clone()
-    c = c0.clone() if cell == "lstm" else None
-    h_seq = xw.new_zeros(T, B, h0.shape[-1])
-    acts = xw.new_zeros(T, B, G) if training and cell in ("lstm", "gru") else None
-    c_seq = xw.new_zeros(T, B, H) if training and cell == "lstm" else None
-    hn_seq = xw.new_zeros(T, B, H) if training and cell == "gru" else None
-    hu_seq = xw.new_zeros(T, B, H) if training and w_hr is not None else None
-    hw_hat_seq = xw.new_zeros(T, B, G) if training and ln else None
-    hw_rstd_seq = xw.new_zeros(T, B) if training and ln else None
-    c_hat_seq = xw.new_zeros(T, B, H) if training and ln_c else None
-    c_rstd_seq = xw.new_zeros(T, B) if training and ln_c else None
-    new_seq = xw.new_zeros(T, B, H) if training and zoneout and cell != "gru" else None  # c_new / h_new
+    h = h0
+    c = c0 if cell == "lstm" else None
+    # per step: "h" (h_seq); training: what backward needs, named as in the docstring
+    out = _Steps(T, B)
 
     for t in time_steps(T, reverse):
         m = active_rows(batch_sizes, t, B)
@@ -189,7 +204,8 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
         if ln:
             hw, hw_hat, hw_rstd = _layer_norm(hw, v.ln_hh_weight, v.ln_hh_bias)
             if training:
-                hw_hat_seq[t, :m], hw_rstd_seq[t, :m] = hw_hat, hw_rstd
+                out.put("hw_hat", t, hw_hat)
+                out.put("hw_rstd", t, hw_rstd)
         if b_hh is not None:
             hw = hw + (b_hh[:2 * H] if gru_reset_before else b_hh)
         x_t = xw[t, :m]
@@ -205,7 +221,8 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
             if ln_c:
                 y, c_hat, c_rstd = _layer_norm(c_new, v.ln_c_weight, v.ln_c_bias)
                 if training:
-                    c_hat_seq[t, :m], c_rstd_seq[t, :m] = c_hat, c_rstd
+                    out.put("c_hat", t, c_hat)
+                    out.put("c_rstd", t, c_rstd)
             else:
                 y = c_new
             hu = o * y.tanh()
@@ -217,12 +234,12 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
                 c_t = c_new
             c = _with_rows(c, m, c_t)
             if training:
-                acts[t, :m] = torch.cat([i, f, g, o], 1)
-                c_seq[t, :m] = c_t
-                if hu_seq is not None:
-                    hu_seq[t, :m] = hu
-                if new_seq is not None:
-                    new_seq[t, :m] = c_new
+                out.put("acts", t, torch.cat([i, f, g, o], 1))
+                out.put("c", t, c_t)
+                if w_hr is not None:
+                    out.put("hu", t, hu)
+                if zoneout:
+                    out.put("new", t, c_new)
         elif cell == "gru":
             x_r, x_z, x_n = x_t.chunk(3, 1)
             if gru_reset_before:
@@ -240,35 +257,27 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
                 n = (x_n + r * h_n).tanh()
             h_new = (1 - z) * n + z * h_prev
             if training:
-                acts[t, :m] = torch.cat([r, z, n], 1)
-                hn_seq[t, :m] = h_n
+                out.put("acts", t, torch.cat([r, z, n], 1))
+                out.put("hn", t, h_n)
         else:
             h_new = _activation(cell)(x_t + hw)
-            if new_seq is not None:
-                new_seq[t, :m] = h_new
+            if training and zoneout:
+                out.put("new", t, h_new)
         if zoneout:
             zh = v.zoneout_h[t, :m]
             h_t = zh * h_prev + (1 - zh) * h_new
         else:
             h_t = h_new
         h = _with_rows(h, m, h_t)
-        h_seq[t, :m] = h_t
+        out.put("h", t, h_t)
 
+    h_seq = out.stack("h")  # h and c are fresh tensors: every step (T >= 1) replaces them
     if not training:
         return h_seq, h, c, ()
-    if cell == "lstm":
-        saved = (h_seq, acts, c_seq) + ((hu_seq,) if hu_seq is not None else ())
-    elif cell == "gru":
-        saved = (h_seq, acts, hn_seq)
-    else:
-        saved = (h_seq,)
-    if ln:
-        saved += (hw_hat_seq, hw_rstd_seq)
-    if ln_c:
-        saved += (c_hat_seq, c_rstd_seq)
-    if new_seq is not None:
-        saved += (new_seq,)
-    return h_seq, h, c, saved
+    names = {"lstm": ["acts", "c"] + (["hu"] if w_hr is not None else []), "gru": ["acts", "hn"]}.get(cell, [])
+    names += (["hw_hat", "hw_rstd"] if ln else []) + (["c_hat", "c_rstd"] if ln_c else [])
+    names += ["new"] if zoneout and cell != "gru" else []
+    return h_seq, h, c, (h_seq,) + tuple(out.stack(n) for n in names)
 
 
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
@@ -281,10 +290,10 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     ln, ln_c = v.ln_hh_weight is not None, v.ln_c_weight is not None
     zoneout = v.zoneout_h is not None
     gru_reset_before = cell == "gru" and not v.reset_after
-    grad_xw = h_seq.new_zeros(T, B, G)
+    # per step: "xw" (grad_xw), "hw" (grad_hw), "hproj" (the gradient reaching h_t W_hr^T)
+    out = _Steps(T, B)
     # grad_hw differs from grad_xw for the GRU n gate (reset_after=True) and through the layer norm
     separate_hw = ln or (cell == "gru" and not gru_reset_before)
-    grad_hw = h_seq.new_zeros(T, B, G) if separate_hw else grad_xw
     dh = grad_h_T.clone()
     dc = grad_c_T.clone() if cell == "lstm" else None
     grad_w_hr = None
@@ -309,7 +318,6 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
         c_prev_seq = previous_states(c_seq, c0, batch_sizes, reverse)
         if v.reset is not None:
             c_prev_seq = torch.where(v.reset.unsqueeze(-1), c0.unsqueeze(0), c_prev_seq)
-        grad_hproj = h_seq.new_zeros(T, B, w_hr.shape[0]) if w_hr is not None else None
     elif cell == "gru":
         acts, hn_seq = saved[1], saved[2]
 
@@ -342,7 +350,7 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
             else:
                 dc_new, dc_prev = dc[:m], None
             if w_hr is not None:
-                grad_hproj[t, :m] = dh_new
+                out.put("hproj", t, dh_new)
                 dhu = dh_new @ w_hr
             else:
                 dhu = dh_new
@@ -354,8 +362,7 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
                 tc = (c_hat * v.ln_c_weight + v.ln_c_bias).tanh()
                 d_y = dhu * o * (1 - tc * tc)
                 d_cn, d_w, d_b = _layer_norm_backward(d_y, v.ln_c_weight, c_hat, c_rstd_seq[t, :m])
-                g_lnc_w += d_w
-                g_lnc_b += d_b
+                g_lnc_w, g_lnc_b = g_lnc_w + d_w, g_lnc_b + d_b
                 dc_new = dc_new + d_cn
             else:
                 tc = c_new.tanh()
@@ -366,12 +373,13 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
             d_i = dc_new * g * i * (1 - i)
             d_f = dc_new * c_prev * f * (1 - f)
             d_g = dc_new * i * (1 - g * g)
-            grad_xw[t, :m] = torch.cat([d_i, d_f, d_g, d_o], 1)
+            d_xw = torch.cat([d_i, d_f, d_g, d_o], 1)
             dc_prev = dc_new * f if dc_prev is None else dc_prev + dc_new * f
             if v.peephole is not None:
                 dc_prev = dc_prev + d_i * v.peephole[0] + d_f * v.peephole[1]
-                g_peep += torch.stack([(d_i * c_prev).sum(0), (d_f * c_prev).sum(0), (d_o * c_new).sum(0)])
-            d_hw = grad_xw[t, :m]
+                g_peep = g_peep + torch.stack([(d_i * c_prev).sum(0), (d_f * c_prev).sum(0),
+                                               (d_o * c_new).sum(0)])
+            d_hw = d_xw
         elif cell == "gru":
             r, z, n = acts[t, :m].chunk(3, 1)
             h_prev = h_prev_seq[t, :m]
@@ -381,31 +389,27 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
                 h_in = h_prev * v.rec_mask[:m] if v.rec_mask is not None else h_prev
                 d_rh = d_n @ w_hh[2 * H:]                      # gradient of r * h_in
                 d_r = d_rh * h_in * r * (1 - r)
-                grad_xw[t, :m] = torch.cat([d_r, d_z, d_n], 1)  # also grad_hw (same tensor)
-                g_w_hn += d_n.t() @ (r * h_in)
+                g_w_hn = g_w_hn + d_n.t() @ (r * h_in)
             else:
                 d_r = d_n * hn_seq[t, :m] * r * (1 - r)
-                grad_xw[t, :m] = torch.cat([d_r, d_z, d_n], 1)
-            d_hw = torch.cat([d_r, d_z, d_n * r], 1) if not gru_reset_before else None
+            d_xw = torch.cat([d_r, d_z, d_n], 1)
+            d_hw = d_xw if gru_reset_before else torch.cat([d_r, d_z, d_n * r], 1)
         else:
             h_new = new_seq[t, :m] if zoneout else h_seq[t, :m]
             # relu: where(), not a 0/1 product, so a NaN gradient stays out of inactive units (as torch)
-            d = dh_new * (1 - h_new * h_new) if cell == "rnn_tanh" else torch.where(h_new > 0, dh_new, 0.0)
-            grad_xw[t, :m] = d
-            d_hw = grad_xw[t, :m]
+            d_xw = dh_new * (1 - h_new * h_new) if cell == "rnn_tanh" else torch.where(h_new > 0, dh_new, 0.0)
+            d_hw = d_xw
+        out.put("xw", t, d_xw)
 
         # hidden side: through the layer norm to the raw product a = h_in W_hh^T, then to h_in
         if ln:
-            d_a, d_w, d_b = _layer_norm_backward(d_hw, v.ln_hh_weight, hw_hat_seq[t, :m], hw_rstd_seq[t, :m])
-            g_ln_w += d_w
-            g_ln_b += d_b
-            grad_hw[t, :m] = d_a
-        elif separate_hw:
-            grad_hw[t, :m] = d_hw
+            d_hw, d_w, d_b = _layer_norm_backward(d_hw, v.ln_hh_weight, hw_hat_seq[t, :m], hw_rstd_seq[t, :m])
+            g_ln_w, g_ln_b = g_ln_w + d_w, g_ln_b + d_b
+        out.put("hw", t, d_hw)
         if gru_reset_before:
-            dh_in = grad_hw[t, :m, :2 * H] @ w_hh[:2 * H] + d_rh * r
+            dh_in = d_hw[:, :2 * H] @ w_hh[:2 * H] + d_rh * r
         else:
-            dh_in = grad_hw[t, :m] @ w_hh
+            dh_in = d_hw @ w_hh
         dh_prev = dh_in * v.rec_mask[:m] if v.rec_mask is not None else dh_in
         if cell == "gru":
             dh_prev = dh_new * z + dh_prev
@@ -413,16 +417,19 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
             dh_prev = dh_prev + dh_prev_z
         if v.reset is not None:  # the state entering step t was h0 / c0: the gradient goes there
             reset_t = v.reset[t, :m].unsqueeze(1)
-            grad_h0_reset[:m] += torch.where(reset_t, dh_prev, 0.0)
+            grad_h0_reset = grad_h0_reset + _pad_rows(torch.where(reset_t, dh_prev, 0.0), B)
             dh_prev = torch.where(reset_t, 0.0, dh_prev)
             if cell == "lstm":
-                grad_c0_reset[:m] += torch.where(reset_t, dc_prev, 0.0)
+                grad_c0_reset = grad_c0_reset + _pad_rows(torch.where(reset_t, dc_prev, 0.0), B)
                 dc_prev = torch.where(reset_t, 0.0, dc_prev)
-        dh[:m] = dh_prev
+        dh = _with_rows(dh, m, dh_prev)
         if cell == "lstm":
-            dc[:m] = dc_prev
+            dc = _with_rows(dc, m, dc_prev)
 
+    grad_xw = out.stack("xw")
+    grad_hw = out.stack("hw") if separate_hw else grad_xw
     if cell == "lstm" and w_hr is not None:
+        grad_hproj = out.stack("hproj")
         grad_w_hr = grad_hproj.reshape(T * B, w_hr.shape[0]).t() @ hu_seq.reshape(T * B, w_hr.shape[1])
     if grad_h0_reset is not None:
         dh = dh + grad_h0_reset

@@ -157,22 +157,23 @@ def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
     qg = _grouped(q, Nk)  # [Nk, G, L, E]
     kg, vg = k.unsqueeze(1), v.unsqueeze(1)  # [Nk, 1, S, *]
     n_idx = _grouped(torch.arange(N, device=q.device).view(N, 1, 1), Nk)  # [Nk, G, 1, 1] int64
-    out = q.new_empty(N, L, Ev)
-    lse = q.new_empty(N, L)
-    outg, lseg = _grouped(out, Nk), _grouped(lse, Nk)
-    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+    # Written out of place (blocks collected, then concatenated) and with the running max
+    # detached, so that torch.autograd differentiates it, twice, with exact derivatives: the
+    # op code's double backward recomputes this forward under autograd. The max only keeps exp()
+    # in range: out and lse do not depend on its value, so its gradient would be zero anyway.
+    out_blocks, lse_blocks = [], []
     for i0 in range(0, L, BLOCK_L):
         i1 = min(L, i0 + BLOCK_L)
         q_blk = qg[:, :, i0:i1]
-        m = torch.full(q_blk.shape[:-1] + (1,), float("-inf"), dtype=dtype)
+        m = torch.full(q_blk.shape[:-1] + (1,), float("-inf"), dtype=dtype, device=q.device)
         l = torch.zeros_like(m)
         acc = q.new_zeros(q_blk.shape[:-1] + (Ev,))
         for j0 in _key_blocks(S, BLOCK_S, causal, i0, i1 - i0):
             j1 = min(S, j0 + BLOCK_S)
             s = _scores(q_blk, kg[:, :, j0:j1], mask, scale, causal, i0, j0)
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_new = torch.maximum(m, s.detach().amax(-1, keepdim=True))
             # rows that have seen only -inf so far: subtract 0, so every exp is exactly 0
-            mu = torch.where(m_new == neg_inf, torch.zeros_like(m_new), m_new)
+            mu = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)
             alpha = torch.exp(m - mu)
             p = torch.exp(s - mu)
             l = alpha * l + p.sum(-1, keepdim=True)
@@ -181,9 +182,13 @@ def sdpa_forward(q, k, v, mask, scale, causal, dropout_p, seed):
             acc = alpha * acc + torch.matmul(p, vg[:, :, j0:j1])
             m = m_new
         empty = l == 0  # no visible key: torch returns zeros
-        outg[:, :, i0:i1] = torch.where(empty, torch.zeros_like(acc), acc / l)
-        lseg[:, :, i0:i1] = torch.where(empty, -neg_inf, m + torch.log(l)).squeeze(-1)
-    return out, lse
+        # divide and log by 1 there, not 0: where() would pass the 0 * inf gradient (NaN) on
+        l_safe = torch.where(empty, torch.ones_like(l), l)
+        out_blocks.append(torch.where(empty, torch.zeros_like(acc), acc / l_safe))
+        lse_blocks.append(torch.where(empty, float("inf"), m + torch.log(l_safe)).squeeze(-1))
+    if not out_blocks:  # L = 0
+        return q.new_zeros(N, L, Ev), q.new_zeros(N, L)
+    return torch.cat(out_blocks, 2).reshape(N, L, Ev), torch.cat(lse_blocks, 2).reshape(N, L)
 
 
 def sdpa_backward(grad_out, q, k, v, out, lse, mask, scale, causal, dropout_p, seed):

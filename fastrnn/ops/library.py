@@ -16,25 +16,37 @@ the registered path is free. What the op is to torch is the same either way: a s
 (``CompositeExplicitAutograd``: any device), a fake kernel (``register_fake``: shapes for
 ``torch.compile`` and meta tensors) and an autograd kernel; ``torch.library.opcheck`` tests all
 four (tests/test_library.py).
+
+torch.func and higher derivatives (docs/architecture.md, "Double backward and torch.func"): the
+autograd kernels are ``autograd.Function``s with ``setup_context`` and ``generate_vmap_rule``, the
+ops have vmap rules (``torch.library.register_vmap``, which serves ``Library``-defined ops too),
+the ``*_bwd`` ops have autograd kernels of their own whose backward (the double backward)
+differentiates the reference backend's equations (``backward_of_backward``), and every kernel
+returns contiguous tensors, which its fake kernel promises.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch.utils import _pytree as pytree
 
 LIB = torch.library.Library("fastrnn", "DEF")
 
 
-def define(schema: str, kernel, fake, autograd=None) -> None:
+def define(schema: str, kernel, fake, autograd=None, vmap=None) -> None:
     """Define ``fastrnn::<name>`` with its kernel (every device), fake kernel and, when given,
-    its autograd kernel (a function of the op's arguments that calls an autograd.Function)."""
+    its autograd kernel (a function of the op's arguments that calls an autograd.Function) and
+    its vmap rule (``rule(info, in_dims, *args) -> (outputs, out_dims)``, called with the
+    batched dims removed; ``torch.library.register_vmap``)."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)
     LIB.impl(name, _autocast_off(kernel), "CompositeExplicitAutograd")
     torch.library.register_fake(f"fastrnn::{name}", fake, lib=LIB)
     if autograd is not None:
         LIB.impl(name, autograd, "Autograd")
+    if vmap is not None:
+        torch.library.register_vmap(f"fastrnn::{name}", vmap, lib=LIB)
 
 
 def _autocast_off(kernel):
@@ -69,3 +81,104 @@ def define_composite(schema: str, fn) -> None:
     name = schema.split("(", 1)[0]
     LIB.define(schema)
     LIB.impl(name, fn, "CompositeImplicitAutograd")
+
+
+def arg_names(schema_args: str) -> list[str]:
+    """The argument names of a schema's argument list, in order (positions by name, not number)."""
+    return [a.split()[-1] for a in schema_args.split(", ")]
+
+
+# ---- torch.func: vmap rules --------------------------------------------------------------------
+
+def is_batched(in_dim) -> bool:
+    """Whether a vmap ``in_dims`` entry (an int, None, or a list of them for ``Tensor[]``) is
+    batched at all."""
+    if isinstance(in_dim, (list, tuple)):
+        return any(d is not None for d in in_dim)
+    return in_dim is not None
+
+
+def _sample(arg, in_dim, i):
+    if not is_batched(in_dim):
+        return arg
+    if isinstance(arg, (list, tuple)):
+        return [a if d is None else a.select(d, i) for a, d in zip(arg, in_dim)]
+    return arg.select(in_dim, i)
+
+
+def vmap_by_loop(op):
+    """A vmap rule that runs ``op`` once per sample and stacks the results (out_dims 0): the
+    rule for what cannot be folded into the op's own batch (shared weights that need per-sample
+    gradients, packed sequences, per-row dropout seeds). The op is called with the vmapped
+    level excluded, so each call runs the real kernel."""
+    def rule(info, in_dims, *args):
+        results = [op(*(_sample(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        stacked = pytree.tree_map(lambda *xs: torch.stack(xs), *results)
+        return stacked, pytree.tree_map(lambda _: 0, results[0])
+    return rule
+
+
+def fold(t: torch.Tensor, in_dim, row_dim: int, V: int) -> torch.Tensor:
+    """A per-sample tensor whose rows (the op's own batch) are dim ``row_dim``, vmapped at
+    ``in_dim`` (None: the same for every sample), as one batch of ``V * rows`` rows, sample v's
+    at ``[v * rows, (v + 1) * rows)``. An unbatched tensor is copied V times."""
+    if in_dim is None:
+        t = t.unsqueeze(row_dim).expand(*t.shape[:row_dim], V, *t.shape[row_dim:])
+    else:
+        t = t.movedim(in_dim, row_dim)
+    return t.flatten(row_dim, row_dim + 1)
+
+
+def unfold(t: torch.Tensor, row_dim: int, V: int) -> torch.Tensor:
+    """The inverse of ``fold`` for an output: ``[.., V * rows, ..] -> [.., V, rows, ..]``; its
+    vmap out_dim is ``row_dim``."""
+    return t.unflatten(row_dim, (V, t.shape[row_dim] // V))
+
+
+# ---- double backward ---------------------------------------------------------------------------
+
+def backward_of_backward(recompute, args, grad_pos, grad_outputs, cotangents, want_args,
+                         want_grad_outputs):
+    """The backward of an op's backward, for ops whose backward is the vector-Jacobian product
+    ``grads[k] = d <grad_outputs, recompute(*args)> / d args[grad_pos[k]]``.
+
+    ``recompute`` is the op's forward written with differentiable torch operations (the
+    reference backend's equations). It runs again under autograd; the first-order gradients are
+    taken with ``create_graph=True`` and then differentiated against ``cotangents`` (one per
+    entry of ``grad_pos``; None = zero). Returns the gradients of ``args[p]`` for ``p`` in
+    ``want_args`` followed by those of ``grad_outputs[k]`` for ``k`` in ``want_grad_outputs``
+    (None where nothing depends on it).
+
+    With grad mode on (a third derivative is being built) the recomputation starts from views
+    of the original tensors, so the result is differentiable again; otherwise from detached
+    leaves (nothing of the caller's graph is kept alive or run).
+    """
+    higher = torch.is_grad_enabled()
+
+    def leaf(t):
+        # view_as, not t itself: one input passed twice still gets one gradient per position
+        return t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_()
+
+    with torch.enable_grad():
+        args = list(args)
+        for p in set(grad_pos) | set(want_args):
+            if args[p] is not None:
+                args[p] = leaf(args[p])
+        grad_outputs = [leaf(g) if k in want_grad_outputs and g is not None else g
+                        for k, g in enumerate(grad_outputs)]
+        outs = recompute(*args)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
+                 if o is not None and g is not None and o.requires_grad]
+        first = torch.autograd.grad([o for o, _ in pairs], [args[p] for p in grad_pos],
+                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
+        pairs = [(f, c) for f, c in zip(first, cotangents)
+                 if f is not None and c is not None and f.requires_grad]
+        targets = [args[p] for p in want_args] + [grad_outputs[k] for k in want_grad_outputs]
+        live = [k for k, t in enumerate(targets) if t is not None]
+        result = [None] * len(targets)
+        if pairs and live:
+            grads = torch.autograd.grad([f for f, _ in pairs], [targets[k] for k in live],
+                                        [c for _, c in pairs], allow_unused=True, create_graph=higher)
+            for k, g in zip(live, grads):
+                result[k] = g
+    return result

@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from .library import backend_arg, below_autograd, define, define_composite
+from . import checks
+from .library import (arg_names, backend_arg, backward_of_backward, below_autograd, define,
+                      define_composite, fold, is_batched, unfold, vmap_by_loop)
 from .profiling import kernel_range
 from .recurrence import GATES, LN_EPS, Variant, is_plain, recurrent_inputs, saved_layout
 
@@ -72,6 +74,8 @@ def _kw(variant):
 
 def _forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
              ln_ih_weight, ln_ih_bias, *var, training):
+    checks.check_layer_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
+                            ln_ih_weight, ln_ih_bias, *var)
     impl = backends.resolve(backend or None, x.device, "rnn")
     variant = _variant(var)
     T, B, I = x.shape
@@ -91,20 +95,24 @@ def _forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes
                                                   reverse, training, **_kw(variant))
     if c_T is None:
         c_T = x.new_empty(0)
-    # saved[0] is h_seq, an output already (an op's outputs may not alias each other)
-    return h_seq, h_T, c_T, list(saved[1:]) + extra
+    # saved[0] is h_seq, an output already (an op's outputs may not alias each other). Every
+    # output is contiguous, as the fake kernel promises (torch.compile checks the strides).
+    return h_seq.contiguous(), h_T.contiguous(), c_T.contiguous(), [t.contiguous() for t in list(saved[1:]) + extra]
 
 
 def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
               ln_ih_weight, ln_ih_bias, *rest):
     *var, grad_h_seq, grad_h_T, grad_c_T, h_seq, saved, needs = rest
     impl = backends.resolve(backend or None, x.device, "rnn")
+    checks.check_layer_bwd_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
+                                ln_ih_weight, ln_ih_bias, *rest, layout=getattr(impl, "saved_layout", None))
     variant = _variant(var)
     need = dict(zip((n for _, n in GRAD_ARGS), needs))
     T, B, I = x.shape
     G, Hr = w_hh.shape
     ln = ln_ih_weight is not None
-    backend_saved = (h_seq, *(saved[:-3] if ln else saved))
+    # contiguous: the op may be given views (vmap hands each sample a slice of a folded batch)
+    backend_saved = tuple(t.contiguous() for t in (h_seq, *(saved[:-3] if ln else saved)))
     with kernel_range(f"fastrnn::{cell}_layer_bwd[{impl.name}]", x.device):
         out = impl.rnn_backward(cell, grad_h_seq.contiguous(), grad_h_T.contiguous(),
                                 grad_c_T.contiguous() if grad_c_T is not None else None,
@@ -116,7 +124,9 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     if need["b_ih"]:
         grads["b_ih"] = gx.sum(0)  # b_ih is added after the input layer norm
     if ln:
-        xraw, mean, rstd = saved[-3:]
+        # contiguous: torch's CPU native_layer_norm_backward reads mean / rstd as if they were
+        # (torch 2.13; a strided view, e.g. one vmapped sample's, gives silently wrong gradients)
+        xraw, mean, rstd = (t.contiguous() for t in saved[-3:])
         gxr, grads["ln_ih_weight"], grads["ln_ih_bias"] = torch.ops.aten.native_layer_norm_backward(
             grad_xw, xraw, [G], mean, rstd, ln_ih_weight, ln_ih_bias,
             [need["x"] or need["w_ih"], need["ln_ih_weight"], need["ln_ih_bias"]])
@@ -141,7 +151,8 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     if vgrads is not None:
         for n in ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias", "peephole"):
             grads[n] = getattr(vgrads, n)
-    return [grads[n] for _, n in GRAD_ARGS if need[n]]
+    # contiguous whatever the inputs' strides (batch_first x is a transposed view): the fake says so
+    return [grads[n].contiguous() for _, n in GRAD_ARGS if need[n]]
 
 
 def _layer(*args):
@@ -149,11 +160,16 @@ def _layer(*args):
     return tuple(_forward(*args, training=False)[:3])
 
 
-def _cell(backend, cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *rest):
-    """fastrnn::rnn_cell: the layer op with T = 1 (the same fused step), states in and out."""
+def _cell_layer_args(backend, cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, *rest):
+    """rnn_cell's arguments as rnn_layer's (T = 1)."""
     ln_w, ln_b, *var = rest
-    _, h, c = torch.ops.fastrnn.rnn_layer(backend, cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh,
-                                          hx, cx, None, None, False, ln_w, ln_b, *var)
+    return (backend, cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, hx, cx, None, None, False, ln_w, ln_b,
+            *var)
+
+
+def _cell(*args):
+    """fastrnn::rnn_cell: the layer op with T = 1 (the same fused step), states in and out."""
+    _, h, c = torch.ops.fastrnn.rnn_layer(*_cell_layer_args(*args))
     return h, c
 
 
@@ -181,56 +197,216 @@ def _fake_forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_
 
 
 def _fake_backward(*args):
-    return [torch.empty_like(args[pos]) for (pos, _), need in zip(GRAD_ARGS, args[-1]) if need]
+    # contiguous (new_empty), not empty_like: the real kernel returns contiguous gradients even
+    # for a non-contiguous input, and compiled graphs assert the fake strides
+    return [args[pos].new_empty(args[pos].shape) for (pos, _), need in zip(GRAD_ARGS, args[-1]) if need]
 
 
 def _fake_layer(*args):
     return _fake_forward(*args, training=False)[:3]
 
 
+# ---- reference recomputation (double backward) -------------------------------------------------
+
+def _reference_layer(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
+                     ln_ih_weight, ln_ih_bias, *var):
+    """What ``_forward`` computes, written with differentiable torch operations: the input
+    projection here and the reference backend's recurrence (for every ``backend``: all of them
+    compute these equations). Returns ``(h_seq [T, B, Hr], h_T [B, Hr], c_T [B, H] | None)``."""
+    ref = backends.load("torch", "rnn")
+    G = w_ih.shape[0]
+    xw = x @ w_ih.t()
+    if ln_ih_weight is not None:
+        xw = torch.nn.functional.layer_norm(xw, [G], ln_ih_weight, ln_ih_bias, LN_EPS)
+    if b_ih is not None:
+        xw = xw + b_ih
+    v = Variant(*var)
+    h_seq, h_T, c_T, _ = ref.rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse,
+                                         False, None if is_plain(v) else v)
+    return h_seq, h_T, c_T
+
+
 # ---- autograd ----------------------------------------------------------------------------------
 
+NAMES = arg_names(LAYER_ARGS)
+BWD_NAMES = NAMES + ["grad_h_seq", "grad_h_T", "grad_c_T", "h_seq", "saved", "needs"]
+_CELL, _BATCH_SIZES = NAMES.index("cell"), NAMES.index("batch_sizes")
+_PLAIN = [p for p, a in enumerate(LAYER_ARGS.split(", ")) if a.split()[0] in ("str", "bool")]
+_GRAD_OUTPUTS = range(N_ARGS, N_ARGS + 3)  # grad_h_seq, grad_h_T, grad_c_T after the layer's arguments
+
+
+def _layer_args(ctx, tensors):
+    """The layer's arguments back from ``save_for_backward`` (tensors) and ctx (str / bool)."""
+    args = list(tensors[:N_ARGS])
+    for p, value in ctx.plain.items():
+        args[p] = value
+    return args
+
+
 class _RNNLayer(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        with below_autograd():
-            h_seq, h_T, c_T, saved = torch.ops.fastrnn.rnn_layer_fwd(*args, True)
-        ctx.n_saved = len(saved)
-        ctx.plain = (args[0], args[1], args[11], args[-1])  # backend, cell, reverse, reset_after
-        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) or a is None else None for a in args),
-                              h_seq, *saved)
-        if args[1] != "lstm":
-            ctx.mark_non_differentiable(c_T)
-        return h_seq, h_T, c_T
+    """The autograd formula of ``fastrnn::rnn_layer``: ``rnn_layer_fwd``, then ``rnn_layer_bwd``.
+
+    In torch.func's form: ``forward`` takes no ctx and returns what the backend saved as extra,
+    non-differentiable outputs, which ``setup_context`` keeps; under vmap these methods run on
+    batched tensors (``generate_vmap_rule``) and reach the ops' own vmap rules."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, grad_h_seq, grad_h_T, grad_c_T):
+    def forward(*args):
+        with below_autograd():
+            h_seq, h_T, c_T, saved = torch.ops.fastrnn.rnn_layer_fwd(*args, True)
+        return (h_seq, h_T, c_T, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h_seq, _, c_T, *saved = output
+        ctx.plain = {p: inputs[p] for p in _PLAIN}
+        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs), h_seq, *saved)
+        ctx.mark_non_differentiable(*saved, *([] if inputs[_CELL] == "lstm" else [c_T]))
+
+    @staticmethod
+    def backward(ctx, grad_h_seq, grad_h_T, grad_c_T, *_):
         tensors = ctx.saved_tensors
-        args = list(tensors[:N_ARGS])
-        args[0], args[1], args[11], args[-1] = ctx.plain
+        args = _layer_args(ctx, tensors)
         h_seq, saved = tensors[N_ARGS], list(tensors[N_ARGS + 1:])
         needs = [ctx.needs_input_grad[pos] for pos, _ in GRAD_ARGS]
-        grads = torch.ops.fastrnn.rnn_layer_bwd(
-            *args, grad_h_seq, grad_h_T, grad_c_T if args[1] == "lstm" else None, h_seq, saved, needs)
+        grads = _layer_bwd_autograd(*args, grad_h_seq, grad_h_T,
+                                    grad_c_T if args[_CELL] == "lstm" else None, h_seq, saved, needs)
         result = [None] * N_ARGS
         for pos, g in zip((pos for (pos, _), need in zip(GRAD_ARGS, needs) if need), grads):
             result[pos] = g
         return tuple(result)
 
 
+class _RNNLayerBwd(torch.autograd.Function):
+    """The autograd formula of ``fastrnn::rnn_layer_bwd``: what makes double backward (gradient
+    penalties, ``create_graph=True``) and torch.func's nested transforms work. Forward: the fused
+    backward kernel. Backward: the layer recomputed with the reference equations under autograd,
+    its vector-Jacobian product differentiated (``library.backward_of_backward``): exact on every
+    backend, at the reference's speed.
+
+    Arguments: the layer's, then ``grad_h_seq, grad_h_T, grad_c_T, h_seq, needs, *saved``
+    (``saved`` flattened: an autograd.Function tracks only its top-level arguments)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        layer, (grad_h_seq, grad_h_T, grad_c_T, h_seq, needs), saved = (
+            args[:N_ARGS], args[N_ARGS:N_ARGS + 5], args[N_ARGS + 5:])
+        with below_autograd():
+            return tuple(torch.ops.fastrnn.rnn_layer_bwd(*layer, grad_h_seq, grad_h_T, grad_c_T, h_seq,
+                                                         list(saved), list(needs)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.plain = {p: inputs[p] for p in _PLAIN}
+        ctx.needs = inputs[N_ARGS + 4]
+        # the double backward recomputes: the layer's arguments and the output gradients suffice
+        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs[:N_ARGS + 3]))
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        tensors = ctx.saved_tensors
+        want_args = [pos for pos, _ in GRAD_ARGS if ctx.needs_input_grad[pos]]
+        want_grad_outputs = [k for k, pos in enumerate(_GRAD_OUTPUTS) if ctx.needs_input_grad[pos]]
+        grads = backward_of_backward(
+            _reference_layer, _layer_args(ctx, tensors),
+            [pos for (pos, _), need in zip(GRAD_ARGS, ctx.needs) if need],
+            tensors[N_ARGS:N_ARGS + 3], cotangents, want_args, want_grad_outputs)
+        result = [None] * len(ctx.needs_input_grad)
+        for pos, g in zip(want_args + [_GRAD_OUTPUTS[k] for k in want_grad_outputs], grads):
+            result[pos] = g
+        return tuple(result)
+
+
+def _requires_grad(args, positions):
+    return torch.is_grad_enabled() and any(
+        args[pos] is not None and args[pos].requires_grad for pos in positions)
+
+
 def _layer_autograd(*args):
-    if torch.is_grad_enabled() and any(
-            args[pos] is not None and args[pos].requires_grad for pos, _ in GRAD_ARGS):
-        return _RNNLayer.apply(*args)
+    """Autograd kernel of ``fastrnn::rnn_layer``."""
+    if _requires_grad(args, [pos for pos, _ in GRAD_ARGS]):
+        return _RNNLayer.apply(*args)[:3]
     with below_autograd():
         return torch.ops.fastrnn.rnn_layer(*args)
 
 
+def _layer_bwd_autograd(*args):
+    """Autograd kernel of ``fastrnn::rnn_layer_bwd``. A first-order backward runs with grad mode
+    off and goes straight to the fused kernel, as before; with grad mode on (``create_graph=True``,
+    torch.func) ``_RNNLayerBwd`` builds gradients that can be differentiated again."""
+    if _requires_grad(args, [pos for pos, _ in GRAD_ARGS] + list(_GRAD_OUTPUTS)):
+        *layer, grad_h_seq, grad_h_T, grad_c_T, h_seq, saved, needs = args
+        return list(_RNNLayerBwd.apply(*layer, grad_h_seq, grad_h_T, grad_c_T, h_seq, tuple(needs), *saved))
+    with below_autograd():
+        return torch.ops.fastrnn.rnn_layer_bwd(*args)
+
+
+# ---- vmap rules (torch.func.vmap, and vmap over the autograd formulas above) ------------------
+
+# The per-sample arguments and the dim of their rows (the batch B); every other tensor is shared
+# by the whole batch (weights, layer norms, peephole, batch_sizes).
+_ROW_DIM = {"x": 1, "h0": 0, "c0": 0, "rec_mask": 0, "zoneout_h": 1, "zoneout_c": 1, "reset": 1,
+            "grad_h_seq": 1, "grad_h_T": 0, "grad_c_T": 0, "h_seq": 1, "saved": 1}
+
+
+def _vmap_layer(op, names, unfold_outputs):
+    """The vmap rule of a layer op. When only per-sample tensors are batched (x, states, masks,
+    output gradients), the sequence is not packed and no shared argument's gradient is asked for,
+    the V samples run as one batch of V * B rows (one kernel call); otherwise once per sample."""
+    loop = vmap_by_loop(op)
+
+    def rule(info, in_dims, *args):
+        V = info.batch_size
+        batched = {names[p] for p, d in enumerate(in_dims) if is_batched(d)}
+        if args[_BATCH_SIZES] is not None or not batched <= _ROW_DIM.keys() or not unfold_outputs(None, args, V):
+            return loop(info, in_dims, *args)
+        folded = list(args)
+        for p, name in enumerate(names):
+            if name == "saved":
+                dims = in_dims[p] if isinstance(in_dims[p], (list, tuple)) else [None] * len(args[p])
+                folded[p] = [fold(t, d, 1, V) for t, d in zip(args[p], dims)]
+            elif name in _ROW_DIM and args[p] is not None:
+                folded[p] = fold(args[p], in_dims[p], _ROW_DIM[name], V)
+        return unfold_outputs(op(*folded), args, V)
+    return rule
+
+
+def _unfold_forward(out, args, V):
+    """Outputs of V * B rows -> (per-sample outputs, out_dims); ``out`` None: whether it can fold."""
+    if out is None:
+        return True
+    h_seq, h_T, c_T = out[:3]
+    lstm = args[_CELL] == "lstm"  # GRU / RNN: c_T is an empty placeholder, the same for all
+    outputs = [unfold(h_seq, 1, V), unfold(h_T, 0, V), unfold(c_T, 0, V) if lstm else c_T]
+    dims = [1, 0, 0 if lstm else None]
+    if len(out) == 4:  # rnn_layer_fwd: saved, [T, B, ...] each
+        outputs.append([unfold(t, 1, V) for t in out[3]])
+        dims.append([1] * len(out[3]))
+    return tuple(outputs), tuple(dims)
+
+
+def _unfold_backward(out, args, V):
+    """Input gradients of V * B rows -> per sample. A shared argument's gradient (a weight's) is a
+    sum over rows, which one folded call would add up across samples: those loop (False)."""
+    needed = [n for (_, n), need in zip(GRAD_ARGS, args[-1]) if need]
+    if out is None:
+        return set(needed) <= {"x", "h0", "c0"}
+    dims = [_ROW_DIM[n] for n in needed]
+    return [unfold(g, d, V) for g, d in zip(out, dims)], dims
+
+
+# A vmap rule calls its op by name at the level below (the lambdas resolve it when they run).
 define(f"rnn_layer_fwd({LAYER_ARGS}, bool training) -> (Tensor, Tensor, Tensor, Tensor[])",
-       lambda *a: _forward(*a[:-1], training=a[-1]), lambda *a: _fake_forward(*a[:-1], training=a[-1]))
+       lambda *a: _forward(*a[:-1], training=a[-1]), lambda *a: _fake_forward(*a[:-1], training=a[-1]),
+       vmap=_vmap_layer(lambda *a: torch.ops.fastrnn.rnn_layer_fwd(*a), NAMES + ["training"], _unfold_forward))
 define(f"rnn_layer_bwd({LAYER_ARGS}, Tensor grad_h_seq, Tensor grad_h_T, Tensor? grad_c_T, "
-       "Tensor h_seq, Tensor[] saved, bool[] needs) -> Tensor[]", _backward, _fake_backward)
-define(f"rnn_layer({LAYER_ARGS}) -> (Tensor, Tensor, Tensor)", _layer, _fake_layer, _layer_autograd)
+       "Tensor h_seq, Tensor[] saved, bool[] needs) -> Tensor[]", _backward, _fake_backward,
+       _layer_bwd_autograd, vmap=_vmap_layer(lambda *a: torch.ops.fastrnn.rnn_layer_bwd(*a), BWD_NAMES,
+                                             _unfold_backward))
+define(f"rnn_layer({LAYER_ARGS}) -> (Tensor, Tensor, Tensor)", _layer, _fake_layer, _layer_autograd,
+       vmap=_vmap_layer(lambda *a: torch.ops.fastrnn.rnn_layer(*a), NAMES, _unfold_forward))
 define_composite(
     "rnn_cell(str backend, str cell, Tensor input, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
     "Tensor? b_ih, Tensor? b_hh, Tensor? ln_ih_weight, Tensor? ln_ih_bias, "
@@ -262,7 +438,9 @@ def _call_layer(args):
     entered directly: a dispatcher round trip into Python costs ~5 us, a tenth of a small
     layer's time (bench/library_overhead.py); the kernels still run as registered ops
     (``rnn_layer_fwd`` / ``rnn_layer_bwd`` in training, ``rnn_layer`` below autograd in
-    inference). Under torch.compile the graph gets the op itself."""
+    inference). It is also what lets torch.func's grad transform in: an autograd.Function
+    applied from inside the dispatcher (the op's Autograd kernel) cannot run under it.
+    Under torch.compile the graph gets the op itself."""
     if torch.compiler.is_compiling():
         return torch.ops.fastrnn.rnn_layer(*args)
     return _layer_autograd(*args)
@@ -273,6 +451,12 @@ def rnn_cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend=None, *, ln_ih
     through ``fastrnn::rnn_cell`` (the layer op at T = 1); variant tensors with T = 1."""
     variant = variant or Variant()
     ln_w, ln_b = ln_ih if ln_ih is not None else (None, None)
-    h, c = torch.ops.fastrnn.rnn_cell(backend_arg(backend), cell, input, hx, cx, w_ih, w_hh, b_ih,
-                                      b_hh, ln_w, ln_b, *variant)
+    args = (backend_arg(backend), cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, ln_w, ln_b, *variant)
+    if torch.compiler.is_compiling():
+        h, c = torch.ops.fastrnn.rnn_cell(*args)
+    else:
+        # as _call_layer, and for torch.func: an autograd.Function entered from inside the
+        # dispatcher (the composite op's kernel) cannot run under torch.func's grad transform
+        # (torch.library.custom_op has the same limit), one entered from Python can
+        _, h, c = _call_layer(_cell_layer_args(*args))
     return h, (c if cell == "lstm" else None)
