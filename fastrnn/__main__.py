@@ -1,40 +1,94 @@
-"""``python -m fastrnn {bench,info,profile}``."""
+"""``python -m fastrnn {bench,info,profile}``.
+
+The parser is built from the standard library alone, so that ``--help`` and a mistyped option
+answer at once; torch, the backends and the benchmark are imported by the command that needs
+them. (``python -m fastrnn`` still runs ``fastrnn/__init__.py`` first, which imports torch.)
+"""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-import torch
+# = sorted(fastrnn.backends.BACKENDS), written out so the parser needs no import of the registry
+# (tests/test_docs_snippets.py checks that the two agree)
+BACKEND_NAMES = ("cpp", "numba", "torch", "triton")
+RNN_OPS = ("lstm", "gru", "rnn")
+OPS = RNN_OPS + ("sdpa",)
+PROG = "python -m fastrnn"
 
-import fastrnn
-from fastrnn import backends
+
+class _Parser(argparse.ArgumentParser):
+    """Errors on one line, defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+class UsageError(Exception):
+    """A request this machine cannot serve (no such device, backend unavailable): one line, exit 2."""
+
+
+def _device(name: str):
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {name!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: fastrnn runs on cpu and cuda")
+    return device
+
+
+def _check_backends(names, device, families):
+    from fastrnn import backends
+    bad = [f"{b} ({fam}): {r}" for b in names for fam in sorted(families)
+           if (r := backends.unavailable_reason(b, device, fam)) is not None]
+    if bad:
+        raise UsageError("backend cannot run here: " + "; ".join(bad))
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    import fastrnn
+    from fastrnn import bench
+    device = _device(args.device)
     if args.threads:
         fastrnn.set_num_threads(args.threads)
     if args.backends:
         # an explicit backend that cannot run is an error, not a silently shorter table
-        families = {"sdpa" if op == "sdpa" else "rnn" for op in args.ops}
-        bad = {f"{b} ({fam}): {r}" for b in args.backends for fam in families
-               if (r := backends.unavailable_reason(b, args.device, fam)) is not None}
-        if bad:
-            print("fastrnn bench: requested backend(s) cannot run here:\n  " + "\n  ".join(sorted(bad)),
-                  file=sys.stderr)
-            return 2
+        _check_backends(args.backends, device, {"sdpa" if op == "sdpa" else "rnn" for op in args.ops})
+    grid = "full" if args.full else "quick" if args.quick else "default"
     info = bench.machine()
-    print(f"fastrnn bench on {info['cpu']} ({info['logical_cpus']} CPUs, torch {info['torch']}, "
-          f"{info['torch_threads']} threads)", flush=True)
-    results = bench.run(ops=args.ops, backends=args.backends, modes=args.modes, quick=args.quick,
-                        rounds=args.rounds, device=args.device, progress=not args.no_progress)
+    load = info["load_average"]
+    print(f"fastrnn bench ({grid} grid) on {info['cpu']} ({info['logical_cpus']} CPUs, torch {info['torch']}, "
+          f"{info['torch_threads']} threads" + (f", load average {load:.1f}" if load is not None else "") + ")",
+          flush=True)
+    results = bench.run(ops=args.ops, backends=args.backends, modes=args.modes, grid=grid,
+                        rounds=args.rounds, device=device, progress=not args.no_progress)
     if not results:
         print("fastrnn bench: no case ran (no usable backend); nothing written", file=sys.stderr)
         return 1
     print(bench.table(results))
     paths = bench.save(results, args.out, info)
     print("wrote " + ", ".join(paths.values()))
+    warning = bench.noise_warning(results, info)
+    if warning:
+        print(warning, file=sys.stderr)
     bad = [r for r in results if not r.gate_ok]
     if bad:
         print(f"correctness gate FAILED for {len(bad)} case(s)", file=sys.stderr)
@@ -43,7 +97,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import bench
+    import json
+
+    import torch
+
+    import fastrnn
+    from fastrnn import backends, bench
     info = bench.machine()
     print("fastrnn", fastrnn.__version__)
     for k, v in info.items():
@@ -66,22 +125,42 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_profile(args) -> int:
-    from torch.profiler import ProfilerActivity, profile
-    kind = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[args.op]
-    device = torch.device(args.device)
-    m = getattr(fastrnn, kind)(args.input_size, args.hidden_size, num_layers=args.layers,
-                               bidirectional=args.bidirectional, backend=args.backend, device=device)
-    x = torch.randn(args.seq_len, args.batch, args.input_size, device=device, requires_grad=args.mode == "train")
+def _profile_step(args, device):
+    """A zero-argument function running the op once (forward, and backward in train mode)."""
+    import torch
+
+    import fastrnn
+    train = args.mode == "train"
+    if args.op == "sdpa":
+        q, k, v = (torch.randn(args.batch, args.heads, args.seq_len, args.head_dim, device=device,
+                               requires_grad=train) for _ in range(3))
+
+        def fn():
+            return fastrnn.scaled_dot_product_attention(q, k, v, is_causal=args.causal, backend=args.backend)
+    else:
+        kind = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[args.op]
+        m = getattr(fastrnn, kind)(args.input_size, args.hidden_size, num_layers=args.layers,
+                                   bidirectional=args.bidirectional, backend=args.backend, device=device)
+        x = torch.randn(args.seq_len, args.batch, args.input_size, device=device, requires_grad=train)
+
+        def fn():
+            return m(x)[0]
 
     def step():
-        if args.mode == "train":
-            y, _ = m(x)
-            y.sum().backward()
+        if train:
+            fn().sum().backward()
         else:
             with torch.no_grad():
-                m(x)
+                fn()
+    return step
 
+
+def cmd_profile(args) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    device = _device(args.device)
+    if args.backend:
+        _check_backends([args.backend], device, {"sdpa" if args.op == "sdpa" else "rnn"})
+    step = _profile_step(args, device)
     step()  # warm-up outside the trace (JIT compiles, first-touch allocations)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts, record_shapes=False) as prof:
@@ -94,45 +173,72 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastrnn", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="fastrnn's command line: benchmark against torch, report what "
+                "is usable here, profile one op.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{bench,info,profile}", parser_class=_Parser)
 
-    b = sub.add_parser("bench", help="time fastrnn against torch (correctness gate first)")
-    b.add_argument("--ops", nargs="+", default=["lstm", "gru", "rnn", "sdpa"], choices=["lstm", "gru", "rnn", "sdpa"])
-    b.add_argument("--backends", nargs="+", default=None, choices=sorted(backends.BACKENDS),
-                   help="default: every usable one but the reference")
+    b = sub.add_parser("bench", help="time fastrnn against torch in one process (correctness gate first)",
+                       description="Time fastrnn against torch in one process, interleaved, after a "
+                       "correctness gate; writes bench.json, bench.md, bench.png. The default grid takes "
+                       "about 20 s on an idle 2-core machine, minutes on a busy one; --full about 3x that "
+                       "(bench/results/bench_time_cpu.md).")
+    b.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to time")
+    b.add_argument("--backends", nargs="+", default=None, choices=BACKEND_NAMES,
+                   help="backends to time (None: every usable one but the torch reference)")
     b.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"],
                    help="infer: forward under no_grad; train: forward + backward")
-    b.add_argument("--quick", action="store_true", help="one small shape, few rounds (a smoke test)")
-    b.add_argument("--rounds", type=int, default=None)
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--device", default="cpu")
+    grid = b.add_mutually_exclusive_group()
+    grid.add_argument("--full", action="store_true",
+                      help="every shape (batch 1 and the 512-wide layer, three attention shapes), not one per op")
+    grid.add_argument("--quick", action="store_true", help="tiny shapes, 3 rounds: a smoke test, seconds")
+    b.add_argument("--rounds", type=_positive, default=None,
+                   help="timing rounds per case, median reported (None: 7, or 3 with --quick)")
+    b.add_argument("--threads", type=_positive, default=None, help="CPU threads (None: torch's default)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--out", default="bench/out", help="folder for bench.json, bench.md, bench.png")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or per-case lines")
     b.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="versions, usable backends and why not, threads, CPU flags")
+    i = sub.add_parser("info", help="versions, usable backends and why not, threads, CPU flags",
+                       description="Versions, which backends are usable on which device and why not, "
+                       "threads, CPU flags; compiles (or loads) numba's kernels to report the time.")
     i.set_defaults(func=cmd_info)
 
-    f = sub.add_parser("profile", help="run one op under torch.profiler")
-    f.add_argument("--op", default="lstm", choices=["lstm", "gru", "rnn"])
-    f.add_argument("--backend", default=None, choices=sorted(backends.BACKENDS))
-    f.add_argument("--mode", default="train", choices=["infer", "train"])
-    f.add_argument("--seq-len", "-T", type=int, default=50)
-    f.add_argument("--batch", "-B", type=int, default=16)
-    f.add_argument("--input-size", "-I", type=int, default=128)
-    f.add_argument("--hidden-size", "-H", type=int, default=128)
-    f.add_argument("--layers", type=int, default=1)
-    f.add_argument("--bidirectional", action="store_true")
-    f.add_argument("--iters", type=int, default=3)
-    f.add_argument("--rows", type=int, default=15)
-    f.add_argument("--device", default="cpu")
+    f = sub.add_parser("profile", help="run one op under torch.profiler",
+                       description="Run one op under torch.profiler; fastrnn's kernels appear by name "
+                       "(fastrnn::lstm_layer_fwd[cpp], fastrnn::sdpa_bwd[numba], ...).")
+    f.add_argument("--op", default="lstm", choices=OPS, help="a recurrence, or sdpa (attention)")
+    f.add_argument("--backend", default=None, choices=BACKEND_NAMES, help="None: automatic")
+    f.add_argument("--mode", default="train", choices=["infer", "train"], help="train adds backward")
+    f.add_argument("--seq-len", "-T", type=_positive, default=50,
+                   help="sequence length (sdpa: query and key length)")
+    f.add_argument("--batch", "-B", type=_positive, default=16, help="batch size")
+    f.add_argument("--input-size", "-I", type=_positive, default=128, help="RNN input features")
+    f.add_argument("--hidden-size", "-H", type=_positive, default=128, help="RNN hidden units")
+    f.add_argument("--layers", type=_positive, default=1, help="RNN layers")
+    f.add_argument("--bidirectional", action="store_true", help="RNN in both directions")
+    f.add_argument("--heads", type=_positive, default=8, help="sdpa: attention heads")
+    f.add_argument("--head-dim", "-E", type=_positive, default=64, help="sdpa: features per head")
+    f.add_argument("--causal", action="store_true", help="sdpa: causal mask")
+    f.add_argument("--iters", type=_positive, default=3, help="profiled repetitions")
+    f.add_argument("--rows", type=_positive, default=15, help="rows of the printed table")
+    f.add_argument("--device", default="cpu", help="cpu or cuda")
     f.add_argument("--trace", default=None, help="write a Chrome trace here")
     f.set_defaults(func=cmd_profile)
+    return p
 
-    args = p.parse_args(argv)
-    return args.func(args)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"{PROG} {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out or --trace where nothing can be written
+        print(f"{PROG} {args.cmd}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ Method: for every case (op, shape, mode) the torch baseline and each fastrnn bac
 with the same weights; a correctness gate compares outputs (and, for training, the input and
 weight gradients) with torch before anything is timed. Timing interleaves the candidates round
 by round (torch, backend 1, backend 2, torch, ...) so that drift on a shared machine hits all of
-them alike, and reports medians and the ratio torch / backend (> 1: fastrnn is faster).
+them alike, and reports medians, the ratio torch / backend (> 1: fastrnn is faster) and each
+case's spread, (max - min) / median of its rounds. Kernels that compile on first use (numba)
+are compiled in a stage of their own before the timed grid, so that the progress bar's estimate
+is about the timing alone.
+
+Grids: ``default`` (one representative shape per op, minutes), ``full`` (every shape),
+``quick`` (tiny shapes, a smoke test).
 """
 from __future__ import annotations
 
@@ -25,11 +31,18 @@ import fastrnn
 
 from .testing import max_error
 
-# name -> (T, B, I, H); ids like T100_B32_I256_H256
+# (T, B, I, H); ids like T100_B32_I256_H256. DEFAULT is FULL's middle: batch 1 is a GEMV per step
+# and the 512-wide shape takes the longest; --full runs them.
 FULL_SHAPES = [(100, 1, 256, 256), (100, 32, 256, 256), (50, 64, 512, 512)]
+DEFAULT_SHAPES = [(100, 32, 256, 256)]
 QUICK_SHAPES = [(20, 4, 32, 32)]
 RNN_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 MODES = ("infer", "train")
+GRIDS = ("default", "full", "quick")
+# the median case's spread above which the ratios of a run are not worth much (a busy machine)
+NOISY_SPREAD = 0.20
+# backends whose kernels compile on first use (per device type), warmed up before the timing
+JIT_BACKENDS = {"cpu": ("numba",), "cuda": ("triton",)}
 
 
 def shape_id(T, B, I, H) -> str:
@@ -51,6 +64,12 @@ class Result:
     spread: float = 0.0  # (max - min) / median of the backend's rounds: how noisy it was
     best_speedup: float = 0.0  # torch's fastest round / the backend's fastest round
     extra: dict = field(default_factory=dict)
+    torch_spread: float = 0.0  # the same for torch's rounds
+
+    @property
+    def noise(self) -> float:
+        """The larger spread of the two timings the ratio divides."""
+        return max(self.spread, self.torch_spread)
 
 
 def machine() -> dict:
@@ -69,6 +88,8 @@ def machine() -> dict:
         "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "fastrnn": fastrnn.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # other work on the machine when the run started (1-minute load average vs logical CPUs)
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     for mod in ("numba", "triton"):
         try:
@@ -119,8 +140,11 @@ def _rnn_gate(ref, fast, x, mode):
     return err, err <= tol
 
 
-def _time(fns: dict, rounds: int, inner: int, device) -> dict:
-    """Interleaved medians in ms: each round runs every candidate `inner` times."""
+def time_interleaved(fns: dict, rounds: int, inner: int = 1, device="cpu") -> dict:
+    """Interleaved timing: each round runs every candidate ``inner`` times, one after the other,
+    so that drift on a shared machine hits all of them alike. ``fns``: name -> zero-argument
+    function. Returns name -> list of ``rounds`` times in ms (per call)."""
+    device = torch.device(device)
     samples = {k: [] for k in fns}
     for fn in fns.values():  # warm-up (JIT compiles, allocator, caches)
         fn()
@@ -134,6 +158,26 @@ def _time(fns: dict, rounds: int, inner: int, device) -> dict:
             _sync(device)
             samples[k].append((time.perf_counter() - t0) / inner * 1e3)
     return samples
+
+
+_time = time_interleaved  # the name bench/library_overhead.py imports
+
+
+def _spread(ms: list) -> float:
+    return (max(ms) - min(ms)) / statistics.median(ms)
+
+
+def _results(op, shape, mode, backends, base, samples, gates) -> list:
+    """One Result per backend from the interleaved samples (``base``: torch's key)."""
+    t_ref = statistics.median(samples[base])
+    out = []
+    for b in backends:
+        t = statistics.median(samples[b])
+        err, ok = gates[b]
+        out.append(Result(op, shape, mode, b, t_ref, t, t_ref / t, err, ok, len(samples[b]),
+                          _spread(samples[b]), min(samples[base]) / min(samples[b]),
+                          torch_spread=_spread(samples[base])))
+    return out
 
 
 def run_rnn_case(op, shape, mode, backends, rounds=7, device="cpu", dtype=torch.float32):
@@ -152,21 +196,15 @@ def run_rnn_case(op, shape, mode, backends, rounds=7, device="cpu", dtype=torch.
         gates[b] = _rnn_gate(ref, m, x, mode)
         fns[b] = _rnn_runner(op, m, x, mode)
     # aim for ~20 ms per sample so timer noise stays small on tiny shapes
-    probe = _time({BASE: fns[BASE]}, 1, 1, device)[BASE][0]
+    probe = time_interleaved({BASE: fns[BASE]}, 1, 1, device)[BASE][0]
     inner = max(1, min(50, int(20 / max(probe, 1e-3))))
-    samples = _time(fns, rounds, inner, device)
-    t_ref = statistics.median(samples[BASE])
-    out = []
-    for b in backends:
-        t = statistics.median(samples[b])
-        err, ok = gates[b]
-        out.append(Result(op, shape_id(*shape), mode, b, t_ref, t, t_ref / t, err, ok, rounds,
-                          (max(samples[b]) - min(samples[b])) / t, min(samples[BASE]) / min(samples[b])))
-    return out
+    samples = time_interleaved(fns, rounds, inner, device)
+    return _results(op, shape_id(*shape), mode, backends, BASE, samples, gates)
 
 
 # attention: (B, H, L, S, E, causal); the issue's grid, and a small one for --quick
 SDPA_FULL = [(4, 8, 512, 512, 64, False), (4, 8, 512, 512, 64, True), (1, 8, 2048, 2048, 64, False)]
+SDPA_DEFAULT = SDPA_FULL[:1]
 SDPA_QUICK = [(1, 2, 64, 48, 16, False)]
 
 
@@ -213,50 +251,91 @@ def run_sdpa_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.flo
         fn = (lambda b: lambda q, k, v: fastrnn.scaled_dot_product_attention(q, k, v, is_causal=causal, backend=b))(b)
         gates[b] = gate(fn)
         fns[b] = runner(fn)
-    samples = _time(fns, rounds, 1, device)
-    t_ref = statistics.median(samples[BASE])
+    samples = time_interleaved(fns, rounds, 1, device)
     flops = 4 * B * H * L * S * E // (2 if causal else 1) * (3.5 if mode == "train" else 1)
-    out = []
-    for b in backends:
-        t = statistics.median(samples[b])
-        err, ok = gates[b]
-        out.append(Result("sdpa", sdpa_id(*shape), mode, b, t_ref, t, t_ref / t, err, ok, rounds,
-                          (max(samples[b]) - min(samples[b])) / t, min(samples[BASE]) / min(samples[b]),
-                          {"gflops_per_s": flops / t / 1e6, "torch_gflops_per_s": flops / t_ref / 1e6}))
+    out = _results("sdpa", sdpa_id(*shape), mode, backends, BASE, samples, gates)
+    for r in out:
+        r.extra = {"gflops_per_s": flops / r.backend_ms / 1e6, "torch_gflops_per_s": flops / r.torch_ms / 1e6}
     return out
 
 
-def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, quick=False, rounds=None,
+def default_backends(family: str, device="cpu") -> list:
+    """What the bench times when not told: every usable backend but the reference (and not the
+    Triton interpreter on a CPU)."""
+    return [b for b in fastrnn.available_backends(device, family) if b != "torch"
+            and not (b == "triton" and torch.device(device).type == "cpu")]
+
+
+def cases(ops, modes, grid="default") -> list:
+    """The (op, shape, mode) cases of a grid, op by op."""
+    rnn_shapes = {"default": DEFAULT_SHAPES, "full": FULL_SHAPES, "quick": QUICK_SHAPES}[grid]
+    sdpa_shapes = {"default": SDPA_DEFAULT, "full": SDPA_FULL, "quick": SDPA_QUICK}[grid]
+    return [(op, s, m) for op in ops for s in (sdpa_shapes if op == "sdpa" else rnn_shapes) for m in modes]
+
+
+def _run_case(op, shape, mode, backends, rounds, device):
+    if op == "sdpa":
+        return run_sdpa_case(shape, mode, backends, rounds, device)
+    return run_rnn_case(op, shape, mode, backends, rounds, device)
+
+
+def compile_kernels(ops, backends_of, modes, device="cpu") -> list:
+    """Run every (op, mode) once at the quick grid's size with each backend that compiles on first
+    use, so that the timed grid after it measures kernels, not the compiler. Numba compiles
+    (tens of seconds a dtype, minutes on a busy machine) only in the first process after a change
+    to its kernels; later processes load them from its on-disk cache in about a second. Returns
+    the backends it ran."""
+    jit = JIT_BACKENDS.get(torch.device(device).type, ())
+    ran = set()
+    for op, shape, mode in cases(ops, modes, "quick"):
+        bks = [b for b in backends_of(op) if b in jit]
+        if bks:
+            _run_case(op, shape, mode, bks, 1, device)
+            ran.update(bks)
+    return sorted(ran)
+
+
+def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", rounds=None,
         device="cpu", progress=True):
-    """Run the benchmark grid; returns a list of Result."""
-    def default_backends(op):
-        return [b for b in fastrnn.available_backends(device, op) if b != "torch"
-                and not (b == "triton" and device == "cpu")]
-    shapes = QUICK_SHAPES if quick else FULL_SHAPES
-    sdpa_shapes = SDPA_QUICK if quick else SDPA_FULL
-    rounds = rounds or (3 if quick else 7)
-    cases = [(op, s, m) for op in ops for s in (sdpa_shapes if op == "sdpa" else shapes) for m in modes]
+    """Run the benchmark grid (``default``, ``full`` or ``quick``); returns a list of Result.
+
+    With ``progress``: a labelled compile stage (if a backend compiles on first use), a tqdm bar
+    over the cases and one line per result as it completes, on stderr."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+
+    def backends_of(op):
+        family = "sdpa" if op == "sdpa" else "rnn"
+        bks = backends if backends is not None else default_backends(family, device)
+        return [b for b in bks if fastrnn.backends.unavailable_reason(b, device, family) is None]
+
+    rounds = rounds or (3 if grid == "quick" else 7)
+    todo = cases(ops, modes, grid)
+    if any(b in JIT_BACKENDS.get(torch.device(device).type, ()) for op in ops for b in backends_of(op)):
+        if progress:
+            print("compiling numba kernels (first run only: later runs load them from numba's cache) ...",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        ran = compile_kernels(ops, backends_of, modes, device)
+        if progress:
+            print(f"  {', '.join(ran)}: ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     bar = None
     if progress:
         try:
             from tqdm import tqdm
-            bar = tqdm(total=len(cases), desc="fastrnn bench", unit="case", file=sys.stderr)
+            bar = tqdm(total=len(todo), desc="timing", unit="case", file=sys.stderr)
         except ImportError:
             pass
     results = []
-    for op, shape, mode in cases:
+    for op, shape, mode in todo:
         name = sdpa_id(*shape) if op == "sdpa" else shape_id(*shape)
         if bar is not None:
             bar.set_postfix_str(f"{op} {name} {mode}")
-        elif progress:
-            print(f"  {op} {name} {mode} ...", file=sys.stderr, flush=True)
-        family = "sdpa" if op == "sdpa" else "rnn"
-        bks = backends if backends is not None else default_backends(family)
-        bks = [b for b in bks if fastrnn.backends.unavailable_reason(b, device, family) is None]
-        if op == "sdpa":
-            results += run_sdpa_case(shape, mode, bks, rounds, device)
-        else:
-            results += run_rnn_case(op, shape, mode, bks, rounds, device)
+        new = _run_case(op, shape, mode, backends_of(op), rounds, device)
+        results += new
+        if progress:
+            for line in table(new).splitlines()[2:]:
+                (bar.write if bar is not None else print)(line, file=sys.stderr)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -264,24 +343,45 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, quick=False, rou
     return results
 
 
+def median_noise(results) -> float:
+    """The median case's spread (the larger of torch's and the backend's)."""
+    return statistics.median(r.noise for r in results) if results else 0.0
+
+
+def noise_warning(results, info=None) -> str | None:
+    """A warning when the run was too noisy for its ratios to mean much, else None."""
+    noise = median_noise(results)
+    if noise <= NOISY_SPREAD:
+        return None
+    load = (info or {}).get("load_average")
+    cpus = (info or {}).get("logical_cpus")
+    busy = f" (load average {load:.1f} on {cpus} CPUs when it started)" if load is not None else ""
+    return (f"warning: the machine was noisy{busy}: the median case's rounds spread over {noise:.0%} "
+            f"of their median (> {NOISY_SPREAD:.0%}), so a ratio can be off by about as much. Rerun on "
+            "an idle machine, with more --rounds, or with --threads 1.")
+
+
 def table(results) -> str:
-    head = f"{'op':<5} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} {'speedup':>8} {'max err':>9}  gate"
+    head = (f"{'op':<5} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} "
+            f"{'speedup':>8} {'spread':>7} {'max err':>9}  gate")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r.op:<5} {r.shape:<27} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
-                     f"{r.speedup:>7.2f}x {r.max_error:>9.1e}  {'ok' if r.gate_ok else 'FAIL'}")
+                     f"{r.speedup:>7.2f}x {r.noise:>7.0%} {r.max_error:>9.1e}  {'ok' if r.gate_ok else 'FAIL'}")
     return "\n".join(lines)
 
 
 def markdown(results, info) -> str:
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
-             f"({info['torch_threads']} threads). Speedup = torch time / fastrnn time, same process.", "",
-             "| op | shape | mode | backend | torch ms | fastrnn ms | speedup | max err |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+             f"({info['torch_threads']} threads). Speedup = torch time / fastrnn time, same process. "
+             "Spread = (max - min) / median of a case's rounds, the larger of torch's and fastrnn's.", "",
+             "| op | shape | mode | backend | torch ms | fastrnn ms | speedup | spread | max err |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.op} | {r.shape} | {r.mode} | {r.backend} | {r.torch_ms:.2f} | {r.backend_ms:.2f} | "
-                     f"**{r.speedup:.2f}x** | {r.max_error:.1e} |")
-    return "\n".join(lines)
+                     f"**{r.speedup:.2f}x** | {r.noise:.0%} | {r.max_error:.1e} |")
+    warning = noise_warning(results, info)
+    return "\n".join(lines + ([f"\n{warning}"] if warning else []))
 
 
 def chart(results, path) -> bool:
@@ -318,7 +418,8 @@ def save(results, out_dir, info=None) -> dict:
     info = info or machine()
     paths = {"json": os.path.join(out_dir, "bench.json"), "md": os.path.join(out_dir, "bench.md")}
     with open(paths["json"], "w") as f:
-        json.dump({"machine": info, "results": [asdict(r) for r in results]}, f, indent=1)
+        json.dump({"machine": info, "median_spread": median_noise(results),
+                   "results": [asdict(r) for r in results]}, f, indent=1)
     with open(paths["md"], "w") as f:
         f.write(markdown(results, info) + "\n")
     png = os.path.join(out_dir, "bench.png")
