@@ -1,7 +1,7 @@
 """Character-level language model: an LSTM (or GRU) trained with truncated backpropagation
 through time on Shakespeare's sonnets, then sampling text.
 
-    python examples/char_lm.py                      # LSTM, ~2 minutes on 2 cores
+    python examples/char_lm.py                      # LSTM, ~30 s on 2 idle cores
     python examples/char_lm.py --cell gru --backend numba
     python examples/char_lm.py --smoke              # seconds (CI)
 

@@ -1,7 +1,7 @@
 """Time-series forecasting: a multi-layer LSTM reads a variable-length window of a seasonal series
 (packed, no padding computed) and forecasts the next ``--horizon`` values.
 
-    python examples/forecasting.py                   # 3-layer LSTM, ~1 minute on 2 cores
+    python examples/forecasting.py                   # 3-layer LSTM, ~45 s on 2 idle cores
     python examples/forecasting.py --backend numba --layers 2
     python examples/forecasting.py --smoke           # seconds (CI)
 

@@ -2,7 +2,7 @@
 (fastrnn.Attention) that learns to translate dates written by people into ISO 8601, then
 decodes held-out dates greedily.
 
-    python examples/seq2seq_attention.py             # GRU, dot-product attention, ~1 minute
+    python examples/seq2seq_attention.py             # GRU, dot-product attention, ~25 s on 2 idle cores
     python examples/seq2seq_attention.py --cell lstm --score general --backend numba
     python examples/seq2seq_attention.py --smoke     # seconds (CI)
 

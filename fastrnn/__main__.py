@@ -7,6 +7,7 @@ them. (``python -m fastrnn`` still runs ``fastrnn/__init__.py`` first, which imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 # = sorted(fastrnn.backends.BACKENDS), written out so the parser needs no import of the registry
@@ -63,6 +64,26 @@ def _check_backends(names, device, families):
         raise UsageError("backend cannot run here: " + "; ".join(bad))
 
 
+def _passive_wait_if_busy(argv) -> None:
+    """On a busy machine, run the command again with ``OMP_WAIT_POLICY=PASSIVE`` (only from the
+    command line, and only if the user has not set the policy). OpenMP's default lets a thread that
+    waits for the others at the end of a parallel region spin; when other processes hold the cores
+    it spins in the place of the thread it waits for. Measured on 2 cores at load 3.4: the default
+    grid took 211 s with a median spread of 89% (ratios meaningless), and 14 s with a spread of 13%
+    with PASSIVE (bench/results/bench_time_cpu.md). The variable is read when the OpenMP runtime
+    loads (with torch), so it takes a new process. On an idle machine nothing changes."""
+    if argv is not None or "OMP_WAIT_POLICY" in os.environ or not hasattr(os, "getloadavg"):
+        return
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load < cpus:
+        return
+    print(f"note: the machine is busy (load average {load:.1f} on {cpus} CPUs): running with "
+          "OMP_WAIT_POLICY=PASSIVE, which keeps waiting threads from spinning (set OMP_WAIT_POLICY "
+          "yourself to choose)", file=sys.stderr, flush=True)
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.execv(sys.executable, [sys.executable, "-m", "fastrnn", *sys.argv[1:]])
+
+
 def cmd_bench(args) -> int:
     import fastrnn
     from fastrnn import bench
@@ -76,7 +97,8 @@ def cmd_bench(args) -> int:
     info = bench.machine()
     load = info["load_average"]
     print(f"fastrnn bench ({grid} grid) on {info['cpu']} ({info['logical_cpus']} CPUs, torch {info['torch']}, "
-          f"{info['torch_threads']} threads" + (f", load average {load:.1f}" if load is not None else "") + ")",
+          f"{info['torch_threads']} threads" + (f", load average {load:.1f}" if load is not None else "")
+          + (f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info["omp_wait_policy"] else "") + ")",
           flush=True)
     results = bench.run(ops=args.ops, backends=args.backends, modes=args.modes, grid=grid,
                         rounds=args.rounds, device=device, progress=not args.no_progress)
@@ -231,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd == "bench":
+        _passive_wait_if_busy(argv)
     try:
         return args.func(args)
     except UsageError as exc:

@@ -90,6 +90,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         # other work on the machine when the run started (1-minute load average vs logical CPUs)
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # see __main__._passive_wait_if_busy
     }
     for mod in ("numba", "triton"):
         try:
@@ -358,7 +359,8 @@ def noise_warning(results, info=None) -> str | None:
     busy = f" (load average {load:.1f} on {cpus} CPUs when it started)" if load is not None else ""
     return (f"warning: the machine was noisy{busy}: the median case's rounds spread over {noise:.0%} "
             f"of their median (> {NOISY_SPREAD:.0%}), so a ratio can be off by about as much. Rerun on "
-            "an idle machine, with more --rounds, or with --threads 1.")
+            "an idle machine, with OMP_WAIT_POLICY=PASSIVE (waiting threads then do not spin), with "
+            "--threads 1, or with more --rounds.")
 
 
 def table(results) -> str:

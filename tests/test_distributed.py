@@ -31,13 +31,17 @@ def free_port() -> int:
 
 def train(out: Path, nproc: int, *args: str) -> dict:
     """Run the example (torchrun when nproc > 1); its final state_dict."""
-    if nproc == 1:
-        cmd = [sys.executable, str(EXAMPLE)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(EXAMPLE)]
-    proc = subprocess.run(cmd + ARGS + ["--out", str(out), *args], env=ENV, capture_output=True,
-                          text=True, timeout=240)
+    for attempt in range(2):
+        if nproc == 1:
+            cmd = [sys.executable, str(EXAMPLE)]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(EXAMPLE)]
+        proc = subprocess.run(cmd + ARGS + ["--out", str(out), *args], env=ENV, capture_output=True,
+                              text=True, timeout=240)
+        # the free port can be taken by another process between free_port() and torchrun's bind
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower():
+            break
     assert proc.returncode == 0, f"{cmd}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     return torch.load(out / "final.pt")
 
