@@ -84,8 +84,11 @@ def test_rnn_ops_noncontiguous_inputs(backend, case):
              torch.randn(B, H, **f64) if cell == "lstm" else None)
     needs = [a is not None and isinstance(a, torch.Tensor) and a.requires_grad
              for a in (args[p] for p in (2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15, 16, 17, 18))]
-    bwd_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args) + grads + (h_seq, saved, needs)
-    torch.library.opcheck(torch.ops.fastrnn.rnn_layer_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    bwd_args = args + tuple(g.requires_grad_() if g is not None else g for g in grads) + (h_seq, saved, needs)
+    # rnn_layer_bwd is differentiable too (its autograd kernel is the double backward): all of
+    # opcheck once (its AOT-dispatch tests are slow), schema and fake kernel otherwise
+    torch.library.opcheck(torch.ops.fastrnn.rnn_layer_bwd, bwd_args,
+                          **({} if ln else {"test_utils": ("test_schema", "test_faketensor")}))
     _fake_matches_real(torch.ops.fastrnn.rnn_layer_bwd, bwd_args)
 
 
@@ -110,8 +113,10 @@ def test_sdpa_ops_noncontiguous_inputs(backend, mask):
     _fake_matches_real(torch.ops.fastrnn.sdpa_fwd, args)
     plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     out, lse = torch.ops.fastrnn.sdpa_fwd(*plain)
-    bwd_args = plain + (_noncontig(*out.shape), out, lse, [True, True, True, mask])
-    torch.library.opcheck(torch.ops.fastrnn.sdpa_bwd, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    bwd_args = args + (_noncontig(*out.shape, requires_grad=True), out, lse, [True, True, True, mask])
+    # differentiable too: all of opcheck once, schema and fake kernel otherwise (as above)
+    torch.library.opcheck(torch.ops.fastrnn.sdpa_bwd, bwd_args,
+                          **({} if mask else {"test_utils": ("test_schema", "test_faketensor")}))
     _fake_matches_real(torch.ops.fastrnn.sdpa_bwd, bwd_args)
 
 

@@ -420,8 +420,10 @@ def test_gradcheck_reference_backward_itself():
     bs = torch.tensor([2, 2, 1])
     variant = fastrnn.ops.recurrence.Variant(
         ln_hh_weight=r(G), ln_hh_bias=r(G), ln_c_weight=r(H), ln_c_bias=r(H), peephole=r(3, H),
-        rec_mask=torch.tensor([[2.0, 0.0], [2.0, 2.0]], **f64), zoneout_h=torch.bernoulli(torch.full((T, B, Hr), 0.3, **f64)),
-        zoneout_c=torch.bernoulli(torch.full((T, B, H), 0.3, **f64)), reset=torch.tensor([[False, True], [True, False], [False, False]]))
+        rec_mask=torch.tensor([[2.0, 0.0], [2.0, 2.0]], **f64),
+        zoneout_h=torch.bernoulli(torch.full((T, B, Hr), 0.3, **f64)),
+        zoneout_c=torch.bernoulli(torch.full((T, B, H), 0.3, **f64)),
+        reset=torch.tensor([[False, True], [True, False], [False, False]]))
 
     def f(xw, w_hh, b_hh, h0, c0, w_hr, gh, ghT, gcT):
         saved = ref.rnn_forward("lstm", xw, w_hh, b_hh, h0, c0, w_hr, bs, True, True, variant)[3]

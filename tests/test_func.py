@@ -283,3 +283,30 @@ def test_attention_dropout_under_vmap(backend):
         torch.manual_seed(5)
         q = qs[i].clone().requires_grad_()
         assert_close(g[i], torch.autograd.grad(f(q).sin().sum(), q)[0], f"dropout sample {i} d/dq", grad=True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_nested_transforms_hessian_and_per_sample_penalty(backend):
+    """Reverse over reverse (``jacrev(jacrev)``, a Hessian) and per-sample gradient penalties
+    (``vmap(grad(|grad|^2))``): the double backward runs inside torch.func's transforms."""
+    torch.manual_seed(6)
+    fast = fastrnn.LSTM(2, 2, backend=backend).double()
+    ref = _twin(fast, nn.LSTM, input_size=2, hidden_size=2)
+    x = torch.randn(3, 2, **f64)
+    hessian = lambda m: jacrev(jacrev(lambda x: m(x)[0].sin().sum()))(x)
+    assert_close(hessian(fast), hessian(ref), "LSTM Hessian d2/dx2", grad=True)
+    q, k, v = torch.randn(3, 2, **f64), torch.randn(4, 2, **f64), torch.randn(4, 2, **f64)
+    h_sdpa = lambda fn: jacrev(jacrev(lambda q: fn(q, k, v, is_causal=True).sin().sum()))(q)
+    assert_close(h_sdpa(_fast_sdpa(backend)), h_sdpa(F.scaled_dot_product_attention), "SDPA Hessian", grad=True)
+    params = {n: p.detach() for n, p in fast.named_parameters()}
+    xs = torch.randn(V, 3, 2, **f64)
+
+    def penalty(m):
+        def f(p, x):
+            return grad(lambda x: functional_call(m, p, (x,))[0].sin().sum())(x).square().sum()
+        return f
+    got = vmap(grad(penalty(fast)), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        want = grad(penalty(ref))(params, x)
+        for n in params:
+            assert_close(got[n][i], want[n], f"sample {i} d(penalty)/d{n}", grad=True)

@@ -5,6 +5,8 @@ Ops (argument list: ``SDPA_ARGS``; backend ``""`` = automatic choice):
     fastrnn::sdpa(...)      -> out [N, L, Ev]                   differentiable
     fastrnn::sdpa_fwd(...)  -> (out, lse [N, L])                what backward needs
     fastrnn::sdpa_bwd(..., grad_out, out, lse, needs) -> [grad_q, grad_k, grad_v, grad_bias]
+                                                                differentiable (double backward)
+Every output is contiguous; all three ops have vmap rules (torch.func; docs/architecture.md).
 
 The user function (``fastrnn.attention.scaled_dot_product_attention``) validates and flattens
 torch's broadcasting into the contract's shapes; the autograd formula saves
@@ -122,10 +124,8 @@ class _SDPA(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        out, lse = output
-        ctx.flags = {p: inputs[p] for p in _FLAGS}
-        ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in inputs), out, lse)
-        ctx.mark_non_differentiable(lse)
+        _save_sdpa(ctx, inputs, *output)
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad_out, _):
@@ -137,6 +137,26 @@ class _SDPA(torch.autograd.Function):
             if need:
                 result[pos] = g
         return tuple(result)
+
+
+def _save_sdpa(ctx, args, out, lse):
+    ctx.flags = {p: args[p] for p in _FLAGS}
+    ctx.save_for_backward(*(a if isinstance(a, torch.Tensor) else None for a in args), out, lse)
+
+
+class _SDPAEager(torch.autograd.Function):
+    """``_SDPA`` outside torch.func transforms, in the classic form (see
+    ``fastrnn.ops.rnn_layer._RNNLayerEager``: one output, no per-call ``inspect`` binding)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out, lse = _SDPA.forward(*args)
+        _save_sdpa(ctx, args, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _SDPA.backward(ctx, grad_out, None)
 
 
 class _SDPABwd(torch.autograd.Function):
@@ -179,7 +199,9 @@ def _requires_grad(args, positions):
 def _sdpa_autograd(*args):
     """Autograd kernel of ``fastrnn::sdpa``."""
     if _requires_grad(args, GRAD_POS):
-        return _SDPA.apply(*args)[0]
+        if torch._C._are_functorch_transforms_active():
+            return _SDPA.apply(*args)[0]
+        return _SDPAEager.apply(*args)
     with below_autograd():
         return torch.ops.fastrnn.sdpa(*args)
 

@@ -18,8 +18,9 @@ the registered path is free. What the op is to torch is the same either way: a s
 four (tests/test_library.py).
 
 torch.func and higher derivatives (docs/architecture.md, "Double backward and torch.func"): the
-autograd kernels are ``autograd.Function``s with ``setup_context`` and ``generate_vmap_rule``, the
-ops have vmap rules (``torch.library.register_vmap``, which serves ``Library``-defined ops too),
+autograd kernels are ``autograd.Function``s with ``setup_context`` and ``generate_vmap_rule`` (a
+classic twin of each runs outside torch.func transforms, for speed), the ops have vmap rules
+(``torch.library.register_vmap``, which serves ``Library``-defined ops too),
 the ``*_bwd`` ops have autograd kernels of their own whose backward (the double backward)
 differentiates the reference backend's equations (``backward_of_backward``), and every kernel
 returns contiguous tensors, which its fake kernel promises.
@@ -143,42 +144,32 @@ def backward_of_backward(recompute, args, grad_pos, grad_outputs, cotangents, wa
     ``grads[k] = d <grad_outputs, recompute(*args)> / d args[grad_pos[k]]``.
 
     ``recompute`` is the op's forward written with differentiable torch operations (the
-    reference backend's equations). It runs again under autograd; the first-order gradients are
-    taken with ``create_graph=True`` and then differentiated against ``cotangents`` (one per
-    entry of ``grad_pos``; None = zero). Returns the gradients of ``args[p]`` for ``p`` in
-    ``want_args`` followed by those of ``grad_outputs[k]`` for ``k`` in ``want_grad_outputs``
-    (None where nothing depends on it).
+    reference backend's equations); its VJP is differentiated once more, against ``cotangents``
+    (one per entry of ``grad_pos``; None = zero). Returns the gradients of ``args[p]`` for ``p``
+    in ``want_args`` followed by those of ``grad_outputs[k]`` for ``k`` in ``want_grad_outputs``
+    (None for an absent grad output).
 
-    With grad mode on (a third derivative is being built) the recomputation starts from views
-    of the original tensors, so the result is differentiable again; otherwise from detached
-    leaves (nothing of the caller's graph is kept alive or run).
+    Written with ``torch.func.vjp`` rather than ``torch.autograd.grad``: it works the same in
+    eager mode and inside torch.func transforms (``jacrev(jacrev(f))`` runs this under vmap and
+    grad), and its result stays differentiable by the caller's autograd (third derivatives).
     """
-    higher = torch.is_grad_enabled()
+    diff_pos = sorted(set(grad_pos) | set(want_args))
+    live = [k for k, g in enumerate(grad_outputs) if g is not None]
 
-    def leaf(t):
-        # view_as, not t itself: one input passed twice still gets one gradient per position
-        return t.view_as(t) if higher and t.requires_grad else t.detach().requires_grad_()
+    def outputs(*diff):
+        full = list(args)
+        for p, t in zip(diff_pos, diff):
+            full[p] = t
+        outs = recompute(*full)
+        return tuple(outs[k] for k in live)
 
-    with torch.enable_grad():
-        args = list(args)
-        for p in set(grad_pos) | set(want_args):
-            if args[p] is not None:
-                args[p] = leaf(args[p])
-        grad_outputs = [leaf(g) if k in want_grad_outputs and g is not None else g
-                        for k, g in enumerate(grad_outputs)]
-        outs = recompute(*args)
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
-                 if o is not None and g is not None and o.requires_grad]
-        first = torch.autograd.grad([o for o, _ in pairs], [args[p] for p in grad_pos],
-                                    [g for _, g in pairs], create_graph=True, allow_unused=True)
-        pairs = [(f, c) for f, c in zip(first, cotangents)
-                 if f is not None and c is not None and f.requires_grad]
-        targets = [args[p] for p in want_args] + [grad_outputs[k] for k in want_grad_outputs]
-        live = [k for k, t in enumerate(targets) if t is not None]
-        result = [None] * len(targets)
-        if pairs and live:
-            grads = torch.autograd.grad([f for f, _ in pairs], [targets[k] for k in live],
-                                        [c for _, c in pairs], allow_unused=True, create_graph=higher)
-            for k, g in zip(live, grads):
-                result[k] = g
-    return result
+    def first_order(diff, gos):
+        _, vjp = torch.func.vjp(outputs, *diff)
+        grads = vjp(tuple(gos))
+        return tuple(grads[diff_pos.index(p)] for p in grad_pos)
+
+    primal = (tuple(args[p] for p in diff_pos), tuple(grad_outputs[k] for k in live))
+    first, vjp = torch.func.vjp(first_order, *primal)
+    d_args, d_gos = vjp(tuple(torch.zeros_like(f) if c is None else c for f, c in zip(first, cotangents)))
+    return ([d_args[diff_pos.index(p)] for p in want_args]
+            + [d_gos[live.index(k)] if k in live else None for k in want_grad_outputs])
