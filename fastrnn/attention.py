@@ -100,7 +100,7 @@ def _flatten_mask(attn_mask, batch, L, S, dtype):
                            f"broadcast to the attention shape {target}")
     m = attn_mask.reshape((1,) * (len(target) - attn_mask.dim()) + tuple(attn_mask.shape))
     if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))  # out of place: works under vmap
     else:
         m = m.to(dtype)
     mb = m.shape[:-2]

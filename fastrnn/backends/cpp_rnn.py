@@ -80,7 +80,7 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
                  variant=None):
     check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant)
     args = (_CELL[cell], _c(grad_h_seq), _c(grad_h_T), _c(grad_c_T), _c(w_hh), _c(w_hr), _c(h0), _c(c0),
-            _c(batch_sizes), reverse, list(saved))
+            _c(batch_sizes), reverse, [t.contiguous() for t in saved])  # the C++ loops index saved tensors densely
     plain = is_plain(variant)
     if plain:
         grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj = _C.rnn_backward(*args)
