@@ -5,14 +5,39 @@
 >>> model = fastrnn.convert(model)                                   # swap torch's RNN modules
 >>> fastrnn.available_backends("cpu")                                # e.g. ['cpp', 'numba', 'torch']
 """
-from .backends import available_backends, backend_status
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
-from . import functional
-from .threads import get_num_threads, set_num_threads
-from .attention import Attention, scaled_dot_product_attention
+import sys
 
 __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch",
            "available_backends", "backend_status", "functional", "set_num_threads", "get_num_threads",
            "Attention", "scaled_dot_product_attention", "__version__"]
+
+
+def _load():
+    """The public API, and with it the ``torch.ops.fastrnn`` ops (registered on import)."""
+    global available_backends, backend_status, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
+    global functional, get_num_threads, set_num_threads, Attention, scaled_dot_product_attention
+    from .backends import available_backends, backend_status
+    from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
+    from . import functional
+    from .threads import get_num_threads, set_num_threads
+    from .attention import Attention, scaled_dot_product_attention
+
+
+def _running_cli() -> bool:
+    """``python -m fastrnn ...``: runpy imports this package (sys.argv[0] is "-m" meanwhile) to
+    run fastrnn/__main__.py, whose commands import what they need; so ``--help`` and a mistyped
+    option answer without importing torch (seconds on a loaded machine)."""
+    argv = getattr(sys, "orig_argv", [])
+    return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1:][:1] == [__name__]
+
+
+if _running_cli():
+    def __getattr__(name):
+        if name in __all__:
+            _load()
+            return globals()[name]
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+else:
+    _load()

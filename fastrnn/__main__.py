@@ -2,7 +2,7 @@
 
 The parser is built from the standard library alone, so that ``--help`` and a mistyped option
 answer at once; torch, the backends and the benchmark are imported by the command that needs
-them. (``python -m fastrnn`` still runs ``fastrnn/__init__.py`` first, which imports torch.)
+them; ``fastrnn/__init__.py`` defers its own imports when run this way (``_running_cli``).
 """
 from __future__ import annotations
 

@@ -69,6 +69,23 @@ def test_parser_builds_without_torch():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["bench", "--bogus"], ["profile", "--help"]])
+def test_cli_help_and_usage_errors_import_no_torch(argv):
+    """The real ``python -m fastrnn ...`` (the package's __init__ runs too): --help and a wrong
+    option answer without importing torch (what makes them take seconds on a loaded machine);
+    a wrong option is one line on stderr and exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "fastrnn", *argv], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    bogus = "--bogus" in argv
+    assert proc.returncode == (2 if bogus else 0), proc.stderr
+    if bogus:
+        assert len(proc.stderr.strip().splitlines()) == 1 and "--help" in proc.stderr
+    probe = subprocess.run([sys.executable, "-X", "importtime", "-m", "fastrnn", *argv], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+    imported = {line.split("|")[-1].strip() for line in probe.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "numpy" not in imported, "the CLI's parser imported torch"
+
+
 def test_static_backend_names_match_the_registry():
     from fastrnn import backends
     assert _main_module().BACKEND_NAMES == tuple(sorted(backends.BACKENDS))
