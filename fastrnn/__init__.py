@@ -18,11 +18,11 @@ def _load():
     """The public API, and with it the ``torch.ops.fastrnn`` ops (registered on import)."""
     global available_backends, backend_status, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
     global functional, get_num_threads, set_num_threads, Attention, scaled_dot_product_attention
+    from . import functional
+    from .attention import Attention, scaled_dot_product_attention
     from .backends import available_backends, backend_status
     from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
-    from . import functional
     from .threads import get_num_threads, set_num_threads
-    from .attention import Attention, scaled_dot_product_attention
 
 
 def _running_cli() -> bool:
@@ -34,9 +34,18 @@ def _running_cli() -> bool:
 
 
 if _running_cli():
+    _loading = False
+
     def __getattr__(name):
-        if name in __all__:
-            _load()
+        global _loading
+        # re-entered while loading (``from . import functional`` inside modules.py asks the package
+        # first): not an attribute yet, so the import system imports the submodule itself
+        if name in __all__ and not _loading:
+            _loading = True
+            try:
+                _load()
+            finally:
+                _loading = False
             return globals()[name]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 else:

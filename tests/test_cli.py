@@ -2,6 +2,8 @@
 and the profiler trace carries fastrnn's kernel names."""
 import json
 
+import pytest
+
 from fastrnn.__main__ import main
 
 
@@ -40,3 +42,19 @@ def test_bench_sdpa_quick(tmp_path):
                  "--rounds", "1", "--no-progress", "--out", str(tmp_path)]) == 0
     (r,) = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert r["op"] == "sdpa" and r["gate_ok"] and r["extra"]["gflops_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv", [["info"], ["bench", "--quick", "--ops", "rnn", "--backends", "cpp", "--modes",
+                                             "infer", "--no-progress"]])
+def test_commands_run_as_python_dash_m(tmp_path, argv):
+    """The real entry point in a fresh process (the package's __init__ defers its imports when run
+    by ``python -m``, so a command that imports fastrnn must still find everything)."""
+    import subprocess
+    import sys
+
+    if argv[0] == "bench":
+        argv = argv + ["--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "fastrnn", *argv], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if argv[0] == "bench":
+        assert (tmp_path / "bench.json").exists()
