@@ -22,9 +22,9 @@ import torch
 import fastrnn
 import fastrnn.functional as FR
 from fastrnn.bench import _time, machine
+from fastrnn.contract.rnn import Variant
 from fastrnn.ops import rnn_layer as RL
 from fastrnn.ops.library import backend_arg
-from fastrnn.ops.recurrence import Variant
 
 
 class _PlainLayer(torch.autograd.Function):

@@ -1,6 +1,7 @@
 // fastrnn C++ backend: the whole time loop of one RNN layer and direction, forward and backward.
 //
-// Contract: fastrnn/backends/reference_rnn.py (the plain-PyTorch specification). Shapes:
+// Contract: fastrnn/backends/reference_rnn.py (the plain-PyTorch specification; its docstring has
+// the forward and backward equations the kernels below follow). Shapes:
 //   xw [T,B,G] (G = 4H LSTM i,f,g,o | 3H GRU r,z,n | H RNN), w_hh [G,Hr], b_hh [G], h0 [B,Hr],
 //   c0 [B,H], w_hr [Hr,H], batch_sizes [T] int64 (descending; active rows are the prefix).
 //
@@ -15,21 +16,22 @@
 //         hn_seq [T,B,H] (= W_hn h + b_hn);  RNN: h_seq.
 // Rows past batch_sizes[t] are left untouched in the states and are zero in h_seq / grad_xw.
 //
-// Variants (docs/variants.md; rnn_forward_variant / rnn_backward_variant): separate time loops so
-// the plain ones stay exactly as they are, sharing the cell kernels (the LSTM ones through
-// compile-time flags). Per step: reset rows reload h0/c0, h_in = h_prev * rec_mask, the chunked
-// GEMM; without layer norm the gate math follows per chunk in cache as above, with it each row's
-// whole product is normalised first (row statistics span every chunk), then its gate math; a row
-// pass handles what needs whole rows (LSTM: layer norm of c, zoneout of c); then zoneout of h.
-// Saved: the plain tuple (c_seq = c_t after zoneout), then hw_hat [T,B,G], hw_rstd [T,B] (layer
-// norm), c_hat [T,B,H], c_rstd [T,B] (LSTM layer norm), c_new (LSTM) / h_new (RNN) [T,B,H]
-// (zoneout): fastrnn.ops.recurrence.saved_layout. GRU reset_after=False runs two products per step
-// ([r, z] rows on h_in, then the n rows on r * h_in); its backward also returns u = r * h_in.
+// Variants (docs/variants.md) run the same two time loops, `forward` and `backward`, and the same
+// cell kernels, specialised by compile-time flags (`Flags`; 0 is the plain cell and compiles to
+// the plain code). Per step: reset rows reload h0/c0, h_in = h_prev * rec_mask, the chunked GEMM;
+// with the layer norm of the hidden product each row's whole product is normalised first (row
+// statistics span every chunk), then its gate math; the layer norm of LSTM's c takes a row pass;
+// then zoneout of h. Saved: the plain tuple (c_seq = c_t after zoneout), then hw_hat [T,B,G],
+// hw_rstd [T,B] (layer norm), c_hat [T,B,H], c_rstd [T,B] (LSTM layer norm), c_new (LSTM) / h_new
+// (RNN) [T,B,H] (zoneout): fastrnn.contract.rnn.saved_layout. GRU reset_after=False runs two
+// products per step ([r, z] rows on h_in, then the n rows on r * h_in).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gemm.h"
@@ -39,16 +41,25 @@ namespace fastrnn {
 namespace {
 
 using at::Tensor;
-
-// ---------------------------------------------------------------------------------------------
-// Fused cell steps. Each works on one row b and hidden units [j0, j1). The forward ones read the
-// input side from xw (torch gate layout, row stride G) and the hidden side from `hs`, which the
-// chunked GEMM below lays out gate-major within the chunk: hs[b, ng*j0 + q*w + jj], w = j1 - j0.
-// The templates hold the math once; FASTRNN_CLONES wrappers compile the float versions per ISA
-// so the loops vectorise.
-// ---------------------------------------------------------------------------------------------
 using vm::sigmoid;
 using vm::tanh;
+
+bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// The activations' derivatives through their outputs, as the reference's backward writes them.
+template <typename T>
+FASTRNN_INLINE T d_sigmoid(T s) {  // s = sigmoid(x)
+  return s * (T(1) - s);
+}
+template <typename T>
+FASTRNN_INLINE T d_tanh(T t) {  // t = tanh(x)
+  return T(1) - t * t;
+}
 
 // (sum_k f(k), sum_k f(k) w[k]), k < n, in 16 independent lanes: vectorises without
 // reassociating (no -ffast-math), f evaluated once per k.
@@ -85,31 +96,56 @@ FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
   return s;
 }
 
-// Compile-time variant flags of the LSTM kernels (docs/variants.md); 0 is the plain cell and
-// compiles to exactly the plain code.
-enum VariantFlags : int {
-  kPeep = 1,   // peephole: i, f see c_prev, o sees c_new
-  kSepC = 2,   // forward: c_new goes to its own buffer; a row pass then updates the state (zoneout, LN)
-  kLnC = 4,    // layer norm of c_new before its tanh (forward: the row pass computes hu)
-  kZoneC = 8,  // backward: zoneout of the cell state
+constexpr double kLnEps = 1e-5;  // fastrnn.contract.rnn.LN_EPS
+
+// (mean, 1 / sqrt(var + eps)) of x[0, n): two passes, no cancellation.
+template <typename T>
+FASTRNN_INLINE std::pair<T, T> row_stats(const T* x, int64_t n) {
+  const T mean = lane_sum<T>(n, [&](int64_t k) { return x[k]; }) / T(n);
+  const T sq = lane_sum<T>(n, [&](int64_t k) { return (x[k] - mean) * (x[k] - mean); });
+  return {mean, T(1) / std::sqrt(sq / T(n) + T(kLnEps))};
+}
+
+// Compile-time variant flags of the time loops and kernels (docs/variants.md). 0 is the plain
+// cell and compiles to exactly the plain code; `dispatch` compiles the combinations that occur.
+enum Flags : int {
+  kVar = 1,      // a variant. Resets and rec_mask are tested at run time within it (each is one [B,Hr]
+                 // pass per step: flags would only multiply the instantiations); backward keeps the
+                 // gradient of h_new apart from the dh carried to the previous step
+  kLn = 2,       // layer norm of the hidden product
+  kZone = 4,     // zoneout of h (LSTM: and of c)
+  kPeep = 8,     // LSTM peephole: i, f see c_prev, o sees c_new
+  kLnC = 16,     // LSTM layer norm of c_new before its tanh
+  kBefore = 32,  // GRU reset_after=False: two products per step
+  kRZ = 64,      // kernels only, with kBefore: the stage of r and z (see GruFwd, GruBwd)
 };
 
+// ---------------------------------------------------------------------------------------------
+// Cell kernels: the gate math of one row b and hidden units [j0, j1) (or a whole row), once per
+// cell for plain and variants. Each is an argument struct, its `kernel<F>` overload and kFlags,
+// the flags it reads (the plain cell and variants that change nothing in it share one copy).
+// The forward ones read the input side from xw (torch gate layout, row stride G) and the hidden
+// side from `hs`, which the chunked GEMM below lays out gate-major within the chunk:
+// hs[b, ng*j0 + q*w + jj], w = j1 - j0.
+// ---------------------------------------------------------------------------------------------
 template <typename T>
 struct LstmFwd {
-  T* gates;        // [B,4H] xw_t in, activated i,f,g,o out (saved for backward)
-  const T* hs;     // hidden side h_prev W_hh^T, chunk layout, row stride 4H
-  const T* bias;   // [4H] b_hh (zeros when absent)
-  T* c;            // [B,H] cell state in/out (kSepC: in only)
-  T* hu;           // [B,H] o * tanh(c) out (not with kLnC)
+  using scalar = T;
+  static constexpr int kFlags = kPeep | kZone | kLnC;
+  T* gates;                 // [B,4H] xw_t in, activated i,f,g,o out (saved for backward)
+  const T* hs;              // hidden side h_in W_hh^T (layer norm: normalised), row stride 4H
+  const T* bias;            // [4H] b_hh (zeros when absent)
+  T* c;                     // [B,H] cell state: c_prev in, c_t out
+  T* hu;                    // [B,H] o * tanh(c_new) out (kLnC: LstmLnC writes it)
   int64_t H;
   const T* peep = nullptr;  // kPeep: [3,H] rows i, f, o
-  T* c_new = nullptr;       // kSepC: [B,H] c_new out
+  const T* zc = nullptr;    // kZone: [B,H] zoneout weights of c at this step
+  T* c_new = nullptr;       // kZone, kLnC: [B,H] c_new out (saved with zoneout)
 };
 
 template <int F, typename T>
-FASTRNN_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
-  constexpr bool peep = F & kPeep, sep = F & kSepC, lnc = F & kLnC;
-  static_assert(!lnc || sep, "the layer norm of c needs c_new in its own buffer");
+FASTRNN_INLINE void kernel(const LstmFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+  constexpr bool peep = F & kPeep, zone = F & kZone, lnc = F & kLnC;
   const int64_t H = a.H, w = j1 - j0;
   T* __restrict gi = a.gates + b * 4 * H + j0;
   T* __restrict gf = gi + H;
@@ -120,7 +156,8 @@ FASTRNN_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t b, int64_t j0, in
   T* __restrict c = a.c + b * H + j0;
   T* __restrict hu = a.hu + b * H + j0;
   const T* __restrict pi = peep ? a.peep + j0 : nullptr;
-  T* __restrict cnew = sep ? a.c_new + b * H + j0 : nullptr;
+  const T* __restrict zc = zone ? a.zc + b * H + j0 : nullptr;
+  T* __restrict cnew = zone || lnc ? a.c_new + b * H + j0 : nullptr;
   FASTRNN_IVDEP
   for (int64_t j = 0; j < w; ++j) {
     const T cp = c[j];
@@ -133,47 +170,71 @@ FASTRNN_INLINE void lstm_fwd_rows(const LstmFwd<T>& a, int64_t b, int64_t j0, in
     T pre_o = go[j] + si[3 * w + j] + bias[3 * H + j];
     if constexpr (peep) pre_o += pi[2 * H + j] * cn;
     const T o = sigmoid(pre_o);
-    if constexpr (sep) cnew[j] = cn;
+    if constexpr (zone || lnc) cnew[j] = cn;
+    if constexpr (zone) c[j] = zc[j] * cp + (T(1) - zc[j]) * cn;
     else c[j] = cn;
     if constexpr (!lnc) hu[j] = o * tanh(cn);
     gi[j] = i, gf[j] = f, gg[j] = g, go[j] = o;
   }
 }
 
+// GRU. With kBefore (reset_after=False) in two stages, each after its own product: kRZ gives r, z
+// and u = r * h_in from the [r, z] rows (hs row stride 2H), the second n and h_new from u W_hn^T
+// (row stride H).
 template <typename T>
 struct GruFwd {
-  T* xw;          // [B,3H] input side in, activated r,z,n out
-  const T* hs;    // hidden side, chunk layout, row stride 3H
-  const T* bias;  // [3H]
-  const T* h;     // [B,H] h_prev
-  T* h_out;       // [B,H] new h
-  T* hn;          // [B,H] W_hn h + b_hn out (saved for backward)
+  using scalar = T;
+  static constexpr int kFlags = kBefore | kRZ;
+  T* xw;                    // [B,3H] input side in, activated r,z,n out
+  const T* hs;              // hidden side, chunk layout, row stride 3H (kBefore: see above)
+  const T* bias;            // [3H]
+  const T* h;               // [B,H] h_prev
+  T* h_out;                 // [B,H] h_new
+  T* hn;                    // [B,H] the hidden-side n pre-activation out (saved for backward)
   int64_t H;
+  const T* h_in = nullptr;  // kBefore: [B,H] h_prev * rec_mask
+  T* u = nullptr;           // kBefore: [B,H] r * h_in out
 };
 
-template <typename T>
-FASTRNN_INLINE void gru_fwd_rows(const GruFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const GruFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+  constexpr bool before = F & kBefore, rz = F & kRZ;
+  constexpr int64_t ng = !before ? 3 : rz ? 2 : 1;  // gates in this stage's product
   const int64_t H = a.H, w = j1 - j0;
-  T* __restrict xr = a.xw + b * 3 * H + j0;
-  const T* __restrict sr = a.hs + b * 3 * H + 3 * j0;
+  T* __restrict x = a.xw + b * 3 * H + j0;
+  const T* __restrict s = a.hs + b * ng * H + ng * j0;
   const T* __restrict bias = a.bias + j0;
   const T* __restrict h = a.h + b * H + j0;
+  const T* __restrict hin = rz ? a.h_in + b * H + j0 : nullptr;
   T* __restrict ho = a.h_out + b * H + j0;
   T* __restrict hn = a.hn + b * H + j0;
+  T* __restrict u = rz ? a.u + b * H + j0 : nullptr;
   FASTRNN_IVDEP
   for (int64_t j = 0; j < w; ++j) {
-    const T r = sigmoid(xr[j] + sr[j] + bias[j]);
-    const T z = sigmoid(xr[H + j] + sr[w + j] + bias[H + j]);
-    const T hnj = sr[2 * w + j] + bias[2 * H + j];
-    const T n = tanh(xr[2 * H + j] + r * hnj);
-    ho[j] = (T(1) - z) * n + z * h[j];
-    hn[j] = hnj;
-    xr[j] = r, xr[H + j] = z, xr[2 * H + j] = n;
+    if constexpr (rz) {
+      const T r = sigmoid(x[j] + s[j] + bias[j]);
+      x[j] = r, x[H + j] = sigmoid(x[H + j] + s[w + j] + bias[H + j]), u[j] = r * hin[j];
+    } else if constexpr (!before) {
+      const T r = sigmoid(x[j] + s[j] + bias[j]);
+      const T z = sigmoid(x[H + j] + s[w + j] + bias[H + j]);
+      const T hnj = s[2 * w + j] + bias[2 * H + j];
+      const T n = tanh(x[2 * H + j] + r * hnj);
+      ho[j] = (T(1) - z) * n + z * h[j];
+      hn[j] = hnj;
+      x[j] = r, x[H + j] = z, x[2 * H + j] = n;
+    } else {  // after the n rows' product
+      const T hnj = s[j] + bias[2 * H + j], z = x[H + j];
+      const T n = tanh(x[2 * H + j] + hnj);
+      ho[j] = (T(1) - z) * n + z * h[j];
+      hn[j] = hnj, x[2 * H + j] = n;
+    }
   }
 }
 
 template <typename T>
 struct RnnFwd {
+  using scalar = T;
+  static constexpr int kFlags = 0;
   const T* xw;    // [B,H]
   const T* hs;    // [B,H] (one gate: the chunk layout is the plain layout)
   const T* bias;  // [H]
@@ -182,8 +243,8 @@ struct RnnFwd {
   bool relu;
 };
 
-template <typename T>
-FASTRNN_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const RnnFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
   const T* __restrict x = a.xw + b * a.H;
   const T* __restrict s = a.hs + b * a.H;
   const T* __restrict bias = a.bias;
@@ -200,31 +261,105 @@ FASTRNN_INLINE void rnn_fwd_rows(const RnnFwd<T>& a, int64_t b, int64_t j0, int6
   }
 }
 
+// Layer norm of row b of the hidden product, in place in the chunk layout of `fused_step`
+// (hs[ng*j0 + q*w + jj] is gate q, unit j0 + jj): hs = LN(hs) * w + b, with w, b and the saved
+// hat in torch's gate layout.
+template <typename T>
+struct LnHh {
+  using scalar = T;
+  static constexpr int kFlags = 0;
+  T* hs;                 // [B,G]
+  const T *lw, *lb;      // [G]
+  T* hat;                // [B,G] out, or null (not training)
+  T* rstd;               // [B] out, or null
+  int64_t ng, H, CH;
+};
+
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const LnHh<T>& a, int64_t b) {
+  const int64_t G = a.ng * a.H;
+  T* hs = a.hs + b * G;
+  const auto [mean, rstd] = row_stats(hs, G);
+  if (a.rstd) a.rstd[b] = rstd;
+  for (int64_t j0 = 0; j0 < a.H; j0 += a.CH) {
+    const int64_t w = std::min(a.CH, a.H - j0);
+    for (int64_t q = 0; q < a.ng; ++q) {
+      T* __restrict x = hs + a.ng * j0 + q * w;
+      const T* __restrict gw = a.lw + q * a.H + j0;
+      const T* __restrict gb = a.lb + q * a.H + j0;
+      if (a.hat) {
+        T* __restrict h = a.hat + b * G + q * a.H + j0;
+        FASTRNN_IVDEP
+        for (int64_t jj = 0; jj < w; ++jj) {
+          const T v = (x[jj] - mean) * rstd;
+          h[jj] = v, x[jj] = v * gw[jj] + gb[jj];
+        }
+      } else {
+        FASTRNN_IVDEP
+        for (int64_t jj = 0; jj < w; ++jj) x[jj] = (x[jj] - mean) * rstd * gw[jj] + gb[jj];
+      }
+    }
+  }
+}
+
+// LSTM's layer norm of c (kLnC), once row b's c_new is complete: hu = o * tanh(LN(c_new)).
+template <typename T>
+struct LstmLnC {
+  using scalar = T;
+  static constexpr int kFlags = 0;
+  const T* c_new;    // [B,H]
+  const T* gates;    // [B,4H] activated (o read)
+  const T *lw, *lb;  // [H]
+  T* c_hat;          // [B,H] out
+  T* rstd;           // [B] out, or null (not training)
+  T* hu;             // [B,H] out
+  int64_t H;
+};
+
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const LstmLnC<T>& a, int64_t b) {
+  const int64_t H = a.H;
+  const T* __restrict cn = a.c_new + b * H;
+  const auto [mean, rstd] = row_stats(cn, H);
+  if (a.rstd) a.rstd[b] = rstd;
+  const T* __restrict o = a.gates + b * 4 * H + 3 * H;
+  const T* __restrict lw = a.lw;
+  const T* __restrict lb = a.lb;
+  T* __restrict ch = a.c_hat + b * H;
+  T* __restrict hu = a.hu + b * H;
+  FASTRNN_IVDEP
+  for (int64_t j = 0; j < H; ++j) {
+    const T v = (cn[j] - mean) * rstd;
+    ch[j] = v, hu[j] = o[j] * tanh(v * lw[j] + lb[j]);
+  }
+}
+
 template <typename T>
 struct LstmBwd {
-  const T* acts;     // [B,4H] activated i,f,g,o of this step
-  const T* c;        // [B,H] c_new of this step (= c_t without zoneout)
-  const T* dh_a;     // [B,H] gradient reaching o*tanh(c) is dh_a + dh_b
-  const T* dh_b;     // row stride ld_b (0: a broadcast zero row)
-  T* dc;             // [B,H] in: from step t+1, out: to step t-1
-  T* grad;           // [B,4H] pre-activation gradients out
+  using scalar = T;
+  static constexpr int kFlags = kPeep | kZone | kLnC;
+  const T* acts;             // [B,4H] activated i,f,g,o of this step
+  const T* c;                // [B,H] c_new of this step (= c_t without zoneout)
+  const T* dh_a;             // [B,H] the gradient reaching hu = o*tanh(.) is dh_a + dh_b
+  const T* dh_b;             // row stride ld_b (0: a broadcast zero row)
+  T* dc;                     // [B,H] in: from step t+1, out: to step t-1
+  T* grad;                   // [B,4H] pre-activation gradients out
   int64_t H, ld_b;
-  const T* peep = nullptr;      // kPeep: [3,H]
-  T* acc_peep = nullptr;        // kPeep: [B,3H] per-row running sums of the peephole gradient
-  const T* zc = nullptr;        // kZoneC: [B,H] zoneout weights of c at this step
-  const T* c_hat = nullptr;     // kLnC: [B,H] normalised c_new, and its [B] rstd
+  const T* peep = nullptr;   // kPeep: [3,H]
+  T* acc_peep = nullptr;     // kPeep: [B,3H] per-row running sums of the peephole gradient
+  const T* zc = nullptr;     // kZone: [B,H] zoneout weights of c at this step
+  const T* c_hat = nullptr;  // kLnC: [B,H] normalised c_new, and its [B] rstd
   const T* c_rstd = nullptr;
-  const T* lnc_w = nullptr;     // kLnC: [H] gain, bias
+  const T* lnc_w = nullptr;  // kLnC: [H] gain, bias
   const T* lnc_b = nullptr;
-  T* acc_lnc = nullptr;         // kLnC: [B,2H] per-row running sums of the gain and bias gradients
+  T* acc_lnc = nullptr;      // kLnC: [B,2H] per-row running sums of the gain and bias gradients
 };
 
 // kLnC needs whole rows (j0 = 0, j1 = H): the layer norm's backward takes two row means first.
 // The per-row accumulators are owned by the work item of (row, units), so threads never share one.
 template <int F, typename T>
-FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t b, int64_t j0,
-                                  int64_t j1) {
-  constexpr bool peep = F & kPeep, zone = F & kZoneC, lnc = F & kLnC;
+FASTRNN_INLINE void kernel(const LstmBwd<T>& a, const T* c_prev, int64_t b, int64_t j0, int64_t j1) {
+  constexpr bool peep = F & kPeep, zone = F & kZone, lnc = F & kLnC;
   const int64_t H = a.H;
   const T* __restrict ai = a.acts + b * 4 * H;
   const T* __restrict c = a.c + b * H;
@@ -244,8 +379,7 @@ FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t 
   if constexpr (lnc) {
     // y = LN(c_new): dc_new = rstd (dy w - mean(dy w) - c_hat mean(dy w c_hat))
     const auto [s1, s2] = lane_sum2<T>(H, [&](int64_t j) {
-      const T ty = tanh(lw[j] * ch[j] + lb[j]);
-      return (da[j] + db[j]) * ai[3 * H + j] * (T(1) - ty * ty) * lw[j];
+      return (da[j] + db[j]) * ai[3 * H + j] * d_tanh(tanh(lw[j] * ch[j] + lb[j])) * lw[j];
     }, ch);
     mean_g = s1 / T(H), mean_gx = s2 / T(H);
     rstd = a.c_rstd[b];
@@ -253,27 +387,24 @@ FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t 
   FASTRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
     const T i = ai[j], f = ai[H + j], g = ai[2 * H + j], o = ai[3 * H + j];
-    const T dh = da[j] + db[j];
-    T tc, dcn;  // tanh of what o multiplies, and the gradient reaching c_new through it
+    const T dhu = da[j] + db[j];
+    T ty, dcn;  // tanh(y), y = c_new (or LN(c_new)), and the gradient reaching c_new through it
     if constexpr (lnc) {
-      tc = tanh(lw[j] * ch[j] + lb[j]);
-      const T dy = dh * o * (T(1) - tc * tc);
+      ty = tanh(lw[j] * ch[j] + lb[j]);
+      const T dy = dhu * o * d_tanh(ty);
       al[j] += dy * ch[j], al[H + j] += dy;
       dcn = rstd * (dy * lw[j] - mean_g - ch[j] * mean_gx);
     } else {
-      tc = tanh(c[j]);
-      dcn = dh * o * (T(1) - tc * tc);
+      ty = tanh(c[j]);
+      dcn = dhu * o * d_tanh(ty);
     }
     const T dc_in = dc[j];
-    T dct = (zone ? (T(1) - zc[j]) * dc_in : dc_in) + dcn;
-    const T d_o = dh * tc * o * (T(1) - o);
+    T dct = (zone ? (T(1) - zc[j]) * dc_in : dc_in) + dcn;  // all that reaches c_new
+    const T d_o = dhu * ty * d_sigmoid(o);
     if constexpr (peep) dct += d_o * pp[2 * H + j];
-    const T d_i = dct * g * i * (T(1) - i);
-    const T d_f = dct * cp[j] * f * (T(1) - f);
-    gr[j] = d_i;
-    gr[H + j] = d_f;
-    gr[2 * H + j] = dct * i * (T(1) - g * g);
-    gr[3 * H + j] = d_o;
+    const T d_i = dct * g * d_sigmoid(i);
+    const T d_f = dct * cp[j] * d_sigmoid(f);
+    gr[j] = d_i, gr[H + j] = d_f, gr[2 * H + j] = dct * i * d_tanh(g), gr[3 * H + j] = d_o;
     T dcp = dct * f;
     if constexpr (zone) dcp += zc[j] * dc_in;
     if constexpr (peep) {
@@ -284,44 +415,63 @@ FASTRNN_INLINE void lstm_bwd_rows(const LstmBwd<T>& a, const T* c_prev, int64_t 
   }
 }
 
+// GRU. With kBefore (reset_after=False) in two stages: d_z and d_n, then (once du = d_n W_hn is
+// known) kRZ: d_r and the h_in part du * r, in place in du.
 template <typename T>
 struct GruBwd {
-  const T* acts;   // [B,3H] r,z,n
-  const T* hn;     // [B,H]
-  const T* gh;     // [B,H] gradient from the output at this step
-  T* dh;           // [B,H] in: from step t+1; out: the direct part dh*z (the GEMM adds the rest)
-  T* grad_x;       // [B,3H] input-side pre-activation gradients
-  T* grad_h;       // [B,3H] hidden-side pre-activation gradients
+  using scalar = T;
+  static constexpr int kFlags = kBefore | kRZ;
+  const T* acts;            // [B,3H] r,z,n
+  const T* hn;              // [B,H] the hidden-side n pre-activation
+  const T* gh;              // [B,H] gradient from the output at this step
+  T* dh;                    // [B,H] in: from step t+1; out: the direct part dh*z (the GEMM adds the rest)
+  T* grad_x;                // [B,3H] input-side pre-activation gradients
+  T* grad_h;                // [B,3H] hidden-side pre-activation gradients
   int64_t H;
+  const T* mask = nullptr;  // kRZ: [B,H] rec_mask (ones when absent)
+  T* du = nullptr;          // kRZ: [B,H] d_n W_hn in, du * r out
 };
 
-template <typename T>
-FASTRNN_INLINE void gru_bwd_rows(const GruBwd<T>& a, const T* h_prev, int64_t b, int64_t j0,
-                                 int64_t j1) {
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const GruBwd<T>& a, const T* h_prev, int64_t b, int64_t j0, int64_t j1) {
+  constexpr bool before = F & kBefore, rz = F & kRZ;
   const int64_t H = a.H;
   const T* __restrict ac = a.acts + b * 3 * H;
   const T* __restrict hn = a.hn + b * H;
   const T* __restrict gh = a.gh + b * H;
   const T* __restrict hp = h_prev;
+  const T* __restrict mk = rz ? a.mask + b * H : nullptr;
   T* __restrict dh = a.dh + b * H;
+  T* __restrict du = rz ? a.du + b * H : nullptr;
   T* __restrict gx = a.grad_x + b * 3 * H;
   T* __restrict gw = a.grad_h + b * 3 * H;
   FASTRNN_IVDEP
   for (int64_t j = j0; j < j1; ++j) {
     const T r = ac[j], z = ac[H + j], n = ac[2 * H + j];
-    const T d = dh[j] + gh[j];
-    const T dn = d * (T(1) - z) * (T(1) - n * n);
-    const T dz = d * (hp[j] - n) * z * (T(1) - z);
-    const T dr = dn * hn[j] * r * (T(1) - r);
-    gx[j] = dr, gx[H + j] = dz, gx[2 * H + j] = dn;
-    gw[j] = dr, gw[H + j] = dz, gw[2 * H + j] = dn * r;
-    dh[j] = d * z;
+    if constexpr (rz) {
+      const T dr = du[j] * (hp[j] * mk[j]) * d_sigmoid(r);
+      gx[j] = dr, gw[j] = dr, du[j] *= r;
+    } else {
+      const T d = dh[j] + gh[j];
+      const T dn = d * (T(1) - z) * d_tanh(n);
+      const T dz = d * (hp[j] - n) * d_sigmoid(z);
+      gx[H + j] = dz, gx[2 * H + j] = dn, gw[H + j] = dz;
+      if constexpr (before) {
+        gw[2 * H + j] = dn;
+      } else {
+        const T dr = dn * hn[j] * d_sigmoid(r);
+        gx[j] = dr, gw[j] = dr, gw[2 * H + j] = dn * r;
+      }
+      dh[j] = d * z;
+    }
   }
 }
 
 template <typename T>
 struct RnnBwd {
-  const T* h;   // [B,H] h_t
+  using scalar = T;
+  static constexpr int kFlags = 0;
+  const T* h;   // [B,H] h_t (zoneout: h_new)
   const T* dh;  // [B,H] from step t+1
   const T* gh;  // [B,H] from the output
   T* grad;      // [B,H]
@@ -329,8 +479,8 @@ struct RnnBwd {
   bool relu;
 };
 
-template <typename T>
-FASTRNN_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const RnnBwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
   const T* __restrict h = a.h + b * a.H;
   const T* __restrict dh = a.dh + b * a.H;
   const T* __restrict gh = a.gh + b * a.H;
@@ -340,329 +490,51 @@ FASTRNN_INLINE void rnn_bwd_rows(const RnnBwd<T>& a, int64_t b, int64_t j0, int6
     for (int64_t j = j0; j < j1; ++j) gr[j] = h[j] > T(0) ? dh[j] + gh[j] : T(0);
   } else {
     FASTRNN_IVDEP
-    for (int64_t j = j0; j < j1; ++j) gr[j] = (dh[j] + gh[j]) * (T(1) - h[j] * h[j]);
+    for (int64_t j = j0; j < j1; ++j) gr[j] = (dh[j] + gh[j]) * d_tanh(h[j]);
   }
 }
 
-// Per-ISA float entry points; `step_rows` overloads pick them (double calls the template).
-#define FASTRNN_F32_CLONE(NAME, ARGS)                                                        \
-  FASTRNN_CLONES void NAME##_f32(const ARGS<float>& a, int64_t b, int64_t j0, int64_t j1) { \
-    NAME(a, b, j0, j1);                                                                      \
-  }                                                                                          \
-  inline void step_rows(const ARGS<float>& a, int64_t b, int64_t j0, int64_t j1) {           \
-    NAME##_f32(a, b, j0, j1);                                                                \
-  }                                                                                          \
-  inline void step_rows(const ARGS<double>& a, int64_t b, int64_t j0, int64_t j1) {          \
-    NAME(a, b, j0, j1);                                                                      \
-  }
-FASTRNN_F32_CLONE(gru_fwd_rows, GruFwd)
-FASTRNN_F32_CLONE(rnn_fwd_rows, RnnFwd)
-FASTRNN_F32_CLONE(rnn_bwd_rows, RnnBwd)
-#undef FASTRNN_F32_CLONE
-
-// The LSTM/GRU backward steps also take the row's previous state.
-#define FASTRNN_F32_CLONE_PREV(NAME, ARGS)                                                  \
-  FASTRNN_CLONES void NAME##_f32(const ARGS<float>& a, const float* p, int64_t b, int64_t j0, \
-                                 int64_t j1) {                                              \
-    NAME(a, p, b, j0, j1);                                                                  \
-  }                                                                                         \
-  inline void step_rows(const ARGS<float>& a, const float* p, int64_t b, int64_t j0,          \
-                        int64_t j1) {                                                       \
-    NAME##_f32(a, p, b, j0, j1);                                                            \
-  }                                                                                         \
-  inline void step_rows(const ARGS<double>& a, const double* p, int64_t b, int64_t j0,        \
-                        int64_t j1) {                                                       \
-    NAME(a, p, b, j0, j1);                                                                  \
-  }
-FASTRNN_F32_CLONE_PREV(gru_bwd_rows, GruBwd)
-#undef FASTRNN_F32_CLONE_PREV
-
-// The LSTM kernels take compile-time variant flags (F = 0: the plain cell); GCC clones templates
-// per ISA just as it does plain functions.
-template <int F>
-FASTRNN_CLONES void lstm_fwd_f32(const LstmFwd<float>& a, int64_t b, int64_t j0, int64_t j1) {
-  lstm_fwd_rows<F>(a, b, j0, j1);
-}
-template <int F>
-inline void step_rows(const LstmFwd<float>& a, int64_t b, int64_t j0, int64_t j1) {
-  lstm_fwd_f32<F>(a, b, j0, j1);
-}
-template <int F>
-inline void step_rows(const LstmFwd<double>& a, int64_t b, int64_t j0, int64_t j1) {
-  lstm_fwd_rows<F>(a, b, j0, j1);
-}
-template <int F>
-FASTRNN_CLONES void lstm_bwd_f32(const LstmBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) {
-  lstm_bwd_rows<F>(a, p, b, j0, j1);
-}
-template <int F>
-inline void step_rows(const LstmBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) {
-  lstm_bwd_f32<F>(a, p, b, j0, j1);
-}
-template <int F>
-inline void step_rows(const LstmBwd<double>& a, const double* p, int64_t b, int64_t j0, int64_t j1) {
-  lstm_bwd_rows<F>(a, p, b, j0, j1);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Variant kernels (docs/variants.md): what the plain kernels above do not cover.
-// ---------------------------------------------------------------------------------------------
-constexpr double kLnEps = 1e-5;  // fastrnn.ops.recurrence.LN_EPS
-
-// Layer norm of one row of the hidden product, in place in the chunk layout of `fused_step`
-// (hs[ng*j0 + q*w + jj] is gate q, unit j0 + jj): hs = LN(hs) * w + b, with w, b and the saved
-// hat [G] in torch's gate layout. Mean and variance are two passes (no cancellation).
+// Backward of hw = LN(a) w + b for row b (torch layout): da = rstd (g - mean(g) - hat mean(g hat)),
+// g = dhw w. `da` may be `dhw` (in place).
 template <typename T>
-FASTRNN_INLINE void ln_hh_row(T* hs, const T* lw, const T* lb, int64_t ng, int64_t H, int64_t CH,
-                              T* hat, T* rstd_out) {
-  const int64_t G = ng * H;
-  const T mean = lane_sum<T>(G, [&](int64_t k) { return hs[k]; }) / T(G);
-  const T sq = lane_sum<T>(G, [&](int64_t k) { return (hs[k] - mean) * (hs[k] - mean); });
-  const T rstd = T(1) / std::sqrt(sq / T(G) + T(kLnEps));
-  if (rstd_out) *rstd_out = rstd;
-  for (int64_t j0 = 0; j0 < H; j0 += CH) {
-    const int64_t w = std::min(CH, H - j0);
-    for (int64_t q = 0; q < ng; ++q) {
-      T* __restrict x = hs + ng * j0 + q * w;
-      const T* __restrict gw = lw + q * H + j0;
-      const T* __restrict gb = lb + q * H + j0;
-      if (hat) {
-        T* __restrict h = hat + q * H + j0;
-        FASTRNN_IVDEP
-        for (int64_t jj = 0; jj < w; ++jj) {
-          const T v = (x[jj] - mean) * rstd;
-          h[jj] = v, x[jj] = v * gw[jj] + gb[jj];
-        }
-      } else {
-        FASTRNN_IVDEP
-        for (int64_t jj = 0; jj < w; ++jj) x[jj] = (x[jj] - mean) * rstd * gw[jj] + gb[jj];
-      }
-    }
-  }
-}
+struct LnHhBwd {
+  using scalar = T;
+  static constexpr int kFlags = 0;
+  const T* dhw;   // [B,G] the gradient reaching hw
+  const T* hat;   // [B,G] and rstd [B], saved by the forward
+  const T* rstd;
+  const T* lw;    // [G]
+  T* da;          // [B,G] out
+  T* acc;         // [B,2G] per-row running sums of the gain and bias gradients
+  int64_t G;
+};
 
-// Backward of hw = LN(a) w + b for one row (torch layout): da = rstd (g - mean(g) - hat mean(g hat)),
-// g = dhw w. `da` may be `dhw` (in place). acc_w, acc_b [G]: the row's running gain/bias sums.
-template <typename T>
-FASTRNN_INLINE void ln_hh_bwd_row(const T* dhw, const T* hat, T rstd, const T* lw, T* da, T* acc_w,
-                                  T* acc_b, int64_t G) {
+template <int F, typename T>
+FASTRNN_INLINE void kernel(const LnHhBwd<T>& a, int64_t b) {
+  const int64_t G = a.G;
+  const T* dhw = a.dhw + b * G;
+  const T* hat = a.hat + b * G;
+  const T* lw = a.lw;
+  T* da = a.da + b * G;
+  T* acc = a.acc + b * 2 * G;
   const auto [s1, s2] = lane_sum2<T>(G, [&](int64_t k) { return dhw[k] * lw[k]; }, hat);
-  const T m1 = s1 / T(G), m2 = s2 / T(G);
-  for (int64_t k = 0; k < G; ++k) acc_w[k] += dhw[k] * hat[k], acc_b[k] += dhw[k];
+  const T m1 = s1 / T(G), m2 = s2 / T(G), rstd = a.rstd[b];
+  for (int64_t k = 0; k < G; ++k) acc[k] += dhw[k] * hat[k], acc[G + k] += dhw[k];
   for (int64_t k = 0; k < G; ++k) da[k] = rstd * (dhw[k] * lw[k] - m1 - hat[k] * m2);
 }
 
-// LSTM with kSepC, once the whole row's c_new is known: the layer norm of c_new (kLnC: hu =
-// o * tanh(LN(c_new)), saving c_hat and rstd) and the state update c = zc c + (1 - zc) c_new.
-template <typename T>
-struct LstmState {
-  using scalar = T;
-  const T* c_new;   // [B,H]
-  T* c;             // [B,H] state: c_prev in, c_t out
-  const T* gates;   // [B,4H] activated (o read)
-  const T* zc;      // [B,H] or null
-  const T* lnc_w;   // [H] (kLnC)
-  const T* lnc_b;
-  T* c_hat;         // [B,H] out (kLnC)
-  T* c_rstd;        // [B] out (kLnC) or null
-  T* hu;            // [B,H] out (kLnC)
-  int64_t H;
-};
-
-template <int F, typename T>
-FASTRNN_INLINE void lstm_state_row(const LstmState<T>& a, int64_t b) {
-  constexpr bool lnc = F & kLnC, zone = F & kZoneC;
-  const int64_t H = a.H;
-  const T* __restrict cn = a.c_new + b * H;
-  T* __restrict c = a.c + b * H;
-  if constexpr (lnc) {
-    const T mean = lane_sum<T>(H, [&](int64_t j) { return cn[j]; }) / T(H);
-    const T sq = lane_sum<T>(H, [&](int64_t j) { return (cn[j] - mean) * (cn[j] - mean); });
-    const T rstd = T(1) / std::sqrt(sq / T(H) + T(kLnEps));
-    if (a.c_rstd) a.c_rstd[b] = rstd;
-    const T* __restrict o = a.gates + b * 4 * H + 3 * H;
-    const T* __restrict lw = a.lnc_w;
-    const T* __restrict lb = a.lnc_b;
-    T* __restrict ch = a.c_hat + b * H;
-    T* __restrict hu = a.hu + b * H;
-    FASTRNN_IVDEP
-    for (int64_t j = 0; j < H; ++j) {
-      const T v = (cn[j] - mean) * rstd;
-      ch[j] = v, hu[j] = o[j] * tanh(v * lw[j] + lb[j]);
-    }
-  }
-  if constexpr (zone) {
-    const T* __restrict z = a.zc + b * H;
-    FASTRNN_IVDEP
-    for (int64_t j = 0; j < H; ++j) c[j] = z[j] * c[j] + (T(1) - z[j]) * cn[j];
-  } else {
-    std::memcpy(c, cn, sizeof(T) * H);
-  }
+// kernel<F>(k, args...): float through one FASTRNN_CLONES copy per kernel and flags (compiled per
+// ISA and picked at load time, so the loops vectorise; GCC clones templates as it does plain
+// functions), double directly.
+template <int F, typename K, typename... A>
+FASTRNN_CLONES void run_f32(const K& k, A... a) {
+  kernel<F>(k, a...);
 }
-
-// GRU reset_after=False, forward: r, z from the first product (chunk layout of the [r, z] rows,
-// row stride 2H), and u = r * h_in, the left operand of the second product.
-template <typename T>
-struct GruRzFwd {
-  using scalar = T;
-  T* xw;            // [B,3H] x_r, x_z in, activated r, z out
-  const T* hs;      // [B,2H] h_in W_h{r,z}^T, chunk layout
-  const T* bias;    // [3H]
-  const T* h_in;    // [B,H]
-  T* u;             // [B,H] r * h_in out
-  int64_t H;
-};
-
-template <typename T>
-FASTRNN_INLINE void gru_rz_rows(const GruRzFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = a.H, w = j1 - j0;
-  T* __restrict xr = a.xw + b * 3 * H + j0;
-  const T* __restrict sr = a.hs + b * 2 * H + 2 * j0;
-  const T* __restrict bias = a.bias + j0;
-  const T* __restrict hin = a.h_in + b * H + j0;
-  T* __restrict u = a.u + b * H + j0;
-  FASTRNN_IVDEP
-  for (int64_t j = 0; j < w; ++j) {
-    const T r = sigmoid(xr[j] + sr[j] + bias[j]);
-    const T z = sigmoid(xr[H + j] + sr[w + j] + bias[H + j]);
-    xr[j] = r, xr[H + j] = z, u[j] = r * hin[j];
-  }
+template <int F, typename K, typename... A>
+FASTRNN_INLINE void run(const K& k, A... a) {
+  if constexpr (std::is_same_v<typename K::scalar, float>) run_f32<F & K::kFlags>(k, a...);
+  else kernel<F & K::kFlags>(k, a...);
 }
-
-// ... then n from the second product u W_hn^T (plain layout, row stride H).
-template <typename T>
-struct GruNFwd {
-  using scalar = T;
-  T* xw;            // [B,3H] z read, x_n in, activated n out
-  const T* hs;      // [B,H] u W_hn^T
-  const T* bias;    // [3H]
-  const T* h;       // [B,H] h_prev
-  T* h_out;         // [B,H] h_new
-  T* hn;            // [B,H] u W_hn^T + b_hn out (saved)
-  int64_t H;
-};
-
-template <typename T>
-FASTRNN_INLINE void gru_n_rows(const GruNFwd<T>& a, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = a.H;
-  T* __restrict x = a.xw + b * 3 * H;
-  const T* __restrict s = a.hs + b * H;
-  const T* __restrict bias = a.bias + 2 * H;
-  const T* __restrict h = a.h + b * H;
-  T* __restrict ho = a.h_out + b * H;
-  T* __restrict hn = a.hn + b * H;
-  FASTRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    const T hnj = s[j] + bias[j], z = x[H + j];
-    const T n = tanh(x[2 * H + j] + hnj);
-    ho[j] = (T(1) - z) * n + z * h[j];
-    hn[j] = hnj, x[2 * H + j] = n;
-  }
-}
-
-// GRU reset_after=False, backward, first half: dz, dn (= the gradient of the product u W_hn^T);
-// `d` holds dh_new in and its direct part d * z out.
-template <typename T>
-struct GruNBwd {
-  using scalar = T;
-  const T* acts;    // [B,3H] r, z, n
-  T* d;             // [B,H]
-  T* grad_x;        // [B,3H]
-  T* grad_h;        // [B,3H]
-  int64_t H;
-};
-
-template <typename T>
-FASTRNN_INLINE void gru_n_bwd_rows(const GruNBwd<T>& a, const T* h_prev, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = a.H;
-  const T* __restrict ac = a.acts + b * 3 * H;
-  const T* __restrict hp = h_prev;
-  T* __restrict d = a.d + b * H;
-  T* __restrict gx = a.grad_x + b * 3 * H;
-  T* __restrict gw = a.grad_h + b * 3 * H;
-  FASTRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    const T z = ac[H + j], n = ac[2 * H + j], dj = d[j];
-    const T dn = dj * (T(1) - z) * (T(1) - n * n);
-    const T dz = dj * (hp[j] - n) * z * (T(1) - z);
-    gx[H + j] = dz, gx[2 * H + j] = dn;
-    gw[H + j] = dz, gw[2 * H + j] = dn;
-    d[j] = dj * z;
-  }
-}
-
-// ... second half, once du = dn W_hn is known: dr, the h_in part du * r (in place in du) and
-// u = r * h_in for the op code's dW_hn.
-template <typename T>
-struct GruRBwd {
-  using scalar = T;
-  const T* acts;    // [B,3H]
-  const T* mask;    // [B,H] rec_mask (ones when absent)
-  T* du;            // [B,H]
-  T* grad_x;        // [B,3H]
-  T* grad_h;        // [B,3H]
-  T* u;             // [B,H] out
-  int64_t H;
-};
-
-template <typename T>
-FASTRNN_INLINE void gru_r_bwd_rows(const GruRBwd<T>& a, const T* h_prev, int64_t b, int64_t j0, int64_t j1) {
-  const int64_t H = a.H;
-  const T* __restrict ac = a.acts + b * 3 * H;
-  const T* __restrict hp = h_prev;
-  const T* __restrict mk = a.mask + b * H;
-  T* __restrict du = a.du + b * H;
-  T* __restrict gx = a.grad_x + b * 3 * H;
-  T* __restrict gw = a.grad_h + b * 3 * H;
-  T* __restrict u = a.u + b * H;
-  FASTRNN_IVDEP
-  for (int64_t j = j0; j < j1; ++j) {
-    const T r = ac[j], hin = hp[j] * mk[j], duj = du[j];
-    const T dr = duj * hin * r * (T(1) - r);
-    gx[j] = dr, gw[j] = dr;
-    du[j] = duj * r, u[j] = r * hin;
-  }
-}
-
-// Per-ISA float entry points of the variant kernels (double calls the template).
-template <typename T> FASTRNN_INLINE void vk(const GruRzFwd<T>& a, int64_t b, int64_t j0, int64_t j1) { gru_rz_rows(a, b, j0, j1); }
-template <typename T> FASTRNN_INLINE void vk(const GruNFwd<T>& a, int64_t b, int64_t j0, int64_t j1) { gru_n_rows(a, b, j0, j1); }
-template <typename T> FASTRNN_INLINE void vk(const GruNBwd<T>& a, const T* p, int64_t b, int64_t j0, int64_t j1) { gru_n_bwd_rows(a, p, b, j0, j1); }
-template <typename T> FASTRNN_INLINE void vk(const GruRBwd<T>& a, const T* p, int64_t b, int64_t j0, int64_t j1) { gru_r_bwd_rows(a, p, b, j0, j1); }
-
-FASTRNN_CLONES void vk_f32(const GruRzFwd<float>& a, int64_t b, int64_t j0, int64_t j1) { vk(a, b, j0, j1); }
-FASTRNN_CLONES void vk_f32(const GruNFwd<float>& a, int64_t b, int64_t j0, int64_t j1) { vk(a, b, j0, j1); }
-FASTRNN_CLONES void vk_f32(const GruNBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) { vk(a, p, b, j0, j1); }
-FASTRNN_CLONES void vk_f32(const GruRBwd<float>& a, const float* p, int64_t b, int64_t j0, int64_t j1) { vk(a, p, b, j0, j1); }
-template <int F>
-FASTRNN_CLONES void vk_state_f32(const LstmState<float>& a, int64_t b) { lstm_state_row<F>(a, b); }
-FASTRNN_CLONES void ln_row(float* hs, const float* lw, const float* lb, int64_t ng, int64_t H, int64_t CH,
-                           float* hat, float* rstd) {
-  ln_hh_row(hs, lw, lb, ng, H, CH, hat, rstd);
-}
-inline void ln_row(double* hs, const double* lw, const double* lb, int64_t ng, int64_t H, int64_t CH,
-                   double* hat, double* rstd) {
-  ln_hh_row(hs, lw, lb, ng, H, CH, hat, rstd);
-}
-FASTRNN_CLONES void ln_bwd_row(const float* dhw, const float* hat, float rstd, const float* lw, float* da,
-                               float* acc_w, float* acc_b, int64_t G) {
-  ln_hh_bwd_row(dhw, hat, rstd, lw, da, acc_w, acc_b, G);
-}
-inline void ln_bwd_row(const double* dhw, const double* hat, double rstd, const double* lw, double* da,
-                       double* acc_w, double* acc_b, int64_t G) {
-  ln_hh_bwd_row(dhw, hat, rstd, lw, da, acc_w, acc_b, G);
-}
-template <typename A, typename... R>
-inline void vrows(const A& a, R... r) {
-  if constexpr (std::is_same_v<typename A::scalar, float>) vk_f32(a, r...);
-  else vk(a, r...);
-}
-template <int F, typename T>
-inline void state_row(const LstmState<T>& a, int64_t b) {
-  if constexpr (std::is_same_v<T, float>) vk_state_f32<F>(a, b);
-  else lstm_state_row<F>(a, b);
-}
-
 
 // The recurrent weight as the forward step uses it: B = W_hh^T [Hr, ng*H] packed so that the
 // panel of each chunk of hidden units [j0, j0+w) holds that chunk's gate columns gate-major
@@ -782,176 +654,7 @@ Tensor bias_or_zeros(const c10::optional<Tensor>& b, int64_t G, const at::Tensor
 
 enum Cell : int64_t { kLSTM = 0, kGRU = 1, kRNNTanh = 2, kRNNRelu = 3 };
 
-// ---------------------------------------------------------------------------------------------
-// Forward
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-std::vector<Tensor> forward_impl(int64_t cell, Tensor xw, const Tensor& w_hh,
-                                 const c10::optional<Tensor>& b_hh, const Tensor& h0,
-                                 const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr,
-                                 const c10::optional<Tensor>& batch_sizes, bool reverse, bool training) {
-  const Steps s = make_steps(xw, reverse, batch_sizes);
-  const int64_t B = s.B, G = xw.size(2), Hr = h0.size(1);
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, H = G / ng;
-  auto opts = xw.options();
-  const Tensor bias = bias_or_zeros(b_hh, G, opts);
-  Tensor h_seq = new_seq(s, Hr, opts);
-  Tensor h = h0.clone();
-  Tensor hs = at::empty({B, G}, opts);  // hidden-side pre-activations of one step
-  T* xw_p = xw.data_ptr<T>();
-  T* hs_p = hs.data_ptr<T>();
-  T* hseq_p = h_seq.data_ptr<T>();
-  T* h_p = h.data_ptr<T>();
-  const T* bias_p = bias.data_ptr<T>();
-  const ChunkedWeight<T> W(w_hh, ng, H);
-  std::vector<Tensor> out;
-
-  if (cell == kLSTM) {
-    Tensor c = c0->clone();
-    Tensor c_seq = training ? new_seq(s, H, opts) : Tensor();
-    // o*tanh(c) lands in h_seq directly without a projection; with one it needs its own buffer
-    Tensor hu_seq = proj ? (training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts)) : Tensor();
-    c10::optional<PackedB<T>> P;  // W_hr^T [H, Hr]
-    if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      T* h_t = hseq_p + t * B * Hr;
-      T* hu = proj ? hu_seq.data_ptr<T>() + (training ? t * B * H : 0) : h_t;
-      const LstmFwd<T> a{xw_p + t * B * G, hs_p, bias_p, c.data_ptr<T>(), hu, H};
-      fused_step(W, m, h_p, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { step_rows<0>(a, b, j0, j1); });
-      if (proj) gemm_packed(m, (const T*)hu, H, *P, h_t, Hr, false);
-      std::memcpy(h_p, h_t, sizeof(T) * m * Hr);
-      if (training) std::memcpy(c_seq.data_ptr<T>() + t * B * H, c.data_ptr<T>(), sizeof(T) * m * H);
-    }
-    out = {h_seq, h, c};
-    if (training) {
-      out.insert(out.end(), {h_seq, xw, c_seq});
-      if (proj) out.push_back(hu_seq);
-    }
-  } else if (cell == kGRU) {
-    Tensor hn_seq = training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts);
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      T* h_t = hseq_p + t * B * H;
-      const GruFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_p, h_t,
-                        hn_seq.data_ptr<T>() + (training ? t * B * H : 0), H};
-      fused_step(W, m, h_p, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
-      std::memcpy(h_p, h_t, sizeof(T) * m * H);
-    }
-    out = {h_seq, h, Tensor()};
-    if (training) out.insert(out.end(), {h_seq, xw, hn_seq});
-  } else {
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      T* h_t = hseq_p + t * B * H;
-      const RnnFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_t, H, cell == kRNNRelu};
-      fused_step(W, m, h_p, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
-      std::memcpy(h_p, h_t, sizeof(T) * m * H);
-    }
-    out = {h_seq, h, Tensor()};
-    if (training) out.push_back(h_seq);
-  }
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward: visits the steps in the opposite order; dh/dc carry the gradient w.r.t. the state.
-// Per step: the gate gradients (threads over rows x hidden chunks), then one GEMM
-// dh[0:m] (+)= grad_gates[0:m] W_hh. Returns {grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj};
-// grad_hproj [T,B,Hr] (with w_hr) is the total gradient reaching each projected output, for
-// grad_w_hr = grad_hproj^T hu_seq.
-// ---------------------------------------------------------------------------------------------
-template <typename T>
-std::vector<Tensor> backward_impl(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
-                                  const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh,
-                                  const c10::optional<Tensor>& w_hr, const Tensor& h0,
-                                  const c10::optional<Tensor>& c0,
-                                  const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                  const std::vector<Tensor>& saved) {
-  const Tensor& h_seq = saved.at(0);
-  const Steps s = make_steps(h_seq, reverse, batch_sizes);
-  const int64_t B = s.B, Hr = h_seq.size(2), G = w_hh.size(0);
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
-  auto opts = h_seq.options();
-  Tensor grad_xw = new_seq(s, G, opts);
-  Tensor dh = grad_h_T.clone();
-  T* dh_p = dh.data_ptr<T>();
-  T* gx_p = grad_xw.data_ptr<T>();
-  const T* gh_p = grad_h_seq.data_ptr<T>();
-  const T* hs_p = h_seq.data_ptr<T>();
-  // dh_prev = grad_gates W_hh: W_hh [G, Hr] is the right operand as it is, packed once
-  const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
-
-  if (cell == kLSTM) {
-    const Tensor &acts = saved.at(1), &c_seq = saved.at(2);
-    Tensor dc = grad_c_T->clone();
-    Tensor grad_hproj, dhu;
-    c10::optional<PackedB<T>> P;  // dhu = grad_hproj W_hr, W_hr [Hr, H]
-    if (proj) {
-      grad_hproj = new_seq(s, Hr, opts);
-      dhu = at::empty({B, H}, opts);
-      P.emplace(PackedB<T>::rows(w_hr->data_ptr<T>(), Hr, H, H, panel_width(H), opts));
-    }
-    const Tensor zero_row = at::zeros({H}, opts);
-    const T* c0_p = c0->data_ptr<T>();
-    const T* cs_p = c_seq.data_ptr<T>();
-    for (int64_t k = s.T - 1; k >= 0; --k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      const T *dh_a = dh_p, *dh_b = gh_p + t * B * Hr;
-      int64_t ld_b = Hr;
-      if (proj) {
-        T* gp = grad_hproj.data_ptr<T>() + t * B * Hr;
-        for (int64_t i = 0; i < m * Hr; ++i) gp[i] = dh_p[i] + dh_b[i];
-        gemm_packed(m, (const T*)gp, Hr, *P, dhu.data_ptr<T>(), H, false);
-        dh_a = dhu.data_ptr<T>(), dh_b = zero_row.data_ptr<T>(), ld_b = 0;
-      }
-      const LstmBwd<T> a{acts.data_ptr<T>() + t * B * G, cs_p + t * B * H, dh_a, dh_b,
-                         dc.data_ptr<T>(), gx_p + t * B * G, H, ld_b};
-      for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        step_rows<0>(a, s.prev_row(cs_p, c0_p, t, b, H), b, j0, j1);
-      });
-      gemm_packed(m, (const T*)(gx_p + t * B * G), G, W, dh_p, Hr, false);
-    }
-    return {grad_xw, grad_xw, dh, dc, grad_hproj};
-  }
-  if (cell == kGRU) {
-    const Tensor &acts = saved.at(1), &hn_seq = saved.at(2);
-    Tensor grad_hw = new_seq(s, G, opts);
-    T* gw_p = grad_hw.data_ptr<T>();
-    const T* h0_p = h0.data_ptr<T>();
-    for (int64_t k = s.T - 1; k >= 0; --k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      const GruBwd<T> a{acts.data_ptr<T>() + t * B * G, hn_seq.data_ptr<T>() + t * B * H,
-                        gh_p + t * B * H, dh_p, gx_p + t * B * G, gw_p + t * B * G, H};
-      for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) {
-        step_rows(a, s.prev_row(hs_p, h0_p, t, b, H), b, j0, j1);
-      });
-      gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dh_p, H, true);
-    }
-    return {grad_xw, grad_hw, dh, Tensor(), Tensor()};
-  }
-  for (int64_t k = s.T - 1; k >= 0; --k) {
-    const int64_t t = s.at(k), m = s.rows(t);
-    if (m == 0) continue;
-    const RnnBwd<T> a{hs_p + t * B * H, dh_p, gh_p + t * B * H, gx_p + t * B * G, H, cell == kRNNRelu};
-    for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
-    gemm_packed(m, (const T*)(gx_p + t * B * G), G, W, dh_p, H, false);
-  }
-  return {grad_xw, grad_xw, dh, Tensor(), Tensor()};
-}
-
-// ---------------------------------------------------------------------------------------------
-// Variants: the same time loops with the options of docs/variants.md. Kept apart from the plain
-// loops above so that `variant=None` runs exactly the plain code; the cell kernels are shared
-// (the LSTM ones through compile-time flags).
-// ---------------------------------------------------------------------------------------------
+// The variant's tensors (docs/variants.md, fastrnn.contract.rnn.Variant), checked by make_var.
 template <typename T>
 struct Var {
   const T *ln_w = nullptr, *ln_b = nullptr;    // [G]
@@ -960,47 +663,35 @@ struct Var {
   const T* mask = nullptr;                     // [B,Hr]
   const T *zh = nullptr, *zc = nullptr;        // [T,B,Hr], [T,B,H]
   const bool* reset = nullptr;                 // [T,B]
-  bool reset_after = true;
+  int flags = 0;                               // Flags; 0: the plain cell
 };
 
-// fn(std::integral_constant<int, F>()) for the runtime flags F, one of Fs: compile-time LSTM
-// flags, instantiated only for the combinations that can occur.
-template <int... Fs, typename Fn>
-void with_flags(int flags, const Fn& fn) {
-  const bool done = ((flags == Fs ? (fn(std::integral_constant<int, Fs>()), true) : false) || ...);
-  TORCH_CHECK(done, "fastrnn: unsupported LSTM variant flags ", flags);
+// Step t's slice of a [T,...] buffer, or the one slice of a [1,...] scratch buffer; null if undefined.
+template <typename T>
+T* step_slice(const Tensor& x, int64_t t) {
+  return x.defined() ? x.data_ptr<T>() + (x.size(0) > 1 ? t * x.stride(0) : 0) : nullptr;
 }
 
-// One variant forward step: hs = h_in W^T per chunk, then either the gate math per chunk while the
-// chunk is in cache (no layer norm), or, with the layer norm of the hidden product (which needs
-// each row's whole product), per row: normalise, gate math of all chunks. Then row_end(b) for
-// what needs a whole row of gates (LSTM state update, layer norm of c).
-template <typename T, typename Rows, typename RowEnd>
-void variant_step(const ChunkedWeight<T>& W, int64_t m, const T* h_in, T* hs, const T* ln_w,
-                  const T* ln_b, T* hat, T* rstd, const Rows& rows, bool has_end, const RowEnd& row_end) {
-  const int64_t G = W.ng * W.H, nch = W.chunks();
-  const bool par = nch > 1 && at::get_num_threads() > 1 && m * G * W.Hr >= (1 << 16);
-  if (!ln_w) {
-    fused_step(W, m, h_in, hs, rows);
-    if (!has_end) return;
-  } else {
-    auto gemm_work = [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        gemm_block(m, W.B.width(c), W.Hr, h_in, W.Hr, W.B.panel(c), W.B.width(c), hs + W.ng * c * W.CH, G, false);
-      release_gemm();
-    };
-    if (par) at::parallel_for(0, nch, 1, gemm_work);
-    else gemm_work(0, nch);
-  }
-  at::parallel_for(0, m, std::max<int64_t>(1, 4096 / G), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      if (ln_w) {
-        ln_row(hs + b * G, ln_w, ln_b, W.ng, W.H, W.CH, hat ? hat + b * G : nullptr, rstd ? rstd + b : nullptr);
-        for (int64_t j0 = 0; j0 < W.H; j0 += W.CH) rows(b, j0, std::min(W.H, j0 + W.CH));
+// One forward step of the cell kernel `k`: hs = h_in W^T and the gate math per chunk while the
+// chunk is in cache (fused_step). With the layer norm of the hidden product (kLn), whose row
+// statistics span every chunk, all products first, then per row: normalise, gate math of every
+// chunk. Then LSTM's layer norm of c (kLnC), once a row's c_new is complete.
+template <int F, typename T, typename K>
+void step(const ChunkedWeight<T>& W, int64_t m, const T* h_in, T* hs, const K& k, const LnHh<T>& ln,
+          const LstmLnC<T>& lnc) {
+  if constexpr (F & kLn) fused_step(W, m, h_in, hs, [](int64_t, int64_t, int64_t) {});
+  else fused_step(W, m, h_in, hs, [&](int64_t b, int64_t j0, int64_t j1) { run<F>(k, b, j0, j1); });
+  if constexpr (F & (kLn | kLnC)) {
+    at::parallel_for(0, m, std::max<int64_t>(1, 4096 / (W.ng * W.H)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if constexpr (F & kLn) {
+          run<F>(ln, b);
+          for (int64_t j0 = 0; j0 < W.H; j0 += W.CH) run<F>(k, b, j0, std::min(W.H, j0 + W.CH));
+        }
+        if constexpr (F & kLnC) run<F>(lnc, b);
       }
-      if (has_end) row_end(b);
-    }
-  });
+    });
+  }
 }
 
 // dst = z prev + (1 - z) next over rows [0, m) of K units: zoneout of a state.
@@ -1009,401 +700,288 @@ void zoneout_mix(int64_t m, int64_t K, const T* z, const T* prev, const T* next,
   for (int64_t i = 0; i < m * K; ++i) dst[i] = z[i] * prev[i] + (T(1) - z[i]) * next[i];
 }
 
-template <typename T>
-std::vector<Tensor> forward_variant_impl(int64_t cell, Tensor xw, const Tensor& w_hh,
-                                         const c10::optional<Tensor>& b_hh, const Tensor& h0,
-                                         const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr,
-                                         const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                         bool training, const Var<T>& v) {
-  const Steps s = make_steps(xw, reverse, batch_sizes);
-  const int64_t B = s.B, G = xw.size(2), Hr = h0.size(1);
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, H = G / ng;
-  const bool lstm = cell == kLSTM, gru_before = cell == kGRU && !v.reset_after;
-  const bool ln = v.ln_w, lnc = lstm && v.lnc_w, zone_c = lstm && v.zc;
+// ---------------------------------------------------------------------------------------------
+// Forward of cell C (kRNNTanh: both RNN cells, `relu` picks) with flags F. Returns {h_seq, h_T,
+// c_T, *saved} (the saved layout above).
+// ---------------------------------------------------------------------------------------------
+template <int C, int F, typename T>
+std::vector<Tensor> forward(Tensor xw, const Tensor& w_hh, const c10::optional<Tensor>& b_hh, const Tensor& h0,
+                            const c10::optional<Tensor>& c0, const c10::optional<Tensor>& w_hr, const Steps& s,
+                            bool training, bool relu, const Var<T>& v) {
+  constexpr bool lstm = C == kLSTM, gru = C == kGRU, var = F & kVar, ln = F & kLn, zone = F & kZone;
+  constexpr bool lnc = F & kLnC, before = F & kBefore;
+  constexpr int64_t ng = lstm ? 4 : gru ? 3 : 1;
+  const int64_t B = s.B, G = xw.size(2), H = G / ng, Hr = h0.size(1);
+  const bool proj = has(w_hr);
   auto opts = xw.options();
+  // [T,B,K] when saved (zeros when packed), else one [1,B,K] slice of scratch for every step
+  auto seq = [&](bool save, int64_t K) { return save ? new_seq(s, K, opts) : at::empty({1, B, K}, opts); };
+  auto slice = [](const Tensor& x, int64_t t) { return step_slice<T>(x, t); };
   const Tensor bias = bias_or_zeros(b_hh, G, opts);
-  Tensor h_seq = new_seq(s, Hr, opts);
-  Tensor h = h0.clone();
-  Tensor hs = at::empty({B, G}, opts);
-  Tensor hin = v.mask ? at::empty({B, Hr}, opts) : Tensor();   // h_prev * rec_mask
-  Tensor hnew = v.zh ? at::empty({B, Hr}, opts) : Tensor();    // h_new before zoneout
-  T* xw_p = xw.data_ptr<T>();
-  T* hs_p = hs.data_ptr<T>();
-  T* hseq_p = h_seq.data_ptr<T>();
-  T* h_p = h.data_ptr<T>();
-  const T* h0_p = h0.data_ptr<T>();
+  Tensor h_seq = new_seq(s, Hr, opts), h = h0.clone(), hs = at::empty({B, G}, opts);
+  Tensor c = lstm ? c0->clone() : Tensor(), c_seq = lstm && training ? new_seq(s, H, opts) : Tensor();
+  // o*tanh(c) lands in h_seq directly without a projection; with one it needs its own buffer
+  Tensor hu_seq = proj ? seq(training, H) : Tensor(), hn_seq = gru ? seq(training, H) : Tensor();
+  Tensor c_new = lstm && (zone || lnc) ? seq(training && zone, H) : Tensor();
+  Tensor c_hat = lnc ? seq(training, H) : Tensor(), c_rstd = lnc && training ? at::zeros({s.T, B}, opts) : Tensor();
+  Tensor hw_hat = ln && training ? new_seq(s, G, opts) : Tensor();
+  Tensor hw_rstd = ln && training ? at::zeros({s.T, B}, opts) : Tensor();
+  // zoneout: h_new before the mix (RNN saves it: the activation's derivative needs it)
+  Tensor h_new = zone ? seq(training && !lstm && !gru, Hr) : Tensor();
+  Tensor h_in = var && v.mask ? at::empty({B, Hr}, opts) : Tensor();  // h_prev * rec_mask
+  Tensor u = before ? at::empty({B, H}, opts) : Tensor();               // r * h_in
+  T *xw_p = xw.data_ptr<T>(), *hs_p = hs.data_ptr<T>(), *hseq_p = h_seq.data_ptr<T>(), *h_p = h.data_ptr<T>();
+  T* c_p = ptr<T>(c);
   const T* bias_p = bias.data_ptr<T>();
-  Tensor hw_hat, hw_rstd;  // saved layer-norm statistics of the hidden product
-  if (ln && training) hw_hat = new_seq(s, G, opts), hw_rstd = at::zeros({s.T, B}, opts);
-  // The step's left operand: h_prev (after reset) times the dropout mask.
-  auto begin_step = [&](int64_t t, int64_t m, T* c_p, const T* c0_p) -> const T* {
-    if (v.reset)
-      for (int64_t b = 0; b < m; ++b)
-        if (v.reset[t * B + b]) {
-          std::memcpy(h_p + b * Hr, h0_p + b * Hr, sizeof(T) * Hr);
-          if (c_p) std::memcpy(c_p + b * H, c0_p + b * H, sizeof(T) * H);
-        }
-    if (!v.mask) return h_p;
-    T* hi = hin.data_ptr<T>();
-    for (int64_t i = 0; i < m * Hr; ++i) hi[i] = h_p[i] * v.mask[i];
-    return hi;
-  };
-  // h_t = zh h_prev + (1 - zh) h_new into h_seq[t], then the running state.
-  auto end_step = [&](int64_t t, int64_t m, const T* h_new) {
-    T* h_t = hseq_p + t * B * Hr;
-    if (v.zh) zoneout_mix(m, Hr, v.zh + t * B * Hr, (const T*)h_p, h_new, h_t);
-    std::memcpy(h_p, h_t, sizeof(T) * m * Hr);
-  };
-  auto hat_at = [&](int64_t t) { return hw_hat.defined() ? hw_hat.data_ptr<T>() + t * B * G : nullptr; };
-  auto rstd_at = [&](int64_t t) { return hw_rstd.defined() ? hw_rstd.data_ptr<T>() + t * B : nullptr; };
-  std::vector<Tensor> out, extra;
+  const ChunkedWeight<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, before ? 2 : ng, H);
+  c10::optional<ChunkedWeight<T>> Wn;  // kBefore: the n rows, on u
+  if constexpr (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), 1, H);
+  c10::optional<PackedB<T>> P;  // W_hr^T [H, Hr]
+  if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
 
-  if (lstm) {
-    Tensor c = c0->clone();
-    T* c_p = c.data_ptr<T>();
-    const T* c0_p = c0->data_ptr<T>();
-    Tensor c_seq = training ? new_seq(s, H, opts) : Tensor();
-    Tensor hu_seq = proj ? (training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts)) : Tensor();
-    const bool sep = zone_c || lnc;
-    // c_new: saved with zoneout (c_seq holds c_t), else scratch; c_hat, c_rstd saved with LN of c
-    const bool save_cnew = training && (v.zh || v.zc);
-    Tensor cnew_seq = save_cnew ? new_seq(s, H, opts) : (sep ? at::empty({1, B, H}, opts) : Tensor());
-    Tensor c_hat = lnc ? (training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts)) : Tensor();
-    Tensor c_rstd = lnc && training ? at::zeros({s.T, B}, opts) : Tensor();
-    c10::optional<PackedB<T>> P;
-    if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
-    const ChunkedWeight<T> W(w_hh, ng, H);
-    const int flags = (v.peep ? kPeep : 0) | (sep ? kSepC : 0) | (lnc ? kLnC : 0);
-    const int state_flags = (lnc ? kLnC : 0) | (zone_c ? kZoneC : 0);
-    for (int64_t k = 0; k < s.T; ++k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      const T* h_in = begin_step(t, m, c_p, c0_p);
-      T* h_t = hseq_p + t * B * Hr;
-      T* h_new = v.zh ? hnew.data_ptr<T>() : h_t;
-      T* hu = proj ? hu_seq.data_ptr<T>() + (training ? t * B * H : 0) : h_new;
-      T* cn = sep ? cnew_seq.data_ptr<T>() + (save_cnew ? t * B * H : 0) : nullptr;
-      LstmFwd<T> a{xw_p + t * B * G, hs_p, bias_p, c_p, hu, H};
-      a.peep = v.peep, a.c_new = cn;
-      const LstmState<T> st{cn, c_p, a.gates, v.zc ? v.zc + t * B * H : nullptr, v.lnc_w, v.lnc_b,
-                            lnc ? c_hat.data_ptr<T>() + (training ? t * B * H : 0) : nullptr,
-                            c_rstd.defined() ? c_rstd.data_ptr<T>() + t * B : nullptr, hu, H};
-      auto row_end = [&](int64_t b) {
-        switch (state_flags) {
-          case 0: return state_row<0>(st, b);
-          case kLnC: return state_row<kLnC>(st, b);
-          case kZoneC: return state_row<kZoneC>(st, b);
-          default: return state_row<kLnC | kZoneC>(st, b);
-        }
-      };
-      with_flags<0, kPeep, kSepC, kSepC | kPeep, kSepC | kLnC, kSepC | kLnC | kPeep>(flags, [&](auto fc) {
-        constexpr int F = decltype(fc)::value;
-        variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
-                     [&](int64_t b, int64_t j0, int64_t j1) { step_rows<F>(a, b, j0, j1); }, sep, row_end);
-      });
-      if (proj) gemm_packed(m, (const T*)hu, H, *P, h_new, Hr, false);
-      end_step(t, m, h_new);
-      if (training) std::memcpy(c_seq.data_ptr<T>() + t * B * H, c_p, sizeof(T) * m * H);
-    }
-    out = {h_seq, h, c};
-    if (training) {
-      out.insert(out.end(), {h_seq, xw, c_seq});
-      if (proj) out.push_back(hu_seq);
-      if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
-      if (lnc) out.insert(out.end(), {c_hat, c_rstd});
-      if (save_cnew) out.push_back(cnew_seq);
-    }
-    return out;
-  }
-
-  if (cell == kGRU) {
-    Tensor hn_seq = training ? new_seq(s, H, opts) : at::empty({1, B, H}, opts);
-    if (gru_before) {
-      // two products per step: [r, z] rows of W_hh on h_in, then the n rows on u = r * h_in
-      const ChunkedWeight<T> Wrz(w_hh.narrow(0, 0, 2 * H), 2, H), Wn(w_hh.narrow(0, 2 * H, H), 1, H);
-      Tensor u = at::empty({B, H}, opts);
-      for (int64_t k = 0; k < s.T; ++k) {
-        const int64_t t = s.at(k), m = s.rows(t);
-        if (m == 0) continue;
-        const T* h_in = begin_step(t, m, nullptr, nullptr);
-        T* h_new = v.zh ? hnew.data_ptr<T>() : hseq_p + t * B * H;
-        const GruRzFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_in, u.data_ptr<T>(), H};
-        fused_step(Wrz, m, h_in, hs_p, [&](int64_t b, int64_t j0, int64_t j1) { vrows(a, b, j0, j1); });
-        const GruNFwd<T> n{xw_p + t * B * G, hs_p, bias_p, h_p, h_new,
-                           hn_seq.data_ptr<T>() + (training ? t * B * H : 0), H};
-        fused_step(Wn, m, (const T*)u.data_ptr<T>(), hs_p, [&](int64_t b, int64_t j0, int64_t j1) { vrows(n, b, j0, j1); });
-        end_step(t, m, h_new);
-      }
-    } else {
-      const ChunkedWeight<T> W(w_hh, ng, H);
-      for (int64_t k = 0; k < s.T; ++k) {
-        const int64_t t = s.at(k), m = s.rows(t);
-        if (m == 0) continue;
-        const T* h_in = begin_step(t, m, nullptr, nullptr);
-        T* h_new = v.zh ? hnew.data_ptr<T>() : hseq_p + t * B * H;
-        const GruFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_p, h_new,
-                          hn_seq.data_ptr<T>() + (training ? t * B * H : 0), H};
-        variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
-                     [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); }, false, [](int64_t) {});
-        end_step(t, m, h_new);
-      }
-    }
-    out = {h_seq, h, Tensor()};
-    if (training) {
-      out.insert(out.end(), {h_seq, xw, hn_seq});
-      if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
-    }
-    return out;
-  }
-
-  // RNN: with zoneout, h_new is saved (the activation's derivative needs it)
-  Tensor hnew_seq = v.zh && training ? new_seq(s, H, opts) : Tensor();
-  const ChunkedWeight<T> W(w_hh, ng, H);
   for (int64_t k = 0; k < s.T; ++k) {
     const int64_t t = s.at(k), m = s.rows(t);
     if (m == 0) continue;
-    const T* h_in = begin_step(t, m, nullptr, nullptr);
-    T* h_new = !v.zh ? hseq_p + t * B * H : hnew_seq.defined() ? hnew_seq.data_ptr<T>() + t * B * H : hnew.data_ptr<T>();
-    const RnnFwd<T> a{xw_p + t * B * G, hs_p, bias_p, h_new, H, cell == kRNNRelu};
-    variant_step(W, m, h_in, hs_p, v.ln_w, v.ln_b, hat_at(t), rstd_at(t),
-                 [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); }, false, [](int64_t) {});
-    end_step(t, m, h_new);
+    const T* hi = h_p;  // the step's left operand h_in
+    if constexpr (var) {
+      for (int64_t b = 0; v.reset && b < m; ++b)
+        if (v.reset[t * B + b]) {
+          std::memcpy(h_p + b * Hr, h0.data_ptr<T>() + b * Hr, sizeof(T) * Hr);
+          if constexpr (lstm) std::memcpy(c_p + b * H, c0->data_ptr<T>() + b * H, sizeof(T) * H);
+        }
+      if (v.mask) {
+        T* p = h_in.data_ptr<T>();
+        for (int64_t i = 0; i < m * Hr; ++i) p[i] = h_p[i] * v.mask[i];
+        hi = p;
+      }
+    }
+    T* h_t = hseq_p + t * B * Hr;
+    T* hnew = zone ? slice(h_new, t) : h_t;
+    T* xw_t = xw_p + t * B * G;
+    const LnHh<T> lnh{hs_p, v.ln_w, v.ln_b, slice(hw_hat, t), slice(hw_rstd, t), ng, H, W.CH};
+    if constexpr (lstm) {
+      T* hu = proj ? slice(hu_seq, t) : hnew;
+      const LstmFwd<T> a{xw_t, hs_p, bias_p, c_p, hu, H, v.peep, zone ? v.zc + t * B * H : nullptr,
+                         slice(c_new, t)};
+      step<F>(W, m, hi, hs_p, a, lnh, {a.c_new, xw_t, v.lnc_w, v.lnc_b, slice(c_hat, t), slice(c_rstd, t), hu, H});
+      if (proj) gemm_packed(m, (const T*)hu, H, *P, hnew, Hr, false);
+    } else if constexpr (gru) {
+      const GruFwd<T> a{xw_t, hs_p, bias_p, h_p, hnew, slice(hn_seq, t), H, hi, ptr<T>(u)};
+      if constexpr (before) {  // [r, z] rows on h_in, then the n rows on u = r * h_in
+        step<F | kRZ>(W, m, hi, hs_p, a, lnh, {});
+        step<F>(*Wn, m, (const T*)a.u, hs_p, a, lnh, {});
+      } else {
+        step<F>(W, m, hi, hs_p, a, lnh, {});
+      }
+    } else {
+      step<F>(W, m, hi, hs_p, RnnFwd<T>{xw_t, hs_p, bias_p, hnew, H, relu}, lnh, {});
+    }
+    if constexpr (zone) zoneout_mix(m, Hr, v.zh + t * B * Hr, (const T*)h_p, (const T*)hnew, h_t);
+    std::memcpy(h_p, h_t, sizeof(T) * m * Hr);
+    if (lstm && training) std::memcpy(slice(c_seq, t), c_p, sizeof(T) * m * H);
   }
-  out = {h_seq, h, Tensor()};
-  if (training) {
-    out.push_back(h_seq);
-    if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
-    if (v.zh) out.push_back(hnew_seq);
-  }
+  std::vector<Tensor> out = {h_seq, h, c};
+  if (!training) return out;
+  out.push_back(h_seq);
+  if (lstm) out.insert(out.end(), {xw, c_seq});
+  if (proj) out.push_back(hu_seq);
+  if (gru) out.insert(out.end(), {xw, hn_seq});
+  if (ln) out.insert(out.end(), {hw_hat, hw_rstd});
+  if (lnc) out.insert(out.end(), {c_hat, c_rstd});
+  if (zone && !gru) out.push_back(lstm ? c_new : h_new);
   return out;
 }
 
-// Variant backward. Per step: dh_new = (1 - zh) (dh + grad_h_seq[t]) and the zoneout part zh (...)
-// kept in dh; the cell's gate gradients; the layer norm's backward turning the gradient of hw into
-// that of the raw product (grad_hw); dg = grad_hw W_hh; then dh_prev = dh + (GRU: dh_new z) +
-// rec_mask dg, which a reset row hands to grad_h0 instead (and likewise dc to grad_c0).
-// Returns {grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, ln_hh_w, ln_hh_b, ln_c_w, ln_c_b,
-// peephole, u_seq}: u_seq [T,B,H] = r * h_in (GRU reset_after=False) for dW_hn = grad_hw[..., 2H:]^T u.
-template <typename T>
-std::vector<Tensor> backward_variant_impl(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
-                                          const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh,
-                                          const c10::optional<Tensor>& w_hr, const Tensor& h0,
-                                          const c10::optional<Tensor>& c0,
-                                          const c10::optional<Tensor>& batch_sizes, bool reverse,
-                                          const std::vector<Tensor>& saved, const Var<T>& v) {
+// ---------------------------------------------------------------------------------------------
+// Backward: visits the steps in the opposite order; dh/dc carry the gradient w.r.t. the state.
+// Per step: the gate gradients (threads over rows x hidden chunks), then one GEMM
+// dh[0:m] (+)= grad_gates[0:m] W_hh. Returns {grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj};
+// grad_hproj [T,B,Hr] (with w_hr) is the total gradient reaching each projected output (the op code
+// forms dW_hr = grad_hproj^T hu_seq). A variant keeps the gradient reaching h_new (dnew) apart:
+// dnew = (1 - zh) (dh + grad_h_seq[t]), the zoneout part zh (...) stays in dh; the cell's gate
+// gradients; the layer norm's backward turns the gradient of hw into that of the raw product
+// (grad_hw); dg = grad_hw W_hh; then dh_prev = dh + (GRU: dnew z) + rec_mask dg, which a reset row
+// hands to grad_h0 instead (and likewise dc to grad_c0). It appends the gradients of the variant's
+// parameters: ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, peephole.
+// ---------------------------------------------------------------------------------------------
+template <int C, int F, typename T>
+std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, const c10::optional<Tensor>& grad_c_T,
+                             const Tensor& w_hh, const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                             const c10::optional<Tensor>& c0, const Steps& s, const std::vector<Tensor>& saved,
+                             bool relu, const Var<T>& v) {
+  constexpr bool lstm = C == kLSTM, gru = C == kGRU, var = F & kVar, ln = F & kLn, zone = F & kZone;
+  constexpr bool lnc = F & kLnC, before = F & kBefore;
+  constexpr int64_t ng = lstm ? 4 : gru ? 3 : 1;
   const Tensor& h_seq = saved.at(0);
-  const Steps s = make_steps(h_seq, reverse, batch_sizes);
-  const int64_t B = s.B, Hr = h_seq.size(2), G = w_hh.size(0);
-  const bool proj = w_hr.has_value() && w_hr->defined();
-  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
-  const bool lstm = cell == kLSTM, gru = cell == kGRU, gru_before = gru && !v.reset_after;
-  const bool ln = v.ln_w, lnc = lstm && v.lnc_w;
+  const int64_t B = s.B, Hr = h_seq.size(2), G = w_hh.size(0), H = G / ng;
+  const bool proj = has(w_hr);
   auto opts = h_seq.options();
-  // the saved layout of forward_variant_impl
-  size_t idx = lstm ? 3 + proj : gru ? 3 : 1;
+  size_t idx = lstm ? 3 + proj : gru ? 3 : 1;  // the saved layout of `forward`
   Tensor hw_hat, hw_rstd, c_hat, c_rstd, new_saved;
   if (ln) hw_hat = saved.at(idx), hw_rstd = saved.at(idx + 1), idx += 2;
   if (lnc) c_hat = saved.at(idx), c_rstd = saved.at(idx + 1), idx += 2;
-  if ((lstm && (v.zh || v.zc)) || (!lstm && !gru && v.zh)) new_saved = saved.at(idx++);
-
+  if (zone && !gru) new_saved = saved.at(idx);  // LSTM c_new, RNN h_new
   Tensor grad_xw = new_seq(s, G, opts);
-  Tensor grad_hw = (gru || ln) ? new_seq(s, G, opts) : grad_xw;
-  Tensor dh = grad_h_T.clone();
-  Tensor dnew = at::empty({B, Hr}, opts), dg = at::empty({B, Hr}, opts), zeros = at::zeros({B, H}, opts);
-  Tensor gh0 = v.reset ? at::zeros_like(h0) : Tensor();
-  Tensor acc_ln = ln ? at::zeros({B, 2 * G}, opts) : Tensor();
-  T* dh_p = dh.data_ptr<T>();
-  T* dnew_p = dnew.data_ptr<T>();
-  T* dg_p = dg.data_ptr<T>();
-  T* gx_p = grad_xw.data_ptr<T>();
-  T* gw_p = grad_hw.data_ptr<T>();
-  const T* gh_p = grad_h_seq.data_ptr<T>();
-  const T* hs_p = h_seq.data_ptr<T>();
-  const T* h0_p = h0.data_ptr<T>();
-  const T* zeros_p = zeros.data_ptr<T>();
-  auto h_prev = [&](int64_t t, int64_t b) -> const T* {
-    return (v.reset && v.reset[t * B + b]) ? h0_p + b * Hr : s.prev_row(hs_p, h0_p, t, b, Hr);
-  };
-  auto pre = [&](int64_t t, int64_t m) {
-    const T* gh = gh_p + t * B * Hr;
-    if (v.zh) {
-      const T* z = v.zh + t * B * Hr;
-      for (int64_t i = 0; i < m * Hr; ++i) {
-        const T tot = dh_p[i] + gh[i];
-        dnew_p[i] = (T(1) - z[i]) * tot, dh_p[i] = z[i] * tot;
-      }
-    } else {
-      for (int64_t i = 0; i < m * Hr; ++i) dnew_p[i] = dh_p[i] + gh[i], dh_p[i] = T(0);
-    }
-  };
-  auto ln_bwd = [&](int64_t t, int64_t m) {
-    if (!ln) return;
-    const T* dhw = (gru ? gw_p : gx_p) + t * B * G;
-    at::parallel_for(0, m, std::max<int64_t>(1, 4096 / G), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        ln_bwd_row(dhw + b * G, hw_hat.data_ptr<T>() + (t * B + b) * G, hw_rstd.data_ptr<T>()[t * B + b],
-                   v.ln_w, gw_p + (t * B + b) * G, acc_ln.data_ptr<T>() + b * 2 * G,
-                   acc_ln.data_ptr<T>() + b * 2 * G + G, G);
-    });
-  };
-  auto post = [&](int64_t t, int64_t m, bool add_dnew, T* dc_p, T* gc0_p) {
-    for (int64_t b = 0; b < m; ++b) {
-      T* d = dh_p + b * Hr;
-      const T* g = dg_p + b * Hr;
-      const T* dn = dnew_p + b * Hr;
-      const T* mk = v.mask ? v.mask + b * Hr : nullptr;
-      for (int64_t j = 0; j < Hr; ++j) d[j] += (add_dnew ? dn[j] : T(0)) + (mk ? mk[j] * g[j] : g[j]);
-      if (v.reset && v.reset[t * B + b]) {
-        T* g0 = gh0.data_ptr<T>() + b * Hr;
-        for (int64_t j = 0; j < Hr; ++j) g0[j] += d[j], d[j] = T(0);
-        if (dc_p)
-          for (int64_t j = 0; j < H; ++j) gc0_p[b * H + j] += dc_p[b * H + j], dc_p[b * H + j] = T(0);
-      }
-    }
-  };
-  auto grads = [&](std::vector<Tensor> out) {
-    const Tensor none;
-    if (ln) {
-      const Tensor sum = acc_ln.sum(0);
-      out.insert(out.end(), {sum.narrow(0, 0, G), sum.narrow(0, G, G)});
-    } else {
-      out.insert(out.end(), {none, none});
-    }
-    return out;
+  Tensor grad_hw = gru || ln ? new_seq(s, G, opts) : grad_xw;
+  Tensor dh = grad_h_T.clone(), dc = lstm ? grad_c_T->clone() : Tensor();
+  Tensor dnew = var ? at::empty({B, Hr}, opts) : Tensor(), dg = var ? at::empty({B, Hr}, opts) : Tensor();
+  Tensor zeros = at::zeros({var ? B : 1, H}, opts);  // a zero gradient: rows of stride 0, or var's [B,H]
+  Tensor gh0 = var && v.reset ? at::zeros_like(h0) : Tensor();  // what reset rows hand to h0, c0
+  Tensor gc0 = lstm && var && v.reset ? at::zeros_like(*c0) : Tensor();
+  Tensor acc_ln = ln ? at::zeros({B, 2 * G}, opts) : Tensor(), acc_lnc = lnc ? at::zeros({B, 2 * H}, opts) : Tensor();
+  Tensor acc_peep = F & kPeep ? at::zeros({B, 3 * H}, opts) : Tensor();
+  Tensor grad_hproj = proj ? new_seq(s, Hr, opts) : Tensor(), dhu = proj ? at::empty({B, H}, opts) : Tensor();
+  const Tensor ones = before && !v.mask ? at::ones({B, H}, opts) : Tensor();
+  // dh_in = grad_hw W_hh: W_hh [G, Hr] is the right operand as it is, packed once (kBefore: the
+  // [r, z] rows; the n rows apart, Wn)
+  const T* w = w_hh.data_ptr<T>();
+  const PackedB<T> W = PackedB<T>::rows(w, before ? 2 * H : G, Hr, Hr, panel_width(Hr), opts);
+  c10::optional<PackedB<T>> Wn, P;  // P: dhu = grad_hproj W_hr, W_hr [Hr, H]
+  if (before) Wn.emplace(PackedB<T>::rows(w + 2 * H * H, H, H, H, panel_width(H), opts));
+  if (proj) P.emplace(PackedB<T>::rows(w_hr->data_ptr<T>(), Hr, H, H, panel_width(H), opts));
+  T *dh_p = dh.data_ptr<T>(), *dc_p = ptr<T>(dc), *dnew_p = ptr<T>(dnew), *dg_p = ptr<T>(dg);
+  T *gx_p = grad_xw.data_ptr<T>(), *gw_p = grad_hw.data_ptr<T>();
+  const T *gh_p = grad_h_seq.data_ptr<T>(), *hs_p = h_seq.data_ptr<T>(), *h0_p = h0.data_ptr<T>();
+  const T *c0_p = lstm ? c0->data_ptr<T>() : nullptr, *zeros_p = zeros.data_ptr<T>();
+  const T* acts_p = lstm || gru ? saved.at(1).data_ptr<T>() : nullptr;
+  const T* st_p = lstm || gru ? saved.at(2).data_ptr<T>() : nullptr;  // LSTM c_seq, GRU hn_seq
+  const T* new_p = ptr<T>(new_saved);
+  // row b's state before step t (a reset row's: the initial state)
+  auto prev = [&](const T* seq, const T* init, int64_t t, int64_t b, int64_t K) {
+    if constexpr (var)
+      if (v.reset && v.reset[t * B + b]) return init + b * K;
+    return s.prev_row(seq, init, t, b, K);
   };
 
-  if (lstm) {
-    const Tensor &acts = saved.at(1), &c_seq = saved.at(2);
-    Tensor dc = grad_c_T->clone();
-    Tensor gc0 = v.reset ? at::zeros_like(*c0) : Tensor();
-    Tensor grad_hproj, dhu;
-    c10::optional<PackedB<T>> P;
-    if (proj) {
-      grad_hproj = new_seq(s, Hr, opts);
-      dhu = at::empty({B, H}, opts);
-      P.emplace(PackedB<T>::rows(w_hr->data_ptr<T>(), Hr, H, H, panel_width(H), opts));
-    }
-    Tensor acc_peep = v.peep ? at::zeros({B, 3 * H}, opts) : Tensor();
-    Tensor acc_lnc = lnc ? at::zeros({B, 2 * H}, opts) : Tensor();
-    const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
-    const T* c0_p = c0->data_ptr<T>();
-    const T* cs_p = c_seq.data_ptr<T>();
-    const T* cn_p = new_saved.defined() ? new_saved.data_ptr<T>() : cs_p;  // c_new
-    T* dc_p = dc.data_ptr<T>();
-    const int flags = (v.peep ? kPeep : 0) | (lnc ? kLnC : 0) | (v.zc ? kZoneC : 0);
-    for (int64_t k = s.T - 1; k >= 0; --k) {
-      const int64_t t = s.at(k), m = s.rows(t);
-      if (m == 0) continue;
-      pre(t, m);
-      const T* dh_a = dnew_p;
-      if (proj) {
-        std::memcpy(grad_hproj.data_ptr<T>() + t * B * Hr, dnew_p, sizeof(T) * m * Hr);
-        gemm_packed(m, (const T*)dnew_p, Hr, *P, dhu.data_ptr<T>(), H, false);
-        dh_a = dhu.data_ptr<T>();
-      }
-      LstmBwd<T> a{acts.data_ptr<T>() + t * B * G, cn_p + t * B * H, dh_a, zeros_p, dc_p, gx_p + t * B * G, H, 0};
-      a.peep = v.peep, a.acc_peep = v.peep ? acc_peep.data_ptr<T>() : nullptr;
-      a.zc = v.zc ? v.zc + t * B * H : nullptr;
-      if (lnc) {
-        a.c_hat = c_hat.data_ptr<T>() + t * B * H, a.c_rstd = c_rstd.data_ptr<T>() + t * B;
-        a.lnc_w = v.lnc_w, a.lnc_b = v.lnc_b, a.acc_lnc = acc_lnc.data_ptr<T>();
-      }
-      auto c_prev = [&](int64_t b) {
-        return (v.reset && v.reset[t * B + b]) ? c0_p + b * H : s.prev_row(cs_p, c0_p, t, b, H);
-      };
-      with_flags<0, kPeep, kLnC, kLnC | kPeep, kZoneC, kZoneC | kPeep, kZoneC | kLnC, kZoneC | kLnC | kPeep>(
-          flags, [&](auto fc) {
-            constexpr int F = decltype(fc)::value;
-            if constexpr (F & kLnC) {  // whole rows: the layer norm's backward needs row means
-              at::parallel_for(0, m, std::max<int64_t>(1, 2048 / H), [&](int64_t b0, int64_t b1) {
-                for (int64_t b = b0; b < b1; ++b) step_rows<F>(a, c_prev(b), b, 0, H);
-              });
-            } else {
-              for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows<F>(a, c_prev(b), b, j0, j1); });
-            }
-          });
-      ln_bwd(t, m);
-      gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, Hr, false);
-      post(t, m, false, dc_p, v.reset ? gc0.data_ptr<T>() : nullptr);
-    }
-    std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, v.reset ? dc + gc0 : dc, grad_hproj});
-    if (lnc) {
-      const Tensor sum = acc_lnc.sum(0);
-      out.insert(out.end(), {sum.narrow(0, 0, H), sum.narrow(0, H, H)});
-    } else {
-      out.insert(out.end(), {Tensor(), Tensor()});
-    }
-    out.push_back(v.peep ? acc_peep.sum(0).view({3, H}) : Tensor());
-    out.push_back(Tensor());
-    return out;
-  }
-
-  if (gru) {
-    const Tensor &acts = saved.at(1), &hn_seq = saved.at(2);
-    Tensor u_seq;
-    if (gru_before) {
-      u_seq = new_seq(s, H, opts);
-      const T* w = w_hh.data_ptr<T>();
-      const PackedB<T> Wn = PackedB<T>::rows(w + 2 * H * H, H, H, H, panel_width(H), opts);
-      const PackedB<T> Wrz = PackedB<T>::rows(w, 2 * H, H, H, panel_width(H), opts);
-      const Tensor ones = v.mask ? Tensor() : at::ones({B, H}, opts);
-      for (int64_t k = s.T - 1; k >= 0; --k) {
-        const int64_t t = s.at(k), m = s.rows(t);
-        if (m == 0) continue;
-        pre(t, m);
-        const T* ac = acts.data_ptr<T>() + t * B * G;
-        T *gx = gx_p + t * B * G, *gw = gw_p + t * B * G;
-        const GruNBwd<T> a{ac, dnew_p, gx, gw, H};
-        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { vrows(a, h_prev(t, b), b, j0, j1); });
-        gemm_packed(m, (const T*)(gw + 2 * H), G, Wn, dg_p, H, false);
-        const GruRBwd<T> r{ac, v.mask ? v.mask : ones.data_ptr<T>(), dg_p, gx, gw, u_seq.data_ptr<T>() + t * B * H, H};
-        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { vrows(r, h_prev(t, b), b, j0, j1); });
-        gemm_packed(m, (const T*)gw, G, Wrz, dg_p, H, true);
-        post(t, m, true, nullptr, nullptr);
-      }
-    } else {
-      const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
-      for (int64_t k = s.T - 1; k >= 0; --k) {
-        const int64_t t = s.at(k), m = s.rows(t);
-        if (m == 0) continue;
-        pre(t, m);
-        const GruBwd<T> a{acts.data_ptr<T>() + t * B * G, hn_seq.data_ptr<T>() + t * B * H, zeros_p, dnew_p,
-                          gx_p + t * B * G, gw_p + t * B * G, H};
-        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, h_prev(t, b), b, j0, j1); });
-        ln_bwd(t, m);
-        gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, H, false);
-        post(t, m, true, nullptr, nullptr);
-      }
-    }
-    std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, Tensor(), Tensor()});
-    out.insert(out.end(), {Tensor(), Tensor(), Tensor(), u_seq});
-    return out;
-  }
-
-  const PackedB<T> W = PackedB<T>::rows(w_hh.data_ptr<T>(), G, Hr, Hr, panel_width(Hr), opts);
-  const T* hn_p = new_saved.defined() ? new_saved.data_ptr<T>() : hs_p;  // h_new
   for (int64_t k = s.T - 1; k >= 0; --k) {
     const int64_t t = s.at(k), m = s.rows(t);
     if (m == 0) continue;
-    pre(t, m);
-    const RnnBwd<T> a{hn_p + t * B * H, dnew_p, zeros_p, gx_p + t * B * G, H, cell == kRNNRelu};
-    for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { step_rows(a, b, j0, j1); });
-    ln_bwd(t, m);
-    gemm_packed(m, (const T*)(gw_p + t * B * G), G, W, dg_p, H, false);
-    post(t, m, false, nullptr, nullptr);
+    T *gx = gx_p + t * B * G, *gw = gw_p + t * B * G;
+    const T* gh = gh_p + t * B * Hr;
+    if constexpr (var) {
+      const T* z = zone ? v.zh + t * B * Hr : nullptr;
+      for (int64_t i = 0; i < m * Hr; ++i) {
+        const T tot = dh_p[i] + gh[i];
+        dnew_p[i] = zone ? (T(1) - z[i]) * tot : tot, dh_p[i] = zone ? z[i] * tot : T(0);
+      }
+    }
+    // the gradient reaching h_new: var's dnew, or the plain cell's dh (+ gh, which the kernels add)
+    T* d = var ? dnew_p : dh_p;
+    const T* dgh = var ? zeros_p : gh;
+    if constexpr (lstm) {
+      const T *dh_a = d, *dh_b = dgh;
+      int64_t ld_b = var ? 0 : Hr;
+      if (proj) {
+        T* gp = grad_hproj.data_ptr<T>() + t * B * Hr;
+        for (int64_t i = 0; i < m * Hr; ++i) gp[i] = var ? d[i] : d[i] + gh[i];
+        gemm_packed(m, (const T*)gp, Hr, *P, dhu.data_ptr<T>(), H, false);
+        dh_a = dhu.data_ptr<T>(), dh_b = zeros_p, ld_b = 0;
+      }
+      const LstmBwd<T> a{acts_p + t * B * G, (zone ? new_p : st_p) + t * B * H, dh_a, dh_b, dc_p, gx, H, ld_b,
+                         v.peep, ptr<T>(acc_peep), zone ? v.zc + t * B * H : nullptr, step_slice<T>(c_hat, t),
+                         step_slice<T>(c_rstd, t), v.lnc_w, v.lnc_b, ptr<T>(acc_lnc)};
+      auto rows = [&](int64_t b, int64_t j0, int64_t j1) { run<F>(a, prev(st_p, c0_p, t, b, H), b, j0, j1); };
+      if constexpr (lnc) {  // whole rows: the layer norm's backward takes two row means first
+        at::parallel_for(0, m, std::max<int64_t>(1, 2048 / H), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) rows(b, 0, H);
+        });
+      } else {
+        for_rows(m, H, rows);
+      }
+    } else if constexpr (gru) {
+      const GruBwd<T> a{acts_p + t * B * G, st_p + t * B * H, dgh, d, gx, gw, H, v.mask ? v.mask : ptr<T>(ones),
+                        dg_p};
+      for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { run<F>(a, prev(hs_p, h0_p, t, b, H), b, j0, j1); });
+      if constexpr (before) {  // du = d_n W_hn into dg, then d_r and du * r; below dg += [d_r, d_z] W_h{r,z}
+        gemm_packed(m, (const T*)(gw + 2 * H), G, *Wn, dg_p, H, false);
+        for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) {
+          run<F | kRZ>(a, prev(hs_p, h0_p, t, b, H), b, j0, j1);
+        });
+      }
+    } else {
+      const RnnBwd<T> a{(zone ? new_p : hs_p) + t * B * H, d, dgh, gx, H, relu};
+      for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { run<F>(a, b, j0, j1); });
+    }
+    if constexpr (!var) {
+      gemm_packed(m, (const T*)gw, G, W, dh_p, Hr, gru);  // GRU: onto the direct part dh z
+    } else {
+      if constexpr (ln) {
+        const LnHhBwd<T> a{gru ? gw : gx, hw_hat.data_ptr<T>() + t * B * G, hw_rstd.data_ptr<T>() + t * B, v.ln_w,
+                           gw, acc_ln.data_ptr<T>(), G};
+        at::parallel_for(0, m, std::max<int64_t>(1, 4096 / G), [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) run<F>(a, b);
+        });
+      }
+      gemm_packed(m, (const T*)gw, G, W, dg_p, Hr, before);
+      for (int64_t b = 0; b < m; ++b) {  // dh_prev = dh + (GRU: dnew, now dh_new z) + rec_mask dg; resets
+        T* dhb = dh_p + b * Hr;
+        const T *g = dg_p + b * Hr, *dn = dnew_p + b * Hr, *mk = v.mask ? v.mask + b * Hr : nullptr;
+        for (int64_t j = 0; j < Hr; ++j) dhb[j] += (gru ? dn[j] : T(0)) + (mk ? mk[j] * g[j] : g[j]);
+        if (v.reset && v.reset[t * B + b]) {
+          T* g0 = gh0.data_ptr<T>() + b * Hr;
+          for (int64_t j = 0; j < Hr; ++j) g0[j] += dhb[j], dhb[j] = T(0);
+          if constexpr (lstm) {
+            T* gc = gc0.data_ptr<T>() + b * H;
+            for (int64_t j = 0; j < H; ++j) gc[j] += dc_p[b * H + j], dc_p[b * H + j] = T(0);
+          }
+        }
+      }
+    }
   }
-  std::vector<Tensor> out = grads({grad_xw, grad_hw, v.reset ? dh + gh0 : dh, Tensor(), Tensor()});
-  out.insert(out.end(), {Tensor(), Tensor(), Tensor(), Tensor()});
+  std::vector<Tensor> out = {grad_xw, grad_hw, gh0.defined() ? dh + gh0 : dh, gc0.defined() ? dc + gc0 : dc,
+                             grad_hproj};
+  if (!var) return out;
+  auto halves = [&](const Tensor& acc, int64_t n) {  // the per-row sums of (gain, bias) gradients
+    const Tensor sum = acc.defined() ? acc.sum(0) : Tensor();
+    out.push_back(acc.defined() ? sum.narrow(0, 0, n) : sum);
+    out.push_back(acc.defined() ? sum.narrow(0, n, n) : sum);
+  };
+  halves(acc_ln, G), halves(acc_lnc, H);
+  out.push_back(acc_peep.defined() ? acc_peep.sum(0).view({3, H}) : Tensor());
   return out;
 }
 
-bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+// The flag sets that can occur for cell C (the combinations the entry points accept); only these
+// are compiled. kRZ is the kernels' own.
+template <int C>
+constexpr bool valid(int F) {
+  if (F == 0) return true;  // plain
+  if (!(F & kVar) || ((F & kLnC) && !(F & kLn))) return false;
+  if (C == kLSTM) return !(F & kBefore);
+  if (F & (kPeep | kLnC)) return false;
+  return C == kGRU ? !((F & kBefore) && (F & kLn)) : !(F & kBefore);
+}
+
+// fn(cell, flags) with both as std::integral_constant, for the runtime cell and flags. The RNN
+// cells share one instantiation (C = kRNNTanh; the kernels take relu at run time).
+template <typename Fn>
+std::vector<Tensor> dispatch(int64_t cell, int flags, const Fn& fn) {
+  std::vector<Tensor> out;
+  auto for_cell = [&]<int C>(std::integral_constant<int, C> c) {
+    auto one = [&]<int F>(std::integral_constant<int, F> f) {
+      if constexpr (valid<C>(F)) {
+        if (flags == F) {
+          out = fn(c, f);
+          return true;
+        }
+      }
+      return false;
+    };
+    const bool done = [&]<int... Fs>(std::integer_sequence<int, Fs...>) {
+      return (one(std::integral_constant<int, Fs>()) || ...);
+    }(std::make_integer_sequence<int, kRZ>());
+    TORCH_CHECK(done, "fastrnn cpp backend: unsupported variant flags ", flags, " for cell ", cell);
+  };
+  if (cell == kLSTM) for_cell(std::integral_constant<int, kLSTM>());
+  else if (cell == kGRU) for_cell(std::integral_constant<int, kGRU>());
+  else for_cell(std::integral_constant<int, kRNNTanh>());
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Entry-point checks: every size, dtype, device and layout the loops rely on (they index raw
 // pointers), so that a direct call of the extension with bad tensors raises instead of reading
-// or writing out of bounds. The Python layers check the same first (fastrnn/ops/checks.py).
+// or writing out of bounds. The Python layers check the same first (fastrnn/contract/checks.py).
 // ---------------------------------------------------------------------------------------------
 int64_t gates_of(int64_t cell) {
   TORCH_CHECK(cell >= kLSTM && cell <= kRNNRelu, "fastrnn cpp backend: unknown cell code ", cell,
@@ -1452,8 +1030,8 @@ Dims check_forward(int64_t cell, const Tensor& xw, const Tensor& w_hh, const c10
   return d;
 }
 
-// The backward's arguments and `saved` against what forward_impl / forward_variant_impl save for
-// these flags (the layout of fastrnn.ops.recurrence.saved_layout).
+// The backward's arguments and `saved` against what `forward` saves for
+// these flags (the layout of fastrnn.contract.rnn.saved_layout).
 Dims check_backward(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
                     const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
                     const Tensor& h0, const c10::optional<Tensor>& c0, const std::vector<Tensor>& saved, bool ln,
@@ -1501,14 +1079,90 @@ void check_inputs(const Tensor& ref, std::initializer_list<c10::optional<Tensor>
   }
 }
 
-std::vector<Tensor> rnn_forward(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
-                                Tensor h0, c10::optional<Tensor> c0, c10::optional<Tensor> w_hr,
-                                c10::optional<Tensor> batch_sizes, bool reverse, bool training) {
+// The variant's arguments as the entry points receive them.
+struct VarArgs {
+  c10::optional<Tensor> ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset;
+  bool reset_after;
+};
+
+// Checks the variant tensors (docs/variants.md, fastrnn.contract.rnn.Variant) and the combinations
+// the loops are compiled for (check_variant's), and points a Var at them.
+template <typename T>
+Var<T> make_var(const Tensor& ref, int64_t cell, int64_t steps, int64_t B, int64_t G, int64_t Hr, const VarArgs& a) {
+  check_inputs(ref, {a.ln_w, a.ln_b, a.lnc_w, a.lnc_b, a.peep, a.mask, a.zh, a.zc});
+  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
+  auto check = [](const c10::optional<Tensor>& t, int64_t n, const char* what) {
+    TORCH_CHECK(!has(t) || t->numel() == n, "fastrnn cpp backend: ", what, " has ", t->numel(),
+                " elements, expected ", n);
+  };
+  TORCH_CHECK(has(a.ln_w) == has(a.ln_b) && has(a.lnc_w) == has(a.lnc_b),
+              "fastrnn cpp backend: a layer norm needs both its weight and its bias");
+  TORCH_CHECK(cell == kLSTM || (!has(a.lnc_w) && !has(a.peep) && !has(a.zc)),
+              "fastrnn cpp backend: ln_c, peephole and zoneout_c are LSTM options");
+  TORCH_CHECK(!has(a.lnc_w) || has(a.ln_w), "fastrnn cpp backend: ln_c comes with the hidden-product layer norm");
+  TORCH_CHECK(cell != kLSTM || has(a.zh) == has(a.zc), "fastrnn cpp backend: LSTM zoneout needs both zh and zc");
+  TORCH_CHECK(a.reset_after || cell == kGRU, "fastrnn cpp backend: reset_after=False is a GRU option");
+  TORCH_CHECK(a.reset_after || !has(a.ln_w),
+              "fastrnn cpp backend: layer norm with reset_after=False is not defined (docs/variants.md)");
+  check(a.ln_w, G, "ln_hh_weight"), check(a.ln_b, G, "ln_hh_bias"), check(a.lnc_w, H, "ln_c_weight");
+  check(a.lnc_b, H, "ln_c_bias"), check(a.peep, 3 * H, "peephole"), check(a.mask, B * Hr, "rec_mask");
+  check(a.zh, steps * B * Hr, "zoneout_h"), check(a.zc, steps * B * H, "zoneout_c");
+  if (has(a.reset))
+    TORCH_CHECK(a.reset->scalar_type() == at::kBool && a.reset->is_contiguous() && a.reset->numel() == steps * B &&
+                    a.reset->device().is_cpu(),
+                "fastrnn cpp backend: reset must be a contiguous [T, B] bool CPU tensor");
+  auto p = [](const c10::optional<Tensor>& t) { return has(t) ? t->data_ptr<T>() : nullptr; };
+  Var<T> v;
+  v.ln_w = p(a.ln_w), v.ln_b = p(a.ln_b), v.lnc_w = p(a.lnc_w), v.lnc_b = p(a.lnc_b), v.peep = p(a.peep);
+  v.mask = p(a.mask), v.zh = p(a.zh), v.zc = p(a.zc);
+  v.reset = has(a.reset) ? a.reset->data_ptr<bool>() : nullptr;
+  v.flags = kVar | (v.ln_w ? kLn : 0) | (v.zh ? kZone : 0) | (v.peep ? kPeep : 0) | (v.lnc_w ? kLnC : 0) |
+            (a.reset_after ? 0 : kBefore);
+  return v;
+}
+
+// The entry points: every check first, then the loops. `va` null: the plain cell.
+std::vector<Tensor> forward_entry(int64_t cell, const Tensor& xw, const Tensor& w_hh, const c10::optional<Tensor>& b_hh,
+                                  const Tensor& h0, const c10::optional<Tensor>& c0,
+                                  const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
+                                  bool reverse, bool training, const VarArgs* va) {
   check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
   check_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward", [&] {
-    return forward_impl<scalar_t>(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training);
+    const auto v = va ? make_var<scalar_t>(xw, cell, xw.size(0), xw.size(1), xw.size(2), h0.size(1), *va)
+                      : Var<scalar_t>();
+    const Steps s = make_steps(xw, reverse, batch_sizes);
+    return dispatch(cell, v.flags, [&](auto c, auto f) {
+      return forward<decltype(c)::value, decltype(f)::value>(xw, w_hh, b_hh, h0, c0, w_hr, s, training,
+                                                             cell == kRNNRelu, v);
+    });
   });
+}
+
+std::vector<Tensor> backward_entry(int64_t cell, const Tensor& grad_h_seq, const Tensor& grad_h_T,
+                                   const c10::optional<Tensor>& grad_c_T, const Tensor& w_hh,
+                                   const c10::optional<Tensor>& w_hr, const Tensor& h0,
+                                   const c10::optional<Tensor>& c0, const c10::optional<Tensor>& batch_sizes,
+                                   bool reverse, const std::vector<Tensor>& saved, const VarArgs* va) {
+  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
+  check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, va && has(va->ln_w),
+                 va && has(va->lnc_w), va && has(va->zh), va && has(va->zc));
+  return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward", [&] {
+    const auto v = va ? make_var<scalar_t>(grad_h_seq, cell, grad_h_seq.size(0), grad_h_seq.size(1), w_hh.size(0),
+                                           grad_h_seq.size(2), *va)
+                      : Var<scalar_t>();
+    const Steps s = make_steps(saved[0], reverse, batch_sizes);
+    return dispatch(cell, v.flags, [&](auto c, auto f) {
+      return backward<decltype(c)::value, decltype(f)::value>(grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, s,
+                                                              saved, cell == kRNNRelu, v);
+    });
+  });
+}
+
+std::vector<Tensor> rnn_forward(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
+                                Tensor h0, c10::optional<Tensor> c0, c10::optional<Tensor> w_hr,
+                                c10::optional<Tensor> batch_sizes, bool reverse, bool training) {
+  return forward_entry(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, nullptr);
 }
 
 std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_T,
@@ -1516,49 +1170,8 @@ std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_
                                  c10::optional<Tensor> w_hr, Tensor h0, c10::optional<Tensor> c0,
                                  c10::optional<Tensor> batch_sizes, bool reverse,
                                  std::vector<Tensor> saved) {
-  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
-  check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, false, false, false, false);
-  return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward", [&] {
-    return backward_impl<scalar_t>(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
-                                   batch_sizes, reverse, saved);
-  });
-}
-
-// Checks the variant tensors (docs/variants.md, fastrnn.ops.recurrence.Variant) and points a Var at them.
-template <typename T>
-Var<T> make_var(const Tensor& ref, int64_t cell, int64_t steps, int64_t B, int64_t G, int64_t Hr,
-                const c10::optional<Tensor>& ln_w, const c10::optional<Tensor>& ln_b,
-                const c10::optional<Tensor>& lnc_w, const c10::optional<Tensor>& lnc_b,
-                const c10::optional<Tensor>& peep, const c10::optional<Tensor>& mask,
-                const c10::optional<Tensor>& zh, const c10::optional<Tensor>& zc,
-                const c10::optional<Tensor>& reset, bool reset_after) {
-  check_inputs(ref, {ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc});
-  const int64_t H = cell == kLSTM ? G / 4 : cell == kGRU ? G / 3 : G;
-  auto check = [](const c10::optional<Tensor>& t, int64_t n, const char* what) {
-    TORCH_CHECK(!has(t) || t->numel() == n, "fastrnn cpp backend: ", what, " has ", t->numel(),
-                " elements, expected ", n);
-  };
-  TORCH_CHECK(has(ln_w) == has(ln_b) && has(lnc_w) == has(lnc_b),
-              "fastrnn cpp backend: a layer norm needs both its weight and its bias");
-  TORCH_CHECK(cell == kLSTM || (!has(lnc_w) && !has(peep) && !has(zc)),
-              "fastrnn cpp backend: ln_c, peephole and zoneout_c are LSTM options");
-  TORCH_CHECK(reset_after || cell == kGRU, "fastrnn cpp backend: reset_after=False is a GRU option");
-  TORCH_CHECK(reset_after || !has(ln_w),
-              "fastrnn cpp backend: layer norm with reset_after=False is not defined (docs/variants.md)");
-  check(ln_w, G, "ln_hh_weight"), check(ln_b, G, "ln_hh_bias"), check(lnc_w, H, "ln_c_weight");
-  check(lnc_b, H, "ln_c_bias"), check(peep, 3 * H, "peephole"), check(mask, B * Hr, "rec_mask");
-  check(zh, steps * B * Hr, "zoneout_h"), check(zc, steps * B * H, "zoneout_c");
-  if (has(reset))
-    TORCH_CHECK(reset->scalar_type() == at::kBool && reset->is_contiguous() && reset->numel() == steps * B &&
-                    reset->device().is_cpu(),
-                "fastrnn cpp backend: reset must be a contiguous [T, B] bool CPU tensor");
-  auto p = [](const c10::optional<Tensor>& t) { return has(t) ? t->data_ptr<T>() : nullptr; };
-  Var<T> v;
-  v.ln_w = p(ln_w), v.ln_b = p(ln_b), v.lnc_w = p(lnc_w), v.lnc_b = p(lnc_b), v.peep = p(peep);
-  v.mask = p(mask), v.zh = p(zh), v.zc = p(zc);
-  v.reset = has(reset) ? reset->data_ptr<bool>() : nullptr;
-  v.reset_after = reset_after;
-  return v;
+  return backward_entry(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
+                        nullptr);
 }
 
 std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
@@ -1569,13 +1182,8 @@ std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c1
                                         c10::optional<Tensor> peep, c10::optional<Tensor> mask,
                                         c10::optional<Tensor> zh, c10::optional<Tensor> zc,
                                         c10::optional<Tensor> reset, bool reset_after) {
-  check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
-  check_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr);
-  return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward_variant", [&] {
-    const auto v = make_var<scalar_t>(xw, cell, xw.size(0), xw.size(1), xw.size(2), h0.size(1), ln_w, ln_b,
-                                      lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after);
-    return forward_variant_impl<scalar_t>(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, v);
-  });
+  const VarArgs va{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after};
+  return forward_entry(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, &va);
 }
 
 std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor grad_h_T,
@@ -1588,16 +1196,8 @@ std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor
                                          c10::optional<Tensor> mask, c10::optional<Tensor> zh,
                                          c10::optional<Tensor> zc, c10::optional<Tensor> reset,
                                          bool reset_after) {
-  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
-  check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, has(ln_w), has(lnc_w), has(zh),
-                 has(zc));
-  return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward_variant", [&] {
-    const auto v = make_var<scalar_t>(grad_h_seq, cell, grad_h_seq.size(0), grad_h_seq.size(1), w_hh.size(0),
-                                      grad_h_seq.size(2), ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset,
-                                      reset_after);
-    return backward_variant_impl<scalar_t>(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
-                                           batch_sizes, reverse, saved, v);
-  });
+  const VarArgs va{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after};
+  return backward_entry(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, &va);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1682,7 +1282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "peephole, rec_mask, zoneout_h, zoneout_c, reset, reset_after) appended");
   m.def("rnn_backward_variant", &fastrnn::rnn_backward_variant, nogil(),
         "rnn_backward with the variant tensors appended -> [grad_xw, grad_hw, grad_h0, grad_c0, "
-        "grad_hproj, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, peephole, u_seq]");
+        "grad_hproj, ln_hh_weight, ln_hh_bias, ln_c_weight, ln_c_bias, peephole]");
   m.def("linear", &fastrnn::linear, nogil(), "x [N,I], w [G,I], b [G] -> x w^T + b");
   m.def("mm", &fastrnn::mm, nogil(), "a [M,K], b [K,N] -> a b");
   m.def("mm_tn", &fastrnn::mm_tn, nogil(), "a [K,M], b [K,N] -> a^T b");

@@ -456,7 +456,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      double scale, bool causal, double dropout_p, int64_t seed, int64_t block_l,
                      int64_t block_s) {
   // Every size, stride, dtype and index the kernels rely on (they index raw pointers): a direct
-  // call with bad tensors raises instead of reading out of bounds (fastrnn/ops/checks.py checks
+  // call with bad tensors raises instead of reading out of bounds (fastrnn/contract/checks.py checks
   // the same first on the Python side).
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "sdpa: q, k, v must be 3-D");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "sdpa: q, k, v must be contiguous");

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import backends, precision
-from .ops.attention import SdpaMask, sdpa
+from .contract.sdpa import SdpaMask
+from .ops.attention import sdpa
 
 
 def _check_inputs(query, key, value, attn_mask, dropout_p, is_causal):
@@ -100,7 +101,8 @@ def _flatten_mask(attn_mask, batch, L, S, dtype):
                            f"broadcast to the attention shape {target}")
     m = attn_mask.reshape((1,) * (len(target) - attn_mask.dim()) + tuple(attn_mask.shape))
     if m.dtype == torch.bool:
-        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))  # out of place: works under vmap
+        # out of place: works under vmap
+        m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
     else:
         m = m.to(dtype)
     mb = m.shape[:-2]

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, precision
-from .ops.checks import check_batch_sizes
-from .ops.recurrence import GATES, Variant, check_cell, packed_mask
-from .ops.rnn_layer import rnn_cell as _rnn_cell_op, rnn_layer
+from .contract.checks import check_batch_sizes
+from .contract.rnn import GATES, Variant, check_cell, packed_mask
+from .ops.rnn_layer import rnn_cell as _rnn_cell_op
+from .ops.rnn_layer import rnn_layer
 
 _CELL_KIND = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN", "rnn_relu": "RNN"}
 

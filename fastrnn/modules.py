@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from . import backends
 from . import functional as FR
-from .ops.recurrence import GATES
+from .contract.rnn import GATES
 
 # option -> its "off" value. Also the class-level defaults: convert() builds a module from a torch
 # module's __dict__, which has none of these attributes.

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 import fastrnn
 from fastrnn import backends
-from fastrnn.ops.attention import SdpaMask, sdpa
+from fastrnn.contract.sdpa import SdpaMask
+from fastrnn.ops.attention import sdpa
 from fastrnn.testing import assert_close, assert_low_precision
 
 BACKENDS = fastrnn.available_backends("cpu", "sdpa")

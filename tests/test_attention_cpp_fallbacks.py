@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastrnn.backends import reference_sdpa as ref
-from fastrnn.ops.attention import SdpaMask
+from fastrnn.contract.sdpa import SdpaMask
 from fastrnn.testing import assert_close
 
 pytestmark = pytest.mark.skipif(os.environ.get("FASTRNN_TEST_CPP_FALLBACKS") != "1",

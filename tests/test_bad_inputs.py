@@ -6,7 +6,7 @@ Each case is a mistake a user or a caller below the public API can make (wrong b
 feature size, wrong weight shapes, mixed or integer dtypes, a tensor on another device -- "meta"
 stands in for one --, bad batch_sizes, out-of-range mask rows, a mask of the wrong shape or
 stride, ...); several of them segfaulted or corrupted the heap before the validation boundary
-(fastrnn/ops/checks.py) existed.
+(fastrnn/contract/checks.py) existed.
 
 The cases run in child processes (one per backend and op family), so that a crash fails a test
 instead of killing pytest. The child runs every case, compares what was raised with the expected
@@ -322,14 +322,14 @@ def _layer_args(backend, cell="lstm", proj=0, packed=False, ln=False, **variant)
 def _bwd_args(backend, cell="lstm", proj=0, ln=False, **variant):
     """rnn_layer_bwd's arguments, with ``saved`` of the right shapes (no kernel runs: the checks
     look at shapes only, so every case raises before anything is computed)."""
-    from fastrnn.ops.recurrence import Variant, saved_layout
+    from fastrnn.contract.rnn import Variant, saved_layout
     args = _layer_args(backend, cell, proj, ln=ln, **variant)
     G, Hr = GATES[cell] * H, proj or H
     v = Variant(**{f: variant.get(f) for f in LN_FIELDS}, reset_after=variant.get("reset_after", True))
     plain = all(variant.get(f) is None for f in LN_FIELDS) and v.reset_after
     impl = fastrnn.backends.load(backend, "rnn")
     layout = getattr(impl, "saved_layout", saved_layout)
-    saved = [r(*s, dtype=d) for s, d in layout(cell, T, B, H, Hr, torch.float32, bool(proj), True,
+    saved = [r(*s, dtype=d) for _, s, d in layout(cell, T, B, H, Hr, torch.float32, bool(proj), True,
                                                 None if plain else v)[1:]]
     if ln:
         saved += [r(T, B, G), r(T, B, 1), r(T, B, 1)]
@@ -403,8 +403,9 @@ def _op_cases(backend):
         cases.append(Case(f"rnn_layer_bwd/{case}", _op_call(ops.rnn_layer_bwd, args, **changes), exc, fragment))
 
     add_bwd("saved_missing", RuntimeError, "saved holds 1 tensors, expected 2", saved=bwd["saved"][:1])
-    add_bwd("saved_shape", RuntimeError, "saved[1] has shape", saved=[bwd["saved"][0], r(T, B, H + 1)])
-    add_bwd("saved_dtype", RuntimeError, "saved[0] has dtype", saved=[bwd["saved"][0].double(), bwd["saved"][1]])
+    add_bwd("saved_shape", RuntimeError, "saved[1] (c_seq) has shape", saved=[bwd["saved"][0], r(T, B, H + 1)])
+    add_bwd("saved_dtype", RuntimeError, "saved[0] (gates) has dtype",
+            saved=[bwd["saved"][0].double(), bwd["saved"][1]])
     add_bwd("grad_h_seq", RuntimeError, "grad_h_seq has shape", grad_h_seq=r(T, B - 1, H))
     add_bwd("grad_h_T", RuntimeError, "grad_h_T must be 2-D [B, Hr]", grad_h_T=r(B, H, 1))
     add_bwd("grad_c_T", RuntimeError, "grad_c_T has shape", grad_c_T=r(B + 1, H))
@@ -419,13 +420,13 @@ def _op_cases(backend):
 
 
 def _contract_rnn_cases(backend):
-    from fastrnn.ops.recurrence import Variant, saved_layout
+    from fastrnn.contract.rnn import Variant, saved_layout
     impl = fastrnn.backends.load(backend, "rnn")
     G = 4 * H
     fwd = dict(cell="lstm", xw=r(T, B, G), w_hh=r(G, H), b_hh=r(G), h0=r(B, H), c0=r(B, H), w_hr=None,
                batch_sizes=None, reverse=False, training=True)
     layout = getattr(impl, "saved_layout", saved_layout)
-    saved = [r(*s, dtype=d) for s, d in layout("lstm", T, B, H, H, torch.float32, False, True)]
+    saved = [r(*s, dtype=d) for _, s, d in layout("lstm", T, B, H, H, torch.float32, False, True)]
     bwd = dict(cell="lstm", grad_h_seq=r(T, B, H), grad_h_T=r(B, H), grad_c_T=r(B, H), w_hh=r(G, H), w_hr=None,
                h0=r(B, H), c0=r(B, H), batch_sizes=None, reverse=False, saved=saved)
 
@@ -457,7 +458,7 @@ def _contract_rnn_cases(backend):
         Case("rnn_forward/variant_combo", f(variant=Variant(zoneout_h=r(T, B, H))), ValueError, "zoneout"),
         Case("rnn_backward/saved_missing", b(saved=saved[:2]), RuntimeError, "saved holds 2 tensors, expected 3"),
         Case("rnn_backward/saved_shape", b(saved=[saved[0], r(T, B, G - 1), saved[2]]), RuntimeError,
-             "saved[1] has shape"),
+             "saved[1] (gates) has shape"),
         Case("rnn_backward/saved_empty", b(saved=[]), RuntimeError, "saved is empty"),
         Case("rnn_backward/grad_h_T", b(grad_h_T=r(B + 1, H)), RuntimeError, "grad_h_T has shape"),
         Case("rnn_backward/w_hh_rows", b(w_hh=r(G - 4, H)), RuntimeError, "w_hh has shape"),
@@ -577,7 +578,7 @@ def _sdpa_op_cases(backend):
 
 
 def _sdpa_contract_cases(backend):
-    from fastrnn.ops.attention import SdpaMask
+    from fastrnn.contract.sdpa import SdpaMask
     impl = fastrnn.backends.load(backend, "sdpa")
     N, Nk, L, S, E, Ev = 4, 2, 5, 7, 3, 4
     fwd = dict(q=r(N, L, E), k=r(Nk, S, E), v=r(Nk, S, Ev), mask=SdpaMask(r(2, L, S), torch.tensor([0, 1, 1, 0])),

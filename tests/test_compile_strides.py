@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from fastrnn.contract.rnn import GATES, Variant
+
 from conftest import cpu_backends
-from fastrnn.ops.recurrence import GATES, Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 T, B, I, H = 3, 2, 4, 5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastrnn import backends
-from fastrnn.ops.recurrence import GATES
+from fastrnn.contract.rnn import GATES
 from fastrnn.testing import assert_close
 
 pytestmark = pytest.mark.skipif(os.environ.get("FASTRNN_TEST_CPP_FALLBACKS") != "1",
@@ -19,8 +19,9 @@ VARIANTS = {"mkl": ["-DFASTRNN_MKL", "-DFASTRNN_NO_BRGEMM"], "aten": ["-DFASTRNN
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     from torch.utils.cpp_extension import load
-    mod = load(f"fastrnn_rnn_{request.param}", [SRC], extra_cflags=["-O3", "-fopenmp", "-std=c++20"] + VARIANTS[request.param],
-               extra_ldflags=["-fopenmp"], build_directory=str(tmp_path_factory.mktemp(request.param)))
+    mod = load(f"fastrnn_rnn_{request.param}", [SRC],
+               extra_cflags=["-O3", "-fopenmp", "-std=c++20"] + VARIANTS[request.param], extra_ldflags=["-fopenmp"],
+               build_directory=str(tmp_path_factory.mktemp(request.param)))
     assert mod.gemm_engine() == request.param
     return mod
 

@@ -12,10 +12,12 @@ from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from conftest import cpu_backends, rnn_backends
 from fastrnn.backends import reference_rnn as ref
-from fastrnn.ops.attention import SdpaMask, sdpa
+from fastrnn.contract.sdpa import SdpaMask
+from fastrnn.ops.attention import sdpa
 from fastrnn.testing import assert_close
+
+from conftest import cpu_backends, rnn_backends
 
 T, B, I, H = 3, 2, 3, 3
 f64 = dict(dtype=torch.float64)
@@ -278,7 +280,7 @@ def test_gradgradcheck_sdpa(backend, case):
     k = torch.randn(Nk, S, E, **f64, requires_grad=True)
     v = torch.randn(Nk, S, Ev, **f64, requires_grad=True)
     inputs = [q, k, v]
-    mask, p, seed = None, 0.0, None
+    p, seed = 0.0, None
     if case == "float_mask":
         bias = torch.randn(2, L, S, **f64, requires_grad=True)
         inputs.append(bias)
@@ -418,7 +420,7 @@ def test_gradcheck_reference_backward_itself():
     xw, w_hh, b_hh, h0, c0, w_hr = r(T, B, G), r(G, Hr), r(G), r(B, Hr), r(B, H), r(Hr, H)
     gh, ghT, gcT = r(T, B, Hr), r(B, Hr), r(B, H)
     bs = torch.tensor([2, 2, 1])
-    variant = fastrnn.ops.recurrence.Variant(
+    variant = fastrnn.contract.rnn.Variant(
         ln_hh_weight=r(G), ln_hh_bias=r(G), ln_c_weight=r(H), ln_c_bias=r(H), peephole=r(3, H),
         rec_mask=torch.tensor([[2.0, 0.0], [2.0, 2.0]], **f64),
         zoneout_h=torch.bernoulli(torch.full((T, B, Hr), 0.3, **f64)),

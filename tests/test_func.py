@@ -9,9 +9,10 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 import fastrnn
-from conftest import cpu_backends
 from fastrnn.backends import reference_rnn, reference_sdpa
 from fastrnn.testing import assert_close
+
+from conftest import cpu_backends
 
 T, I, H, V = 3, 3, 4, 5  # V: samples (the vmapped dim)
 f64 = dict(dtype=torch.float64)

@@ -409,7 +409,8 @@ def sdpa_configs(draw):
     L, S = draw(st.integers(0, 7)), draw(st.integers(0, 7))  # empty problems are valid
     mask = draw(st.sampled_from(["none", "none", "bool", "float", "float_inf"]))
     cfg = dict(q=q_lead + [L, draw(st.integers(1, 8))], S=S, Ev=draw(st.integers(1, 8)),
-               k_lead=k_lead, v_lead=v_lead, gqa=gqa, mask=mask, mask_shape=broadcast_shape(batch + [L, S]) if mask != "none" else None,
+               k_lead=k_lead, v_lead=v_lead, gqa=gqa, mask=mask,
+               mask_shape=broadcast_shape(batch + [L, S]) if mask != "none" else None,
                mask_grad=mask.startswith("float") and draw(st.booleans()),
                causal=mask == "none" and draw(st.booleans()),
                scale=draw(st.sampled_from([None, None, 0.3, 1.7])),

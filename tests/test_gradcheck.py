@@ -4,6 +4,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
+
 from conftest import cpu_backends
 
 CASES = [
@@ -30,7 +31,8 @@ def test_gradcheck(backend, kind, kw, packed):
     lengths = torch.tensor([4, 2, 3])
 
     def f(x, h0, c0, *weights):
-        with torch.nn.utils.stateless._reparametrize_module(m, dict(zip([n for n, _ in m.named_parameters()], weights))):
+        params = dict(zip([n for n, _ in m.named_parameters()], weights))
+        with torch.nn.utils.stateless._reparametrize_module(m, params):
             inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
             out, hidden = m(inp, (h0, c0) if kind == "LSTM" else h0)
             out = out.data if packed else out

@@ -7,10 +7,10 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastrnn
-from conftest import cpu_backends
-from fastrnn.ops.attention import SdpaMask
-from fastrnn.ops.recurrence import GATES, Variant
+from fastrnn.contract.rnn import GATES, Variant
 from fastrnn.testing import assert_close
+
+from conftest import cpu_backends
 
 T, B, I, H, PROJ = 5, 3, 4, 6, 3
 

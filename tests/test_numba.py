@@ -15,8 +15,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
 from fastrnn import backends
-from fastrnn.ops.recurrence import GATES, Variant
+from fastrnn.contract.rnn import GATES, Variant
 from fastrnn.testing import assert_close
+
+import contract_harness as harness
 
 numba_rnn = backends.load("numba", "rnn")
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("numba", "cpu", "rnn") is not None,
@@ -104,6 +106,7 @@ def test_float32_activations_match_torch():
     """The float32 kernels use their own exp; it must be as accurate as torch's float32 (a few
     ulp) over the whole range, and keep NaN, +-inf, huge and tiny arguments right."""
     from numba import njit
+
     from fastrnn._numba import rnn_kernels as rk
 
     @njit
@@ -173,14 +176,12 @@ def test_inference_path_matches_reference(cell, proj, reverse):
         assert_close(a, e, f"{cell}/{name}")
 
 
-def _run_contract(backend, cell, case, grads, reverse):
-    impl = backends.load(backend, "rnn")
-    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **args, reverse=reverse, training=True)
-    back = impl.rnn_backward(cell, grads[0].clone(), grads[1].clone(), None if grads[2] is None else grads[2].clone(),
-                             case["w_hh"], case["w_hr"], case["h0"], case["c0"], case["batch_sizes"], reverse, saved)
-    return dict(h_seq=h_seq, h_T=h_T, c_T=c_T, grad_xw=back[0], grad_hw=back[1], grad_h0=back[2],
-                grad_c0=back[3], grad_w_hr=back[4])
+def _run_contract(backend, cell, case, grads, reverse, variant=None):
+    """tests/contract_harness.run, without the saved tuple."""
+    out = harness.run(backends.load(backend, "rnn"), cell, case, variant,
+                      dict(grad_h_seq=grads[0], grad_h_T=grads[1], grad_c_T=grads[2]), reverse)
+    out.pop("saved")
+    return out
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
@@ -225,19 +226,6 @@ def _variant_case(cell, proj, before, T, B, H, batch_sizes, dtype):
     return case, Variant(**kw)
 
 
-def _run_variant(backend, cell, case, variant, grads, reverse):
-    impl = backends.load(backend, "rnn")
-    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **args, reverse=reverse, training=True, variant=variant)
-    back = impl.rnn_backward(cell, grads[0].clone(), grads[1].clone(), None if grads[2] is None else grads[2].clone(),
-                             case["w_hh"], case["w_hr"], case["h0"], case["c0"], case["batch_sizes"], reverse, saved,
-                             variant=variant)
-    out = dict(h_seq=h_seq, h_T=h_T, c_T=c_T, grad_xw=back[0], grad_hw=back[1], grad_h0=back[2],
-               grad_c0=back[3], grad_w_hr=back[4])
-    out.update({f"variant.{k}": v for k, v in back[5]._asdict().items()})
-    return out
-
-
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 @pytest.mark.parametrize("cell,proj,before", [("lstm", 0, False), ("lstm", 70, False), ("gru", 0, False),
                                               ("gru", 0, True), ("rnn_tanh", 0, False), ("rnn_relu", 0, False)])
@@ -253,11 +241,11 @@ def test_variant_threads_and_panels_match_reference(cell, proj, before, parallel
     active = (torch.arange(B) < case["batch_sizes"].unsqueeze(1)).unsqueeze(-1)
     grads = (torch.randn(T, B, Hr) * active, torch.randn(B, Hr), torch.randn(B, H) if cell == "lstm" else None)
     for reverse in (False, True):
-        expected = _run_variant("torch", cell, case, variant, grads, reverse)
-        actual = _run_variant("numba", cell, case, variant, grads, reverse)
+        expected = _run_contract("torch", cell, case, grads, reverse, variant)
+        actual = _run_contract("numba", cell, case, grads, reverse, variant)
         for name, exp in expected.items():
             assert_close(actual[name], exp, f"{cell}/{name}/reverse={reverse}", grad=name != "h_seq"
-                         and not name.endswith("_T"), scale=10 if name.startswith("variant") else 1)
+                         and not name.endswith("_T"), scale=10 if name.startswith("vgrad") else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -337,7 +337,8 @@ def test_damaged_cache_entries_are_rebuilt(tmp_path):
     for name in os.listdir(first["dirs"][0]):
         for i in range(5):
             if name.startswith(f"kern.k{i}-"):
-                entries.setdefault(i, {})["nbi" if name.endswith(".nbi") else "nbc"] = os.path.join(first["dirs"][0], name)
+                kind = "nbi" if name.endswith(".nbi") else "nbc"
+                entries.setdefault(i, {})[kind] = os.path.join(first["dirs"][0], name)
     assert sorted(entries) == list(range(5)) and all(len(e) == 2 for e in entries.values()), entries
     damage = [(_truncate, "nbi"), (_truncate, "nbc"), (_garble, "nbc"), (_empty, "nbi"), (_garble, "nbi")]
     damaged = set()

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import fastrnn
+from fastrnn import backends
+
 from conftest import rnn_backends
 
 
@@ -103,3 +105,38 @@ def test_convert_leaves_user_subclasses_alone():
     m = nn.Sequential(MyLSTM(3, 3))
     fastrnn.convert(m)
     assert type(m[0]) is MyLSTM
+
+
+@pytest.mark.parametrize("op", backends.OPS)
+@pytest.mark.parametrize("name", sorted(backends.BACKENDS))
+def test_backend_modules_conform_to_the_contract(name, op):
+    """Every backend module defines what fastrnn.contract.backend's protocol asks, with the
+    protocol's parameter names, and its optional members have the right kind."""
+    from fastrnn.contract.backend import conforms
+
+    module = backends.load(name, op)
+    if isinstance(module, str):
+        pytest.skip(module)
+    assert conforms(module, op) == []
+
+
+def test_conforms_reports_what_is_wrong():
+    import types
+
+    from fastrnn.contract.backend import conforms
+
+    fake = types.SimpleNamespace(name="x", availability=lambda device_type: None,
+                                 rnn_forward=lambda cell, xw: None, dtypes=[torch.float32])
+    problems = conforms(fake, "rnn")
+    assert any(p.startswith("rnn_forward: parameters") for p in problems)
+    assert "rnn_backward: missing" in problems and "dtypes: not a tuple" in problems
+
+
+def test_backends_never_import_the_op_layer():
+    """The contract sits below both layers: no backend module imports fastrnn.ops."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(backends.__file__).parent
+    for path in root.glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+(\.\.ops|fastrnn\.ops)\b", path.read_text(), re.M), path.name

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import fastrnn
+
 from conftest import cpu_backends
 
 

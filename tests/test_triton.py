@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from fastrnn import backends
-from fastrnn.ops.recurrence import GATES, Variant, packed_mask
+from fastrnn.contract.rnn import GATES, Variant, packed_mask
 from fastrnn.testing import assert_close, assert_low_precision
+
+import contract_harness as harness
 
 needs_triton = pytest.mark.skipif(backends.unavailable_reason("triton", "cpu") is not None
                                   and not torch.cuda.is_available(),
@@ -73,7 +75,7 @@ def test_interpreter_uses_one_small_config():
     k = _triton()._kernels()
     if not k.INTERPRETED:
         pytest.skip("kernels compiled for the GPU")
-    for kernel in (k.rnn_fwd_step, k.rnn_proj_step, k.rnn_bwd_dh, k.rnn_bwd_step):
+    for kernel in (k.rnn_fwd, k.rnn_gemm, k.rnn_bwd_dh, k.rnn_bwd, k.rnn_bwd_rb):
         assert len(kernel.configs) == 1
         cfg = kernel.configs[0].kwargs
         assert min(cfg.values()) >= 16 and max(cfg.values()) <= 32  # tl.dot needs >= 16
@@ -96,8 +98,8 @@ def test_gpu_configs_and_pruning(monkeypatch):
     big1 = k.prune_configs(configs, dict(B=512, N=2048, K=2048), NG=1)
     assert all(4 * c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_H"] <= 64 * 32 * c.num_warps for c in big4)
     assert len(big1) > len(big4)
-    assert k.rnn_fwd_step.keys == ["B", "N", "K"]
-    assert "HAS_PREV" in k.rnn_bwd_step.keys
+    assert k.rnn_fwd.keys == ["B", "N", "K", "LN"]
+    assert "HAS_PREV" in k.rnn_bwd.keys
 
 
 def test_kernels_compile_for_sm90_without_gpu():
@@ -108,7 +110,7 @@ def test_kernels_compile_for_sm90_without_gpu():
     code = "from fastrnn._triton.rnn_compile import compile_all; compile_all(['fp16', 'bf16'], quick=True)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "bf16: 60 kernels compiled for sm_90" in out.stdout, out.stdout  # 8 plain + 22 variant per dtype
+    assert "bf16: 98 kernels compiled for sm_90" in out.stdout, out.stdout  # 49 distinct launches per dtype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,13 +132,11 @@ def _case(cell, T, B, H, proj, dtype, packed, scale=1.0, device=DEVICE):
     return args, grads
 
 
-def _run(impl, cell, args, grads, reverse):
-    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **a, reverse=reverse, training=True)
-    back = impl.rnn_backward(cell, grads["grad_h_seq"], grads["grad_h_T"], grads["grad_c_T"], args["w_hh"],
-                             args["w_hr"], args["h0"], args["c0"], args["batch_sizes"], reverse, saved)
-    names = ("h_seq", "h_T", "c_T", "grad_xw", "grad_hw", "grad_h0", "grad_c0", "grad_w_hr")
-    return dict(zip(names, (h_seq, h_T, c_T) + tuple(back)))
+def _run(impl, cell, args, grads, reverse, variant=None):
+    """tests/contract_harness.run, without the saved tuple."""
+    out = harness.run(impl, cell, args, variant, grads, reverse)
+    out.pop("saved")
+    return out
 
 
 def _compare(actual, expected, what):
@@ -185,38 +185,7 @@ def test_unsupported_dtype_is_refused():
 # ---------------------------------------------------------------------------------------------
 def _variant(cell, opts, T, B, H, Hr, dtype, device=DEVICE):
     """A Variant with the options in ``opts`` (ln, peephole, dropout, zoneout, reset, before)."""
-    G = GATES[cell] * H
-    r = lambda *s, sc=1.0: (torch.randn(*s, dtype=torch.float64) * sc).to(dtype).to(device)
-    v = {}
-    if "ln" in opts:
-        v.update(ln_hh_weight=1 + r(G, sc=0.3), ln_hh_bias=r(G, sc=0.2))
-        if cell == "lstm":
-            v.update(ln_c_weight=1 + r(H, sc=0.3), ln_c_bias=r(H, sc=0.2))
-    if "peephole" in opts:
-        v.update(peephole=r(3, H, sc=0.5))
-    if "dropout" in opts:
-        v.update(rec_mask=(torch.rand(B, Hr, device=device) > 0.3).to(dtype) / 0.7)
-    if "zoneout" in opts:
-        v.update(zoneout_h=(torch.rand(T, B, Hr, device=device) < 0.25).to(dtype))
-        if cell == "lstm":
-            v.update(zoneout_c=(torch.rand(T, B, H, device=device) < 0.25).to(dtype))
-    if "reset" in opts:
-        v.update(reset=torch.rand(T, B, device=device) < 0.3)
-    if "before" in opts:
-        v.update(reset_after=False)
-    return Variant(**v)
-
-
-def _run_variant(impl, cell, args, grads, reverse, variant):
-    a = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, **a, reverse=reverse, training=True, variant=variant)
-    back = impl.rnn_backward(cell, grads["grad_h_seq"], grads["grad_h_T"], grads["grad_c_T"], args["w_hh"],
-                             args["w_hr"], args["h0"], args["c0"], args["batch_sizes"], reverse, saved,
-                             variant=variant)
-    names = ("h_seq", "h_T", "c_T", "grad_xw", "grad_hw", "grad_h0", "grad_c0", "grad_w_hr")
-    out = dict(zip(names, (h_seq, h_T, c_T) + tuple(back[:5])))
-    out.update({f"vgrad_{k}": g for k, g in back[5]._asdict().items()})
-    return out
+    return harness.make_variant(cell, opts, T, B, H, Hr, dtype, device=device)
 
 
 VARIANT_GRIDS = [("lstm", 20, "ln,peephole,dropout,zoneout,reset"), ("lstm", 0, "peephole,zoneout,reset"),
@@ -234,8 +203,8 @@ def test_variants_several_programs_and_row_tiles(cell, proj, opts, reverse):
     T, B, H = 3, 37, 35
     args, grads = _case(cell, T=T, B=B, H=H, proj=proj, dtype=torch.float64, packed=True)
     variant = _variant(cell, opts.split(","), T, B, H, proj or H, torch.float64)
-    expected = _run_variant(backends.load("torch", "rnn"), cell, args, grads, reverse, variant)
-    actual = _run_variant(_triton(), cell, args, grads, reverse, variant)
+    expected = _run(backends.load("torch", "rnn"), cell, args, grads, reverse, variant)
+    actual = _run(_triton(), cell, args, grads, reverse, variant)
     for name, exp in expected.items():
         assert_close(actual[name], exp, f"{cell}/{opts}/reverse={reverse}/{name}",
                      grad=name.startswith(("grad", "vgrad")))
@@ -246,14 +215,14 @@ def test_variant_configs_row_and_tile_mode(monkeypatch):
     """Layer-norm launches (row mode, no tl.dot) get the row configs, the others the tile configs."""
     monkeypatch.delenv("FASTRNN_TRITON_TILES", raising=False)  # the default lists (gpu_check restricts them)
     k = _triton()._kernels()
-    configs = k.var_configs(interpreted=False)
-    rows = k.prune_var_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=True)
-    tiles = k.prune_var_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=False)
+    configs = k.kernel_configs(interpreted=False)
+    rows = k.prune_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=True)
+    tiles = k.prune_configs(configs, dict(B=32, N=256, K=256), NG=4, LN=False)
     assert rows and all(c.kwargs["BLOCK_B"] < 16 for c in rows)
     assert tiles and all(c.kwargs["BLOCK_B"] >= 16 for c in tiles)
-    assert "LN" in k.rnn_fwd_var.keys and "LN" in k.rnn_bwd_var.keys  # never a row config in tile mode
+    assert "LN" in k.rnn_fwd.keys and "LN" in k.rnn_bwd.keys  # never a row config in tile mode
     if k.INTERPRETED:
-        assert k.var_configs() == [k.INTERPRETER_CONFIG]
+        assert k.kernel_configs() == [k.INTERPRETER_CONFIG]
 
 
 @needs_triton
@@ -363,7 +332,7 @@ def test_variants_low_precision_against_torch_rule(cell, proj, opts, dtype):
 
     def run(impl, d):
         a, g, v = to(d)
-        return _run_variant(impl, cell, a, g, True, v)
+        return _run(impl, cell, a, g, True, v)
     exact, lowp, actual = run(ref, torch.float64), run(ref, dtype), run(_triton(), dtype)
     for name, e in exact.items():
         if e is not None:

@@ -11,19 +11,17 @@
 import pytest
 import torch
 
-from conftest import rnn_backends
 from fastrnn import backends
-from fastrnn.ops import recurrence
-from fastrnn.ops.recurrence import GATES, Variant, VariantGrads, packed_mask, recurrent_inputs
+from fastrnn.contract import rnn as recurrence
+from fastrnn.contract.rnn import GATES, Variant, VariantGrads
 from fastrnn.testing import assert_close
 
-T, B, H, PROJ = 7, 5, 6, 3
-BATCH_SIZES = torch.tensor([5, 5, 4, 3, 3, 2, 1])
-P_DROP, P_ZONE = 0.3, 0.25
+from conftest import rnn_backends
+from contract_harness import GRAD_NAMES, P_ZONE, PROJ, compare, make_case, run, weight_grads
 
-# (id, cell, proj, options). Options: ln (hidden-product layer norm; LSTM also the cell state),
-# peephole, dropout (rec_mask), zoneout ("draw": 0/1 per unit as in training, "p": the
-# probability as in eval), reset, before (GRU reset_after=False), nobias (b_hh None).
+T, B = 7, 5
+
+# (id, cell, proj, options); options as in tests/contract_harness.py
 VARIANTS = [
     ("lstm-ln", "lstm", 0, {"ln"}),
     ("lstm-peephole", "lstm", 0, {"peephole"}),
@@ -52,75 +50,6 @@ VARIANTS = [
 VARIANT_PARAMS = [pytest.param(cell, proj, opts, id=vid) for vid, cell, proj, opts in VARIANTS]
 LAYOUTS = [(False, False), (True, False), (False, True), (True, True)]  # (packed, reverse)
 LAYOUT_IDS = ["padded-fwd", "packed-fwd", "padded-rev", "packed-rev"]
-GRAD_NAMES = ("grad_xw", "grad_hw", "grad_h0", "grad_c0", "grad_w_hr")
-
-
-def lengths():
-    return (BATCH_SIZES.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)  # [B] steps per row
-
-
-def make_case(cell, proj, opts, packed, reverse, dtype):
-    """Contract arguments, the Variant, output gradients and the [T, B, 1] active mask."""
-    G, Hr = GATES[cell] * H, proj or H
-    r = lambda *s, scale=1.0: torch.randn(*s, dtype=dtype) * scale
-    args = dict(xw=r(T, B, G), w_hh=r(G, Hr, scale=0.4), b_hh=None if "nobias" in opts else r(G, scale=0.3),
-                h0=r(B, Hr), c0=r(B, H) if cell == "lstm" else None,
-                w_hr=r(Hr, H, scale=0.4) if proj else None,
-                batch_sizes=BATCH_SIZES.clone() if packed else None)
-    v = {}
-    if "ln" in opts:
-        v.update(ln_hh_weight=1 + r(G, scale=0.3), ln_hh_bias=r(G, scale=0.2))
-        if cell == "lstm":
-            v.update(ln_c_weight=1 + r(H, scale=0.3), ln_c_bias=r(H, scale=0.2))
-    if "peephole" in opts:
-        v.update(peephole=r(3, H, scale=0.5))
-    if "dropout" in opts:
-        v.update(rec_mask=torch.bernoulli(torch.full((B, Hr), 1 - P_DROP, dtype=dtype)) / (1 - P_DROP))
-    if "zoneout" in opts or "zoneout_p" in opts:
-        def zone(K):
-            p = torch.full((T, B, K), P_ZONE, dtype=dtype)
-            return torch.bernoulli(p) if "zoneout" in opts else p
-        v.update(zoneout_h=zone(Hr))
-        if cell == "lstm":
-            v.update(zoneout_c=zone(H))
-    if "reset" in opts:
-        reset = torch.rand(T, B) < 0.3  # also True on inactive entries: those must be ignored
-        # a reset at a row's first visited step (a no-op that must stay one), for rows 0 and B-1
-        first = (lengths() - 1) if (reverse and packed) else torch.full((B,), T - 1 if reverse else 0)
-        for b in (0, B - 1):
-            reset[first[b], b] = True
-        v.update(reset=reset)
-    if "before" in opts:
-        v.update(reset_after=False)
-    variant = Variant(**v)
-    active = packed_mask(BATCH_SIZES, B, "cpu").unsqueeze(-1) if packed else torch.ones(T, B, 1, dtype=torch.bool)
-    grads = dict(grad_h_seq=r(T, B, Hr) * active, grad_h_T=r(B, Hr), grad_c_T=r(B, H) if cell == "lstm" else None)
-    return args, variant, grads, active
-
-
-def clone(x):
-    return x.clone() if isinstance(x, torch.Tensor) else x
-
-
-def run(impl, cell, args, variant, grads, reverse, training=True):
-    """Forward then backward through a backend module; a dict of named results."""
-    a = {k: clone(x) for k, x in args.items()}
-    h_seq, h_T, c_T, saved = impl.rnn_forward(cell, a["xw"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["w_hr"],
-                                              a["batch_sizes"], reverse, training, variant=variant)
-    out = dict(h_seq=h_seq, h_T=h_T, c_T=c_T, saved=saved)
-    if not training:
-        return out
-    back = impl.rnn_backward(cell, grads["grad_h_seq"].clone(), grads["grad_h_T"].clone(), clone(grads["grad_c_T"]),
-                             args["w_hh"], args["w_hr"], args["h0"], args["c0"], args["batch_sizes"], reverse,
-                             tuple(saved), variant=variant)
-    assert len(back) == 6, "rnn_backward must return 6 elements"
-    out.update(zip(GRAD_NAMES, back[:5]))
-    if variant is None:
-        assert back[5] is None, "variant=None: the sixth element must be None"
-    else:
-        assert isinstance(back[5], VariantGrads), "rnn_backward must return VariantGrads"
-        out.update({f"vgrad_{k}": g for k, g in back[5]._asdict().items()})
-    return out
 
 
 # -------------------------------------------------------------------------------------------
@@ -153,23 +82,18 @@ def test_reference_backward_is_autograd(cell, proj, opts, packed, reverse):
     assert_close(expected["grad_xw"], auto["xw"], "grad_xw", grad=True)
     assert_close(expected["grad_h0"], auto["h0"], "grad_h0", grad=True)
     assert_close(expected["grad_c0"], auto.get("c0"), "grad_c0", grad=True)
-    assert_close(expected["grad_w_hr"], auto.get("w_hr"), "grad_w_hr", grad=True)
     for k in params:
         assert_close(expected[f"vgrad_{k}"], auto[k], f"VariantGrads.{k}", grad=True)
-    for k in set(VariantGrads._fields) - set(params) - {"w_hn"}:
+    for k in set(VariantGrads._fields) - set(params):
         assert expected[f"vgrad_{k}"] is None, f"VariantGrads.{k} set for an option that is off"
-    assert (expected["vgrad_w_hn"] is not None) == (not variant.reset_after)
 
     # what the op code derives: dW_hh = grad_hw^T h_in (GRU reset_after=False: rows 2H:3H from
-    # VariantGrads.w_hn); db_hh = sum(grad_hw), or VariantGrads.ln_hh_bias with layer norm
-    h_in = recurrent_inputs(expected["h_seq"], args["h0"], args["batch_sizes"], reverse, variant)
-    grad_w_hh = torch.einsum("tbg,tbk->gk", expected["grad_hw"], h_in)
-    if not variant.reset_after:
-        grad_w_hh[2 * H:] = expected["vgrad_w_hn"]
-    assert_close(grad_w_hh, auto["w_hh"], "dW_hh", grad=True)
+    # r * h_in); db_hh = sum(grad_hw), or VariantGrads.ln_hh_bias with layer norm; dW_hr from grad_hproj
+    derived = weight_grads(cell, args, variant, expected, reverse)
+    assert_close(derived["grad_w_hh"], auto["w_hh"], "dW_hh", grad=True)
+    assert_close(derived["grad_w_hr"], auto.get("w_hr"), "dW_hr", grad=True)
     if args["b_hh"] is not None:
-        grad_b_hh = expected["vgrad_ln_hh_bias"] if "ln" in opts else expected["grad_hw"].sum((0, 1))
-        assert_close(grad_b_hh, auto["b_hh"], "db_hh", grad=True)
+        assert_close(derived["grad_b_hh"], auto["b_hh"], "db_hh", grad=True)
 
 
 def test_reference_variant_none_is_plain():
@@ -218,7 +142,7 @@ def expected_layout(impl, cell, args, variant, dtype, training):
     layout = getattr(impl, "saved_layout", recurrence.saved_layout)
     Hr = args["h0"].shape[-1]
     H = args["w_hh"].shape[0] // GATES[cell]
-    return [(tuple(s), d) for s, d in
+    return [(tuple(e.shape), e.dtype) for e in
             layout(cell, T, B, H, Hr, dtype, args["w_hr"] is not None, training, variant)]
 
 
@@ -230,14 +154,9 @@ def test_backend_vs_ref(backend, cell, proj, opts, packed, reverse, dtype):
     impl = backends.load(backend, "rnn")
     actual = run(impl, cell, args, variant, grads, reverse)
 
-    saved = [(tuple(s.shape), s.dtype) for s in actual.pop("saved")]
+    saved = [(tuple(s.shape), s.dtype) for s in actual["saved"]]
     assert saved == expected_layout(impl, cell, args, variant, dtype, True), f"{backend}: saved layout"
-    expected.pop("saved")
-    for name, exp in expected.items():
-        act = actual[name]
-        if name in ("h_seq", "grad_xw", "grad_hw"):  # rows past batch_sizes must be zero
-            assert torch.all(act[~active.expand_as(act)] == 0), f"{backend}/{name}: inactive rows not zero"
-        assert_close(act, exp, f"{backend}/{cell}/{name}", grad=name.startswith(("grad", "vgrad")))
+    compare(actual, expected, active, f"{backend}/{cell}")
 
 
 @pytest.mark.parametrize("backend", rnn_backends())

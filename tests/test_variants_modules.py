@@ -12,8 +12,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
-from conftest import cpu_backends, rnn_backends
 from fastrnn.testing import assert_close
+
+from conftest import cpu_backends, rnn_backends
 
 I, H, T, B = 3, 5, 5, 3
 LENGTHS = torch.tensor([3, 5, 2])  # unsorted: exercises sorted_indices
@@ -681,7 +682,8 @@ def test_functional_cell_rec_mask():
     (lambda: fastrnn.RNNCell(I, H, peephole=True), TypeError, "peephole=True applies to LSTM only"),
     (lambda: fastrnn.LSTM(I, H, reset_after=False), TypeError, "reset_after applies to GRU only"),
     (lambda: fastrnn.GRU(I, H, forget_bias=1.0), TypeError, "forget_bias applies to LSTM only"),
-    (lambda: fastrnn.GRU(I, H, layer_norm=True, reset_after=False), ValueError, "layer_norm=True with reset_after=False"),
+    (lambda: fastrnn.GRU(I, H, layer_norm=True, reset_after=False), ValueError,
+     "layer_norm=True with reset_after=False"),
     (lambda: fastrnn.GRUCell(I, H, layer_norm=True, reset_after=False), ValueError, "reset_after=False"),
     (lambda: fastrnn.LSTM(I, H, zoneout=1.5), ValueError, "zoneout should be a number in range"),
     (lambda: fastrnn.LSTM(I, H, zoneout=-0.1), ValueError, "zoneout"),

@@ -57,9 +57,11 @@ _ONE, _ZERO, _INF32 = _F(1.0), _F(0.0), _F(np.inf)
 
 
 @njit
-def _exp32(x):
+def exp_f32(x):
     """exp for float32, max error ~2 ulp; exactly 0 below -87 (masked scores add nothing),
-    +inf above 88, NaN stays NaN (compares, not min/max)."""
+    +inf above 88, NaN stays NaN (compares, not min/max). The algorithm and name of
+    ``rnn_kernels.exp_f32``, copied rather than imported: numba's cache keys a kernel on its own
+    file's timestamp, so an imported helper's edits would leave these cached kernels stale."""
     xc = _LO if x < _LO else x
     xc = _HI if xc > _HI else xc
     shifted = xc * _LOG2E + _MAGIC
@@ -87,7 +89,7 @@ def vexp(x):
 @overload(vexp)
 def _vexp_overload(x):
     if x == types.float32:
-        return lambda x: _exp32(x)
+        return lambda x: exp_f32(x)
     return lambda x: math.exp(x)
 
 

@@ -4,150 +4,191 @@ The interpreter runs kernel bodies as numpy code, so it accepts things the compi
 (and never sees register pressure or unsupported dtype combinations). This ahead-of-time check
 catches those on a machine with no GPU:
 
-    python -m fastrnn._triton.rnn_compile                 # every variant, fp32/fp16/bf16/fp64, sm_90
-    python -m fastrnn._triton.rnn_compile --quick fp16    # one variant of each kernel
+    python -m fastrnn._triton.rnn_compile                 # every configuration, fp32/fp16/bf16/fp64, sm_90
+    python -m fastrnn._triton.rnn_compile --quick fp16    # LSTM (+proj) and GRU in training: plain, all options
+
+What is compiled is what the backend launches: the time loops of ``fastrnn.backends.triton_rnn``
+run on small CPU tensors against a stand-in for the kernel module that records every launch's
+keyword arguments instead of running it (a tensor becomes a pointer of its dtype, None a
+constexpr None, a Python int an i32 or, equal to 1, a constexpr, as the JIT specialises them).
+So the list follows the launch code by construction; each distinct launch is compiled once per
+tile.
 
 ``TRITON_INTERPRET`` must be unset: the kernels have to be decorated as compiled kernels.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
 import os
 import time
 
-TORCH_TO_TRITON = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16", "fp64": "fp64"}
+T, B, H, PROJ = 3, 2, 16, 8  # three steps: the backward loop launches with and without HAS_PREV
+# the options of each cell (docs/variants.md); GRU reset_after=False ("before") excludes layer norm
+_OPTIONS = {"lstm": ("ln", "peephole", "dropout", "zoneout", "reset"),
+            "gru": ("ln", "dropout", "zoneout", "reset", "before"),
+            "rnn_tanh": ("ln", "dropout", "zoneout", "reset"), "rnn_relu": ("ln", "dropout", "zoneout", "reset")}
 
 
-def _compile(kernel, dtype, ptr_dtypes, constexprs, config, arch):
+def _option_sets(cell, quick):
+    """The plain cell, every option on with and without layer norm (row and tile mode) and, in
+    full, each option alone."""
+    opts = set(_OPTIONS[cell])
+    sets = [set(), opts - {"before"}, opts - {"ln"}]
+    return sets if quick else sets + [{o} for o in sorted(opts)]
+
+
+def _cases(quick):
+    """(cell, proj, options, training, bias, tf32): quick = LSTM (with and without projection) and
+    GRU in training; full = every cell, inference too, plain without bias and with TF32 dots."""
+    cells = ("lstm", "gru") if quick else ("lstm", "gru", "rnn_tanh", "rnn_relu")
+    for cell in cells:
+        for proj in (0, PROJ) if cell == "lstm" else (0,):
+            for opts in _option_sets(cell, quick):
+                for training in (True,) if quick else (False, True):
+                    for bias, tf32 in ([(True, False)] if quick or opts else
+                                       [(True, False), (False, False), (True, True)]):
+                        yield cell, proj, opts, training, bias, tf32
+
+
+class _Recorder:
+    """Stands in for ``rnn_kernels``: ``kernel[grid](**kwargs)`` appends ``(name, kwargs)``."""
+
+    def __init__(self, kernels):
+        self.kernels, self.launches = kernels, []
+
+    def __getattr__(self, name):
+        value = getattr(self.kernels, name)
+        if not hasattr(value, "configs"):  # not an autotuned kernel
+            return value
+        launches = self.launches
+
+        class Launcher:
+            def __getitem__(self, grid):
+                return lambda **kwargs: launches.append((name, kwargs))
+        return Launcher()
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
+def _run(tr, dtype, cell, proj, opts, training, bias):
+    """One forward (and in training one backward) through the backend on dummy CPU tensors."""
+    import torch
+
+    from ..contract.rnn import GATES, Variant
+    G, Hr = GATES[cell] * H, proj or H
+    r = lambda *shape: torch.rand(*shape).to(dtype)
+    v = {}
+    if "ln" in opts:
+        v.update(ln_hh_weight=r(G), ln_hh_bias=r(G))
+        if cell == "lstm":
+            v.update(ln_c_weight=r(H), ln_c_bias=r(H))
+    if "peephole" in opts:
+        v.update(peephole=r(3, H))
+    if "dropout" in opts:
+        v.update(rec_mask=r(B, Hr))
+    if "zoneout" in opts:
+        v.update(zoneout_h=r(T, B, Hr), **({"zoneout_c": r(T, B, H)} if cell == "lstm" else {}))
+    if "reset" in opts:
+        v.update(reset=torch.zeros(T, B, dtype=torch.bool))
+    if "before" in opts:
+        v.update(reset_after=False)
+    variant = Variant(**v) if v else None
+    w_hh, w_hr, h0, c0 = r(G, Hr), r(Hr, H) if proj else None, r(B, Hr), r(B, H) if cell == "lstm" else None
+    h_seq, h_T, c_T, saved = tr.rnn_forward(cell, r(T, B, G), w_hh, r(G) if bias else None, h0, c0, w_hr, None,
+                                            False, training, variant)
+    if training:
+        tr.rnn_backward(cell, r(T, B, Hr), r(B, Hr), c0, w_hh, w_hr, h0, c0, None, False, saved, variant)
+
+
+def launches(dtype, quick=False):
+    """Every distinct launch ``(kernel name, keyword arguments)`` of the backend for ``dtype``."""
+    import torch
+
+    from ..backends import triton_rnn as tr
+    from . import rnn_kernels as k
+    recorder = _Recorder(k)
+    saved_module, tr._kernels_module = tr._kernels_module, recorder
+    try:
+        with torch.no_grad():
+            for cell, proj, opts, training, bias, tf32 in _cases(quick):
+                if tf32 and dtype != torch.float32:
+                    continue
+                with _env(tr.TF32_ENV, "1" if tf32 else "0"):
+                    _run(tr, dtype, cell, proj, opts, training, bias)
+    finally:
+        tr._kernels_module = saved_module
+    unique = {}
+    for name, kwargs in recorder.launches:  # the tiles' BLOCK_* are not in kwargs yet: the same for all
+        signature, constexprs = _signature(getattr(k, name).fn, kwargs)
+        unique.setdefault((name, *signature.values(), *map(repr, constexprs.values())), (name, kwargs))
+    return list(unique.values())
+
+
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "uint8": "u8"}
+
+
+def _signature(fn, kwargs):
+    """The signature and constexprs of the compiled kernel a launch selects, specialised as the JIT
+    does: a None argument and an int equal to 1 (a unit stride) become constexprs."""
+    import torch
+    signature, constexprs = {}, {}
+    for i, (name, param) in enumerate(zip(fn.arg_names, fn.params)):
+        value = kwargs.get(name)
+        if param.is_constexpr or value is None or (type(value) is int and value == 1 and not param.do_not_specialize):
+            signature[name], constexprs[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
+        else:
+            signature[name] = "i32"
+    return signature, constexprs
+
+
+def _compile(kernel, kwargs, config, arch):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel.fn  # the Autotuner wraps the JITFunction
-    constexprs = dict(constexprs, **config.kwargs)
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + ptr_dtypes.get(name, dtype)
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+    signature, constexprs = _signature(fn, dict(kwargs, **config.kwargs))
+    return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def variants(dtype, quick=False):
-    """(kernel name, pointer dtypes, constexprs) for every flag combination the backend launches
-    (the variant kernels: see ``_variant_kernels``)."""
-    import triton.language as tl
-
-    from . import rnn_kernels as k
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    precisions = ["ieee", "tf32"] if dtype == "fp32" and not quick else ["ieee"]
-    out = []
-    for precision in precisions:
-        base = dict(ACC=tl.float64 if dtype == "fp64" else tl.float32, DOT_PRECISION=precision)
-        for cell, ng in (("lstm", 4), ("gru", 3), ("rnn_tanh", 1), ("rnn_relu", 1)):
-            code = k.CELL_CODES[cell]
-            state = acc if cell == "lstm" else dtype  # c_seq is kept in ACC
-            projs = (False, True) if cell == "lstm" else (False,)
-            for proj, training, bias in itertools.product(projs, (False, True), (False, True)):
-                out.append(("rnn_fwd_step", {"c_ptr": acc, "c_seq_ptr": acc},
-                            dict(base, CELL=code, NG=ng, HAS_BIAS=bias, HAS_PROJ=proj, TRAINING=training)))
-            for proj, has_prev in itertools.product(projs, (False, True)):
-                out.append(("rnn_bwd_step", {"dh_ptr": acc, "dc_ptr": acc, "state_ptr": state, "prev_ptr": state},
-                            dict(base, CELL=code, NG=ng, HAS_PROJ=proj, HAS_PREV=has_prev)))
-            for store in (False, True):
-                out.append(("rnn_bwd_dh", {"dh_ptr": acc},
-                            dict(base, NG=ng, IS_GRU=cell == "gru", HAS_PREV=True, STORE_SEQ=store)))
-        out.append(("rnn_proj_step", {}, base))
-    if quick:  # training LSTM (with and without projection) and GRU: every code path once
-        full = ("TRAINING", "HAS_BIAS", "HAS_PREV", "IS_GRU", "STORE_SEQ")
-        cells = (k.CELL_CODES["lstm"], k.CELL_CODES["gru"])
-        out = [(name, ptrs, c) for name, ptrs, c in out
-               if c.get("CELL", cells[0]) in cells and all(c.get(f, True) for f in full)]
-    base = dict(ACC=tl.float64 if dtype == "fp64" else tl.float32, DOT_PRECISION="ieee")
-    return out + _variant_kernels(k, dtype, acc, base, quick)
-
-
-# the options of each cell (docs/variants.md); GRU reset_after=False excludes layer norm
-_OPTIONS = {"lstm": ("LN", "PEEP", "HAS_MASK", "ZONE", "HAS_RESET"),
-            "gru": ("LN", "HAS_MASK", "ZONE", "HAS_RESET", "RB"),
-            "rnn_tanh": ("LN", "HAS_MASK", "ZONE", "HAS_RESET"), "rnn_relu": ("LN", "HAS_MASK", "ZONE", "HAS_RESET")}
-
-
-def _option_sets(cell, quick):
-    """Every option on (with and without layer norm: row and tile mode), and each option alone."""
-    opts = _OPTIONS[cell]
-    full = [set(opts) - {"RB"}, set(opts) - {"LN"}]
-    return full if quick else full + [{o} for o in opts]
-
-
-def _variant_kernels(k, dtype, acc, base, quick):
-    """The variant kernels' flag combinations (pointer dtypes as ``triton_rnn`` passes them); IEEE
-    dots only (TF32 changes nothing but the dot's precision, which the plain kernels cover).
-    quick: LSTM and GRU in training, every option on with and without layer norm."""
-    out = []
-    cells = (("lstm", 4), ("gru", 3)) if quick else (("lstm", 4), ("gru", 3), ("rnn_tanh", 1), ("rnn_relu", 1))
-    for cell, ng in cells:
-        code = k.CELL_CODES[cell]
-        lstm = cell == "lstm"
-        for on in _option_sets(cell, quick):
-            ln, rb = "LN" in on, "RB" in on
-            var = dict(HAS_RESET="HAS_RESET" in on, HAS_MASK="HAS_MASK" in on)
-            zh = "ZONE" in on
-            for proj, training in itertools.product((False, True) if lstm else (False,),
-                                                    (True,) if quick else (False, True)):
-                ptrs = {"c_ptr": acc, "c_seq_ptr": acc, "a_ptr": acc, "rh_ptr": acc, "reset_ptr": "u8",
-                        "cnew_ptr": dtype if zh and training else acc,
-                        "acts_ptr": dtype if training else acc}
-                flags = dict(base, **var, CELL=code, NG=ng, HAS_BIAS=True, HAS_PROJ=proj, TRAINING=training,
-                             PEEP="PEEP" in on, ZONE_H=zh, ZONE_C=zh and lstm, LN=ln, LN_C=ln and lstm)
-                for phase in ((1, 2) if rb else (0,)):
-                    out.append(("rnn_fwd_var", ptrs, dict(flags, PHASE=phase)))
-            out.append(("rnn_bwd_dh_var", {"dh_ptr": acc, "h0acc_ptr": acc, "x_prev_ptr": acc, "reset_prev_ptr": "u8",
-                                           "dhnew_ptr": acc},
-                        dict(base, **var, IS_GRU=cell == "gru", RB=rb, HAS_PREV=True, ZONE_H=zh, STORE_NEW=True,
-                             LN=False)))
-            for proj in (False, True) if lstm else (False,):
-                fuse = not (ln or proj)  # as triton_rnn._backward_var decides
-                out.append(("rnn_bwd_var", {"dhu_ptr": acc, "cnew_ptr": dtype if zh else acc,
-                                            "prev_ptr": acc if lstm else dtype, "dc_ptr": acc, "c0acc_ptr": acc,
-                                            "reset_ptr": "u8", "dyc_ptr": acc, "dh_ptr": acc, "h0acc_ptr": acc,
-                                            "x_prev_ptr": acc, "reset_prev_ptr": "u8"},
-                            dict(base, **var, CELL=code, NG=ng, PEEP="PEEP" in on, ZONE_C=zh and lstm, LN=ln,
-                                 LN_C=ln and lstm, RB=rb, FUSE_DH=fuse, HAS_PREV=True, ZONE_H=zh)))
-            if ln:
-                out.append(("rnn_var_gemm", {"a_ptr": acc, "reset_ptr": "u8"}, dict(base, **var, LN=False)))
-            if rb:
-                out.append(("rnn_bwd_gru_rb", {"reset_ptr": "u8", "x_ptr": acc}, dict(base, **var, LN=False)))
-    for bwd in (False, True):
-        out.append(("rnn_proj_var", {"out_ptr": acc if bwd else dtype, "reset_ptr": "u8"},
-                    dict(base, BWD=bwd, HAS_RESET=True, ZONE_H=True, LN=False)))
-    return out
+DTYPES = ("fp32", "fp16", "bf16", "fp64")
 
 
 def compile_all(dtypes, quick=False, arch=90, configs=None, log=print, only=None):
-    """Compile every variant (``only``: kernels whose name contains it) with the smallest and the
-    largest tile (quick: the smallest); row-mode launches (layer norm) with the row-mode tiles."""
+    """Compile every launch (``only``: of the kernels whose name contains it) with the smallest and
+    the largest tile (quick: the smallest); row-mode launches (layer norm) with the row-mode tiles."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter has nothing to compile")
+    import torch
+
     from . import rnn_kernels as k
-    gpu = k.configs(interpreted=False)
-    if configs is None:
-        configs = [gpu[0], gpu[-1]] if not quick else [gpu[0]]  # smallest and largest tiles
-    rows = [c for c in k.var_configs(interpreted=False) if c.kwargs["BLOCK_B"] < 16]
-    row_configs = [rows[0], rows[-1]] if not quick else [rows[0]]
+    ends = lambda c: c[:1] if quick or len(c) == 1 else [c[0], c[-1]]
+    tiles = configs or ends(k.configs(interpreted=False))
+    rows = ends(k.configs(interpreted=False, row_mode=True))
     n, t0 = 0, time.time()
     for dtype in dtypes:
-        for name, ptrs, consts in variants(dtype, quick):
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                       "fp64": torch.float64}[dtype]
+        for name, kwargs in launches(torch_dtype, quick):
             if only and only not in name:
                 continue
-            for config in (row_configs if consts.get("LN") else configs):
-                _compile(getattr(k, name), TORCH_TO_TRITON[dtype], ptrs, consts, config, arch)
+            for config in (rows if kwargs.get("LN") else tiles):
+                _compile(getattr(k, name), kwargs, config, arch)
                 n += 1
         log(f"{dtype}: {n} kernels compiled for sm_{arch} in {time.time() - t0:.0f} s")
     return n
@@ -155,7 +196,7 @@ def compile_all(dtypes, quick=False, arch=90, configs=None, log=print, only=None
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dtypes", nargs="*", default=["fp32", "fp16", "bf16", "fp64"])
+    ap.add_argument("dtypes", nargs="*", default=list(DTYPES), help=f"of {DTYPES}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--only", help="compile only the kernels whose name contains this")

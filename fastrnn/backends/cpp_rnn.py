@@ -1,18 +1,18 @@
 """C++ backend ``"cpp"`` for the recurrence: thin wrapper over ``fastrnn._C_rnn`` (csrc/rnn.cpp).
 
 Same contract and same saved tensors as the reference (see ``reference_rnn``), variants included
-(docs/variants.md: the default ``saved_layout`` of ``fastrnn.ops.recurrence``). The time loop,
+(docs/variants.md: the default ``saved_layout`` of ``fastrnn.contract.rnn``). The time loop,
 the per-step GEMM (oneDNN brgemm, chunked per hidden units) and the fused gate math run in C++; this file only makes
-tensors contiguous and turns the C++ result lists into the contract's tuples. ``variant=None`` (or
-``Variant()``) runs the plain C++ loops; any option runs the variant loops (``rnn_forward_variant``).
+tensors contiguous and turns the C++ result lists into the contract's tuples. The plain cell (``variant`` None
+once the contract check has normalised it) calls ``rnn_forward`` / ``rnn_backward``, a variant the ``_variant``
+entry points: the same C++ time loops, specialised at compile time for the variant's options.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops.recurrence import VariantGrads, is_plain
-from ..ops.recurrence import check_variant
-from ..ops.checks import check_rnn_backward, check_rnn_forward
+from ..contract.checks import check_rnn_backward, check_rnn_forward
+from ..contract.rnn import VariantGrads
 
 name = "cpp"
 
@@ -58,44 +58,35 @@ def mm_tn(a, b):
     return _C.mm_tn(a.contiguous(), b.contiguous())
 
 
-def _variant_args(cell, variant):
-    """The C++ variant arguments: the Variant's tensors (contiguous) and reset_after."""
-    v = check_variant(cell, variant)  # the reference's rules: the saved layout relies on them
+def _variant_args(v):
+    """The C++ variant arguments: the (checked) Variant's tensors, contiguous, and reset_after."""
     return (_c(v.ln_hh_weight), _c(v.ln_hh_bias), _c(v.ln_c_weight), _c(v.ln_c_bias), _c(v.peephole),
             _c(v.rec_mask), _c(v.zoneout_h), _c(v.zoneout_c), _c(v.reset), bool(v.reset_after))
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
-    check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
+    variant = check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     args = (_CELL[cell], xw.contiguous(), _c(w_hh), _c(b_hh), _c(h0), _c(c0), _c(w_hr), _c(batch_sizes),
             reverse, training)
-    if is_plain(variant):
+    if variant is None:
         out = _C.rnn_forward(*args)
     else:
-        out = _C.rnn_forward_variant(*args, *_variant_args(cell, variant))
+        out = _C.rnn_forward_variant(*args, *_variant_args(variant))
     return out[0], out[1], (out[2] if cell == "lstm" else None), tuple(out[3:])
 
 
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
-    check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant)
+    variant = check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
+                                 saved, variant)
     args = (_CELL[cell], _c(grad_h_seq), _c(grad_h_T), _c(grad_c_T), _c(w_hh), _c(w_hr), _c(h0), _c(c0),
             _c(batch_sizes), reverse, [t.contiguous() for t in saved])  # the C++ loops index saved tensors densely
-    plain = is_plain(variant)
-    if plain:
+    if variant is None:
         grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj = _C.rnn_backward(*args)
+        grads = None
     else:
-        (grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, ln_w, ln_b, lnc_w, lnc_b, peep,
-         u_seq) = _C.rnn_backward_variant(*args, *_variant_args(cell, variant))
-    grad_w_hr = None
-    if w_hr is not None:
-        T, B, Hr = grad_hproj.shape
-        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, w_hr.shape[1]))
-    grads = None
-    if not plain:
-        w_hn = None
-        if u_seq is not None:  # GRU reset_after=False: dW_hn = d[(r * h_in) W_hn^T]^T (r * h_in)
-            T, B, H = u_seq.shape
-            w_hn = mm_tn(grad_hw[..., 2 * H:].reshape(T * B, H), u_seq.reshape(T * B, H))
-        grads = VariantGrads(ln_w, ln_b, lnc_w, lnc_b, peep, w_hn)
-    return grad_xw, grad_hw, grad_h0, (grad_c0 if cell == "lstm" else None), grad_w_hr, grads
+        (grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, *vgrads) = _C.rnn_backward_variant(
+            *args, *_variant_args(variant))
+        grads = VariantGrads(*vgrads)
+    return (grad_xw, grad_hw, grad_h0, (grad_c0 if cell == "lstm" else None),
+            (grad_hproj if w_hr is not None else None), grads)

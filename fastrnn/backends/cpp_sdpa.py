@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.checks import check_sdpa_backward, check_sdpa_forward
+from ..contract.checks import check_sdpa_backward, check_sdpa_forward
 
 name = "cpp"
 dtypes = (torch.float32, torch.float64)

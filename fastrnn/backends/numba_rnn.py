@@ -18,7 +18,8 @@ What is saved (training=True; the same tuples as the reference backend)
 ------------------------------------------------------------------------
 LSTM  ``(h_seq [T,B,Hr], acts [T,B,4H], c_seq [T,B,H][, hu_seq [T,B,H]])``: ``acts`` are the
       activated gates i, f, g, o, written in place over ``xw``; ``hu_seq = o * tanh(c_t)``
-      only with a projection (needed for ``grad_w_hr``). Backward recomputes ``tanh(c_t)``.
+      only with a projection (the op code's ``dW_hr = grad_hproj^T hu``). Backward recomputes
+      ``tanh(c_t)``.
 GRU   ``(h_seq, acts [T,B,3H], hn_seq [T,B,H])``: r, z, n in place over ``xw``;
       ``hn_seq = h_{t-1} W_hn^T + b_hn``.
 RNN   ``(h_seq,)``: the derivative of tanh / relu is read off ``h_t``.
@@ -27,22 +28,20 @@ nothing and keeps only [B, H]-sized scratch.
 
 Variants (docs/variants.md)
 ---------------------------
-``rnn_forward(..., variant=)`` / ``rnn_backward(..., variant=)`` with a non-plain
-``fastrnn.ops.recurrence.Variant`` run ``rnn_kernels.rnn_forward_var`` / ``rnn_backward_var``:
-separate kernels, so that ``variant=None`` (and ``Variant()``) is exactly the plain path above.
-The whole time loop stays in compiled code. A layer norm over all G entries of a row needs the
-row's whole product before any gate, so a variant step is a few phases, each one parallel
-region: GEMM phases (weight panels split between threads, the plain path's register tiles) and
-row phases (batch rows split between threads; one pass over a row does the layer-norm
-statistics, gate math, peephole, cell state, zoneout, reset and what backward needs). See the
-variant section of ``rnn_kernels`` for the phase order. Parameter gradients (layer norm,
-peephole) are accumulated per thread in the kernel and summed here; ``VariantGrads.w_hn``
-(GRU reset_after=False) is one GEMM over all steps, ``d_n^T (r * h_in)``, with ``h_in`` from
-``recurrent_inputs``. What is saved is the default layout (``recurrence.saved_layout``): the
-plain tuple (``c_seq`` = c_t after zoneout; GRU ``hn_seq`` = the hidden-side n pre-activation
-as used), then ``hw_hat, hw_rstd`` (layer norm), ``c_hat, c_rstd`` (LSTM cell layer norm),
-``c_new`` / ``h_new`` (LSTM / RNN zoneout). The accepted combinations are the reference's
-(``fastrnn.ops.recurrence.check_variant``).
+The same kernels with a variant: their last argument is None for the plain cell (the
+contract's checks normalise ``Variant()`` to None) or a tuple of the variant's arrays, absent
+options as empty arrays (``rnn_kernels``' variant section); numba compiles the two apart, so
+the plain kernel is exactly the plain path above. The whole time loop stays in compiled code.
+A layer norm over all G entries of a row needs the row's whole product before any gate, so a
+variant step is a few phases, each one parallel region: GEMM phases (weight panels split
+between threads, the plain path's register tiles) and row phases (batch rows split between
+threads; one pass over a row does the layer-norm statistics, gate math, peephole, cell state,
+zoneout, reset and what backward needs); the gate math is the plain step's own. Parameter
+gradients (layer norm, peephole) are accumulated per thread in the kernel and summed here.
+What is saved is the default layout (``contract.rnn.saved_layout``): the plain tuple (``c_seq``
+= c_t after zoneout; GRU ``hn_seq`` = the hidden-side n pre-activation as used), then
+``hw_hat, hw_rstd`` (layer norm), ``c_hat, c_rstd`` (LSTM cell layer norm), ``c_new`` /
+``h_new`` (LSTM / RNN zoneout).
 
 Dtypes and compilation
 ----------------------
@@ -51,10 +50,11 @@ float32 and float64; every call of a kernel has the same argument types for a gi
 signatures: {rnn_forward, rnn_backward, gemm} x {float32, float64}. First use of a dtype
 compiles its three kernels (about 30 s on this 2-core machine, most of it for the parallel
 regions) or loads them from the on-disk cache (about 1 s); ``info()`` reports how long that
-took and whether it came from the cache. The two variant kernels (rnn_forward_var,
-rnn_backward_var) add one signature each per dtype, compiled (or loaded) only on the first call
-with a variant, under the same lock (``compile_seconds["<dtype> variant"]``); each has a single
-``prange`` (one dispatcher for all its phases), which keeps their compile time down.
+took and whether it came from the cache. The variants' entry points (rnn_forward_var,
+rnn_backward_var: the same kernels with a variant's argument types) add one signature each per
+dtype, compiled (or loaded) only on the first call with a variant, under the same lock
+(``compile_seconds["<dtype> variant"]``). Each kernel has a single ``prange`` (one dispatcher for
+all its phases), which keeps their compile time down.
 
 Big GEMMs
 ---------
@@ -106,9 +106,8 @@ import time
 import numpy as np
 import torch
 
-from ..ops.recurrence import GATES, VariantGrads, check_cell, is_plain, recurrent_inputs
-from ..ops.recurrence import check_variant
-from ..ops.checks import check_rnn_backward, check_rnn_forward
+from ..contract.checks import check_rnn_backward, check_rnn_forward
+from ..contract.rnn import GATES, VariantGrads
 
 name = "numba"
 
@@ -150,8 +149,8 @@ def _example_args(k, dtype: np.dtype):
     """Tiny arguments with the exact types of every real call (one signature per dtype)."""
     a1, a2, a3 = (np.zeros((1,) * n, dtype) for n in (1, 2, 3))   # (1, ...: the thread count)
     bs = np.ones(1, np.int64)
-    fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, a3, a2, a2, a3, a3, a3)
-    bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, a3, a3, a3, a3, a2, a2, a3, a3, a3)
+    fwd = (1, 1, 0, a3, a2, a1, a2, a2, a2, bs, False, False, (a3, a2, a2, a3, a3, a3), None)
+    bwd = (1, 1, 0, a3, a2, a2, a2, a2, bs, False, (a3, a3, a3, a3), a2, a2, (a3, a3, a3), None)
     gemm = (1, a1, 1, 1, 1, a2, False, a1, a2)
     return {"rnn_forward": fwd, "rnn_backward": bwd, "gemm": gemm}
 
@@ -204,8 +203,9 @@ def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
     k = _kernels_or_raise()
     dt = _dtype(like, k)
     out = torch.empty(M, N, dtype=like.dtype)
-    _run(k.gemm, dt, a_flat, a_rs, a_ks, M, _np(b), trans_b,
-         _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
+    with _runtime.kernel_call() as nth:
+        _run(k.gemm, dt, nth, a_flat, a_rs, a_ks, M, _np(b), trans_b,
+             _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
     return out
 
 
@@ -257,125 +257,46 @@ def _min_macs(k) -> int:
     return k.PAR_MIN_MACS if PAR_MIN_MACS is None else PAR_MIN_MACS
 
 
-def _run(kernel, dtype: np.dtype, *args) -> None:
-    """``kernel(nth, *args)``, compiled first if needed, with the thread count of this call
-    (``runtime.kernel_call``: 1 in a fork child, where the kernels open no parallel region)."""
+def _run(kernel, dtype: np.dtype, nth: int, *args, variant: bool = False) -> None:
+    """``kernel(nth, *args)`` inside ``runtime.kernel_call`` (nth: its thread count; 1 in a fork
+    child, where the kernels open no parallel region), compiled first if needed: the plain
+    kernels once per dtype (``_ensure_compiled``), a variant's entry point on its first call,
+    under the same lock and timed for ``info()`` (one signature per dtype: absent options are
+    empty arrays)."""
     _ensure_compiled(dtype)
-    with _runtime.kernel_call() as nth:
-        kernel(nth, *args)
+    if variant:
+        times = _compile_seconds.setdefault(dtype.name + " variant", {})
+        name = kernel.py_func.__name__
+        if name not in times:
+            import numba
+            with _runtime.compiling(kernel):
+                t0 = time.perf_counter()
+                kernel.compile(tuple(numba.typeof(a) for a in (nth,) + args))
+                times[name] = time.perf_counter() - t0
+    kernel(nth, *args)
+
+
+def _options(v, w_hh, H: int, dt) -> tuple:
+    """The options of a variant as the kernels take them (the start of ``rnn_kernels``' VAR)."""
+    opt = lambda t, ndim: _empty(ndim, dt) if t is None else _np(t)  # noqa: E731
+    reset = np.empty((0, 0), np.bool_) if v.reset is None else v.reset.detach().to(torch.bool).contiguous().numpy()
+    w_n = _empty(2, dt) if v.reset_after else _np(w_hh[2 * H:])   # GRU reset_after=False: W_hn apart
+    return (w_n, opt(v.ln_hh_weight, 1), opt(v.ln_hh_bias, 1), opt(v.ln_c_weight, 1), opt(v.ln_c_bias, 1),
+            opt(v.peephole, 2), opt(v.rec_mask, 2), opt(v.zoneout_h, 3), opt(v.zoneout_c, 3), reset)
+
+
+def _saves(v, cell: str) -> tuple:
+    """Which of VAR's saved arrays (hw_hat, hw_rstd, c_hat, c_rstd, new_seq) the variant keeps,
+    in saved_layout's order after the plain tuple."""
+    ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
+    return (ln, ln, lnc, lnc, v.zoneout_h is not None and cell != "gru")
+
+
+_SAVES_NDIM = (3, 2, 3, 2, 3)
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
-    check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
-    check_cell(cell)
-    if not is_plain(variant):
-        return _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training,
-                                check_variant(cell, variant))
-    return _forward_plain(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training)
-
-
-def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
-                 variant=None):
-    check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, variant)
-    check_cell(cell)
-    if not is_plain(variant):
-        return _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
-                                 saved, check_variant(cell, variant))
-    out = _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved)
-    return out + (None if variant is None else VariantGrads(),)
-
-
-def _forward_plain(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training):
-    k = _kernels_or_raise()
-    xw = xw.detach().contiguous()   # overwritten with the activated gates
-    T, B, G = xw.shape
-    H, Hr = G // GATES[cell], h0.shape[-1]
-    dt = _dtype(xw, k)
-    new = lambda *shape: torch.empty(*shape, dtype=xw.dtype)  # noqa: E731
-    is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
-    nT = T if training else 1      # per-step tensors: the whole sequence only when saved
-    h_seq, h_T = new(T, B, Hr), new(B, Hr)
-    c_T = new(B, H) if is_lstm else None
-    c_seq = new(nT, B, H) if is_lstm else None
-    hu_seq = new(nT, B, H) if proj else None
-    hn_seq = new(nT, B, H) if is_gru else None
-    e2, e3 = _empty(2, dt), _empty(3, dt)
-    opt = lambda t, e: e if t is None else _np(t)  # noqa: E731
-    b = _np(b_hh) if b_hh is not None else np.zeros(G, dt)
-    _run(k.rnn_forward, dt, _min_macs(k), k.CELL_CODES[cell], _np(xw), _np(w_hh), b, _np(h0),
-         opt(c0 if is_lstm else None, e2), opt(w_hr, e2), _batch_sizes(batch_sizes, T, B),
-         bool(reverse), bool(training), h_seq.numpy(), h_T.numpy(), opt(c_T, e2),
-         opt(c_seq, e3), opt(hu_seq, e3), opt(hn_seq, e3))
-    if not training:
-        saved = ()
-    elif is_lstm:
-        saved = (h_seq, xw, c_seq) + ((hu_seq,) if proj else ())
-    elif is_gru:
-        saved = (h_seq, xw, hn_seq)
-    else:
-        saved = (h_seq,)
-    return h_seq, h_T, c_T, saved
-
-
-def _backward_plain(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved):
-    k = _kernels_or_raise()
-    h_seq = saved[0]
-    T, B, Hr = h_seq.shape
-    G = w_hh.shape[0]
-    H = G // GATES[cell]
-    dt = _dtype(h_seq, k)
-    is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
-    new = lambda *shape: torch.empty(*shape, dtype=h_seq.dtype)  # noqa: E731
-    fresh = lambda g, *shape: (torch.zeros(*shape, dtype=h_seq.dtype) if g is None  # noqa: E731
-                               else g.detach().to(h_seq.dtype).contiguous().clone())
-    e2, e3 = _empty(2, dt), _empty(3, dt)
-    grad_xw = new(T, B, G)
-    grad_hw = new(T, B, G) if is_gru else grad_xw
-    dh = fresh(grad_h_T, B, Hr)                          # becomes grad_h0
-    dc = fresh(grad_c_T, B, H) if is_lstm else None      # becomes grad_c0
-    g_seq = _np(grad_h_seq) if grad_h_seq is not None else np.zeros((T, B, Hr), dt)
-    grad_hproj = new(T, B, Hr) if proj else None
-    acts = _np(saved[1]) if (is_lstm or is_gru) else e3
-    c_seq = _np(saved[2]) if is_lstm else e3
-    hn_seq = _np(saved[2]) if is_gru else e3
-    _run(k.rnn_backward, dt, _min_macs(k), k.CELL_CODES[cell], g_seq, _np(w_hh),
-         _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2, _batch_sizes(batch_sizes, T, B),
-         bool(reverse), _np(h_seq), acts, c_seq, hn_seq, dh.numpy(), dc.numpy() if is_lstm else e2,
-         grad_xw.numpy(), grad_hw.numpy(), grad_hproj.numpy() if proj else e3)
-    grad_w_hr = None
-    if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
-        grad_w_hr = grad_hproj.reshape(T * B, Hr).t() @ saved[3].reshape(T * B, H)
-    return grad_xw, grad_hw, dh, dc, grad_w_hr
-
-
-# ---------------------------------------------------------------------------------------------
-# variants (docs/variants.md): rnn_kernels.rnn_forward_var / rnn_backward_var
-# ---------------------------------------------------------------------------------------------
-def _run_variant(kernel, dtype: np.dtype, *args) -> None:
-    """Runs a variant kernel, compiling it first (under the cache lock, timed for ``info()``)
-    for the argument types of this call: every call of a variant kernel has the same types
-    for a given dtype (absent options are empty arrays), so there is one signature per dtype.
-    Called inside ``runtime.kernel_call``, whose thread count is ``args[0]``."""
-    times = _compile_seconds.setdefault(dtype.name + " variant", {})
-    name = kernel.py_func.__name__
-    if name not in times:
-        import numba
-        with _runtime.compiling(kernel):
-            t0 = time.perf_counter()
-            kernel.compile(tuple(numba.typeof(a) for a in args))
-            times[name] = time.perf_counter() - t0
-    kernel(*args)
-
-
-def _variant_inputs(v, dt):
-    """The variant's optional tensors as kernel arguments (empty arrays when absent)."""
-    opt = lambda t, ndim: _empty(ndim, dt) if t is None else _np(t)  # noqa: E731
-    reset = np.empty((0, 0), np.bool_) if v.reset is None else v.reset.detach().to(torch.bool).contiguous().numpy()
-    return dict(peep=opt(v.peephole, 2), mask=opt(v.rec_mask, 2), zh=opt(v.zoneout_h, 3), zc=opt(v.zoneout_c, 3),
-                reset=reset)
-
-
-def _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, v):
+    v = check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     k = _kernels_or_raise()
     xw = xw.detach().contiguous()   # overwritten with the activated gates
     T, B, G = xw.shape
@@ -383,51 +304,32 @@ def _forward_variant(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, t
     dt = _dtype(xw, k)
     new = lambda *shape: torch.empty(*shape, dtype=xw.dtype)  # noqa: E731  (the kernel writes every entry)
     is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
-    ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
-    keeps_new = v.zoneout_h is not None and not is_gru   # c_new (LSTM) / h_new (RNN) saved
-    split = is_gru and not v.reset_after
     nT = T if training else 1      # per-step tensors: the whole sequence only when saved
-    e1, e2, e3 = _empty(1, dt), _empty(2, dt), _empty(3, dt)
     h_seq, h_T = new(T, B, Hr), new(B, Hr)
     c_T = new(B, H) if is_lstm else None
     c_seq = new(nT, B, H) if is_lstm else None
     hu_seq = new(nT, B, H) if proj else None
     hn_seq = new(nT, B, H) if is_gru else None
-    hw_hat, hw_rstd = (new(nT, B, G), new(nT, B)) if ln else (None, None)
-    c_hat, c_rstd = (new(nT, B, H), new(nT, B)) if lnc else (None, None)
-    new_seq = new(nT, B, H) if keeps_new else None
-    o2 = lambda t: e2 if t is None else t.numpy()  # noqa: E731
-    o3 = lambda t: e3 if t is None else t.numpy()  # noqa: E731
-    vi = _variant_inputs(v, dt)
+    o = lambda t, ndim: _empty(ndim, dt) if t is None else t.numpy()  # noqa: E731
+    out = (h_seq.numpy(), h_T.numpy(), o(c_T, 2), o(c_seq, 3), o(hu_seq, 3), o(hn_seq, 3))
+    shapes = ((nT, B, G), (nT, B), (nT, B, H), (nT, B), (nT, B, H))   # hw_hat, hw_rstd, c_hat, c_rstd, new_seq
+    saves = [] if v is None else [new(*shape) if on else None for shape, on in zip(shapes, _saves(v, cell))]
+    var = None if v is None else _options(v, w_hh, H, dt) + tuple(map(o, saves, _SAVES_NDIM))
     with _runtime.kernel_call() as nth:
-        _run_variant(
-            k.rnn_forward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after),
-            xw.numpy(), _np(w_hh), _np(w_hh[2 * H:]) if split else e2,
-            _np(b_hh) if b_hh is not None else np.zeros(G, dt), _np(h0), _np(c0) if is_lstm else e2,
-            _np(w_hr) if proj else e2, _batch_sizes(batch_sizes, T, B), bool(reverse), bool(training),
-            _np(v.ln_hh_weight) if ln else e1, _np(v.ln_hh_bias) if ln else e1,
-            _np(v.ln_c_weight) if lnc else e1, _np(v.ln_c_bias) if lnc else e1,
-            vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
-            h_seq.numpy(), h_T.numpy(), o2(c_T), o3(c_seq), o3(hu_seq), o3(hn_seq), o3(hw_hat), o2(hw_rstd),
-            o3(c_hat), o2(c_rstd), o3(new_seq))
+        _run(k.rnn_forward if v is None else k.rnn_forward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell],
+             xw.numpy(), _np(w_hh), _np(b_hh) if b_hh is not None else np.zeros(G, dt), _np(h0),
+             _np(c0) if is_lstm else _empty(2, dt), _np(w_hr) if proj else _empty(2, dt),
+             _batch_sizes(batch_sizes, T, B), bool(reverse), bool(training), out, var, variant=v is not None)
     if not training:
         return h_seq, h_T, c_T, ()
-    if is_lstm:
-        saved = (h_seq, xw, c_seq) + ((hu_seq,) if proj else ())
-    elif is_gru:
-        saved = (h_seq, xw, hn_seq)
-    else:
-        saved = (h_seq,)
-    if ln:
-        saved += (hw_hat, hw_rstd)
-    if lnc:
-        saved += (c_hat, c_rstd)
-    if keeps_new:
-        saved += (new_seq,)
-    return h_seq, h_T, c_T, saved
+    saved = (h_seq,) + ((xw, c_seq) + ((hu_seq,) if proj else ()) if is_lstm else (xw, hn_seq) if is_gru else ())
+    return h_seq, h_T, c_T, saved + tuple(t for t in saves if t is not None)
 
 
-def _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, v):
+def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
+                 variant=None):
+    v = check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
+                           variant)
     k = _kernels_or_raise()
     h_seq = saved[0]
     T, B, Hr = h_seq.shape
@@ -435,52 +337,37 @@ def _backward_variant(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, 
     H = G // GATES[cell]
     dt = _dtype(h_seq, k)
     is_lstm, is_gru, proj = cell == "lstm", cell == "gru", w_hr is not None
-    ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
-    keeps_new = v.zoneout_h is not None and not is_gru
-    split = is_gru and not v.reset_after
     new = lambda *shape: torch.empty(*shape, dtype=h_seq.dtype)  # noqa: E731
     zeros = lambda *shape: torch.zeros(*shape, dtype=h_seq.dtype)  # noqa: E731
     fresh = lambda g, *shape: (zeros(*shape) if g is None  # noqa: E731
                                else g.detach().to(h_seq.dtype).contiguous().clone())
-    e1, e2, e3 = _empty(1, dt), _empty(2, dt), _empty(3, dt)
-    # the saved tuple: the plain one, then the variant's tensors in saved_layout's order
-    i = {"lstm": 3 + proj, "gru": 3}.get(cell, 1)
-    hw_hat, hw_rstd = (saved[i], saved[i + 1]) if ln else (None, None)
-    i += 2 * ln
-    c_hat, c_rstd = (saved[i], saved[i + 1]) if lnc else (None, None)
-    i += 2 * lnc
-    new_seq = saved[i] if keeps_new else None
-    separate_hw = ln or (is_gru and not split)
+    e2, e3 = _empty(2, dt), _empty(3, dt)
+    # grad_hw apart from grad_xw where they differ: GRU's n gate (reset_after=True), layer norm
+    separate = (is_gru and (v is None or v.reset_after)) or (v is not None and v.ln_hh_weight is not None)
     grad_xw = new(T, B, G)
-    grad_hw = new(T, B, G) if separate_hw else grad_xw
+    grad_hw = new(T, B, G) if separate else grad_xw
+    grad_hproj = new(T, B, Hr) if proj else None
     dh = fresh(grad_h_T, B, Hr)                          # becomes grad_h0
     dc = fresh(grad_c_T, B, H) if is_lstm else None      # becomes grad_c0
-    g_seq = _np(grad_h_seq) if grad_h_seq is not None else np.zeros((T, B, Hr), dt)
-    grad_hproj = new(T, B, Hr) if proj else None
-    with _runtime.kernel_call() as nth:   # the per-thread accumulators are sized by the call's threads
-        g_ln_w, g_ln_b = (zeros(nth, G), zeros(nth, G)) if ln else (None, None)
-        g_lnc_w, g_lnc_b = (zeros(nth, H), zeros(nth, H)) if lnc else (None, None)
-        g_peep = zeros(nth, 3, H) if v.peephole is not None else None
-        o = lambda t, e: e if t is None else _np(t)  # noqa: E731
-        vi = _variant_inputs(v, dt)
-        _run_variant(
-            k.rnn_backward_var, dt, nth, _min_macs(k), k.CELL_CODES[cell], bool(v.reset_after), g_seq, _np(w_hh),
-            _np(w_hh[2 * H:]) if split else e2, _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2,
+    args = (_min_macs(k), k.CELL_CODES[cell], _np(grad_h_seq) if grad_h_seq is not None else np.zeros((T, B, Hr), dt),
+            _np(w_hh), _np(w_hr) if proj else e2, _np(h0), _np(c0) if is_lstm else e2,
             _batch_sizes(batch_sizes, T, B), bool(reverse),
-            o(v.ln_hh_weight, e1), o(v.ln_c_weight, e1), o(v.ln_c_bias, e1),
-            vi["peep"], vi["mask"], vi["zh"], vi["zc"], vi["reset"],
-            _np(h_seq), _np(saved[1]) if (is_lstm or is_gru) else e3, _np(saved[2]) if is_lstm else e3,
-            _np(saved[2]) if is_gru else e3, o(hw_hat, e3), o(hw_rstd, e2), o(c_hat, e3), o(c_rstd, e2), o(new_seq, e3),
-            dh.numpy(), dc.numpy() if is_lstm else e2, grad_xw.numpy(), grad_hw.numpy() if separate_hw else e3,
-            grad_hproj.numpy() if proj else e3, o(g_ln_w, e2), o(g_ln_b, e2), o(g_lnc_w, e2), o(g_lnc_b, e2),
-            o(g_peep, e3))
-    grad_w_hr = None
-    if proj:  # one GEMM over all steps: sum_t grad_hproj_t^T hu_t
-        grad_w_hr = mm_tn(grad_hproj.reshape(T * B, Hr), saved[3].reshape(T * B, H))
-    g_w_hn = None
-    if split:  # dW_hn = sum_t d_n^T (r * h_in), one GEMM over all steps
-        rh = saved[1][..., :H] * recurrent_inputs(h_seq, h0, batch_sizes, reverse, v)
-        g_w_hn = mm_tn(grad_xw[..., 2 * H:].reshape(T * B, H), rh.reshape(T * B, H))
-    total = lambda g: None if g is None else g.sum(0)  # noqa: E731  (per-thread partial sums)
-    return (grad_xw, grad_hw, dh, dc, grad_w_hr,
-            VariantGrads(total(g_ln_w), total(g_ln_b), total(g_lnc_w), total(g_lnc_b), total(g_peep), g_w_hn))
+            (_np(h_seq), _np(saved[1]) if (is_lstm or is_gru) else e3, _np(saved[2]) if is_lstm else e3,
+             _np(saved[2]) if is_gru else e3),
+            dh.numpy(), dc.numpy() if is_lstm else e2,
+            (grad_xw.numpy(), grad_hw.numpy(), grad_hproj.numpy() if proj else e3))
+    vgrads = None
+    with _runtime.kernel_call() as nth:   # the per-thread accumulators are sized by the call's threads
+        if v is None:
+            _run(k.rnn_backward, dt, nth, *args, None)
+        else:
+            later = iter(saved[{"lstm": 3 + proj, "gru": 3}.get(cell, 1):])   # after the plain tuple
+            saves = tuple(_np(next(later)) if on else _empty(n, dt) for on, n in zip(_saves(v, cell), _SAVES_NDIM))
+            ln, lnc = v.ln_hh_weight is not None, v.ln_c_weight is not None
+            acc = (zeros(nth, G) if ln else None, zeros(nth, G) if ln else None, zeros(nth, H) if lnc else None,
+                   zeros(nth, H) if lnc else None, zeros(nth, 3, H) if v.peephole is not None else None)
+            var = (_options(v, w_hh, H, dt) + saves + tuple(e2 if g is None else g.numpy() for g in acc[:4])
+                   + (e3 if acc[4] is None else acc[4].numpy(),))
+            _run(k.rnn_backward_var, dt, nth, *args, var, variant=True)
+            vgrads = VariantGrads(*(None if g is None else g.sum(0) for g in acc))   # per-thread partial sums
+    return grad_xw, grad_hw, dh, dc, grad_hproj, vgrads

@@ -26,7 +26,7 @@ import contextlib
 import numpy as np
 import torch
 
-from ..ops.checks import check_sdpa_backward, check_sdpa_forward
+from ..contract.checks import check_sdpa_backward, check_sdpa_forward
 
 name = "numba"
 dtypes = (torch.float32, torch.float64)

@@ -17,21 +17,25 @@ Recurrence contract (one layer, one direction, the whole sequence)
                 ``[0, batch_sizes[t])`` are active, the others keep their state
     reverse     visit t = T-1 .. 0; a packed row then starts from h0 at its own last step
     training    whether ``saved`` must hold what backward needs
-    variant     ``fastrnn.ops.recurrence.Variant`` or None (None: exactly the plain cell below);
-                see "Variants" and docs/variants.md
+    variant     ``fastrnn.contract.rnn.Variant`` or None (None: exactly the plain cell below);
+                see "Variants" and docs/variants.md. A backend's first line is the contract check
+                (``variant = check_rnn_forward(...)``), which validates every argument and returns
+                the variant normalised: None for the plain cell (also for ``Variant()``)
   returns ``(h_seq [T, B, Hr], h_T [B, Hr], c_T [B, H] | None, saved)``; ``h_seq`` is zero on
   inactive rows, ``h_T``/``c_T`` hold each row's state after its last active step, ``saved`` is
   a tuple of tensors (empty when not training).
 
 ``rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
 variant=None)``
-  returns ``(grad_xw [T, B, G], grad_hw [T, B, G], grad_h0 [B, Hr], grad_c0 [B, H] | None,
-  grad_w_hr [Hr, H] | None, VariantGrads | None)``. ``grad_xw`` is the gradient of the gate
+  returns six things, always: ``(grad_xw [T, B, G], grad_hw [T, B, G], grad_h0 [B, Hr],
+  grad_c0 [B, H] | None, grad_hproj [T, B, Hr] | None, VariantGrads | None)``. ``grad_xw`` is the gradient of the gate
   pre-activations on the input side, ``grad_hw`` that of the raw recurrent product
   ``a = h_in @ W_hh^T`` (plain: ``h_prev @ W_hh^T``, the same gradient as ``+ b_hh``); they differ
   only for the GRU ``n`` gate and through the layer norm, and may be the same tensor otherwise.
-  Both are zero on inactive rows. The op code turns them into ``grad_x``, ``dW_ih``, ``db_ih``,
-  ``dW_hh``, ``db_hh`` with single GEMMs. The sixth element is None when ``variant`` is None.
+  Both are zero on inactive rows. ``grad_hproj`` (with ``w_hr`` only) is the gradient reaching the
+  projected output ``h_new = hu W_hr^T`` at each step. The op code turns them into ``grad_x``,
+  ``dW_ih``, ``db_ih``, ``dW_hh``, ``db_hh`` and ``dW_hr = grad_hproj^T hu`` with single GEMMs.
+  The sixth element is None when ``variant`` is None.
 
 Cell equations (``s`` = sigmoid, ``*`` elementwise; gate order as torch)
 ------------------------------------------------------------------------
@@ -47,7 +51,7 @@ RNN::
 Backward (``dh`` = total gradient reaching h_t: from the output and from step t+1)::
     LSTM: dhu = dh W_hr (or dh);  dc = dc_next + dhu * o * (1 - tanh(c_t)^2)
           di = dc g i(1-i);  df = dc c_{t-1} f(1-f);  dg = dc i (1-g^2);  do = dhu tanh(c_t) o(1-o)
-          dc_{t-1} = dc f;  dh_{t-1} = [di, df, dg, do] W_hh;  dW_hr += dh^T (o tanh(c_t))
+          dc_{t-1} = dc f;  dh_{t-1} = [di, df, dg, do] W_hh;  grad_hproj_t = dh
     GRU:  dn = dh (1-z)(1-n^2);  dz = dh (h_{t-1} - n) z(1-z);  dr = dn h_n r(1-r)
           grad_xw = [dr, dz, dn];  grad_hw = [dr, dz, dn * r];  dh_{t-1} = dh z + grad_hw W_hh
     RNN:  d = dh (1 - h_t^2) (tanh) or dh [h_t > 0] (relu);  dh_{t-1} = d W_hh
@@ -77,7 +81,7 @@ Forward, step t, a row active at t (inactive rows: untouched, no reset/zoneout/d
 Backward, step t (``dh_t``, ``dc_t``: total gradient reaching the state after step t)::
     dh_new = (1 - zh) dh_t;   dh_prev = zh dh_t   (no zoneout: dh_new = dh_t, dh_prev = 0)
     LSTM: dc_new = (1 - zc) dc_t;   dc_prev = zc dc_t
-          dhu = dh_new W_hr (or dh_new);  dW_hr += dh_new^T hu
+          dhu = dh_new W_hr (or dh_new);  grad_hproj_t = dh_new
           dy = dhu o (1 - tanh(y)^2);  dc_new += LN_c backward of dy (or dy);  d_o = dhu tanh(y) o(1-o)
           dc_new += d_o p_o;  d_i = dc_new g i(1-i);  d_f = dc_new c_prev f(1-f);  d_g = dc_new i (1-g^2)
           dc_prev += dc_new f + d_i p_i + d_f p_f;  dp += [d_i c_prev, d_f c_prev, d_o c_new] (row sums)
@@ -85,7 +89,7 @@ Backward, step t (``dh_t``, ``dc_t``: total gradient reaching the state after st
     GRU:  d_n = dh_new (1-z)(1-n^2);  d_z = dh_new (h_prev - n) z(1-z);  dh_prev += dh_new z
           reset_after=True:  d_r = d_n h_n r(1-r);  grad_xw = [d_r, d_z, d_n];  d_hw = [d_r, d_z, d_n r]
           reset_after=False: d_rh = d_n W_hn;  d_r = d_rh h_in r(1-r);  grad_xw = d_hw = [d_r, d_z, d_n]
-                             dW_hn += d_n^T (r h_in)  (VariantGrads.w_hn);  dh_in gets d_rh r
+                             (the op code: dW_hn = d_n^T (r h_in));  dh_in gets d_rh r
     RNN:  grad_xw = d_hw = dh_new act'(h_new)
     grad_hw = LN_hh backward of d_hw (layer norm: also d ln_hh) else d_hw
     dh_in = grad_hw W_hh  (reset_after=False: grad_hw[:, :2H] W_h{r,z} + d_rh r)
@@ -94,7 +98,7 @@ Backward, step t (``dh_t``, ``dc_t``: total gradient reaching the state after st
     else: they carry dh_prev, dc_prev to step t-1 (in visiting order), where grad_h_seq is added
 ``db_hh = sum(grad_hw)`` without layer norm; with it, ``b_hh`` sits after the norm and its
 gradient is ``VariantGrads.ln_hh_bias``. ``dW_hh = grad_hw^T h_in`` (``recurrent_inputs``), except
-rows 2H:3H for GRU reset_after=False (``VariantGrads.w_hn``).
+rows 2H:3H for GRU reset_after=False: ``grad_hw[..., 2H:]^T (r h_in)``, r from the saved gates.
 
 Accepted combinations (``check_variant``, ValueError otherwise): layer-norm weight and bias come
 together; ``ln_c`` only with ``ln_hh`` (LSTM); ``peephole``, ``ln_c``, ``zoneout_c`` are LSTM-only;
@@ -102,9 +106,9 @@ an LSTM gets both ``zoneout_h`` and ``zoneout_c`` or neither; ``reset_after=Fals
 excludes layer norm. ``training`` only decides what is saved: dropout and zoneout masks are the
 op code's choice (eval passes no ``rec_mask`` and zoneout = p).
 
-What is saved: LSTM the activated gates [T,B,4H], cell states [T,B,H] and, with a projection,
-the unprojected outputs [T,B,H]; GRU the activated gates r, z, n [T,B,3H] and h_n [T,B,H];
-RNN nothing beyond ``h_seq``. With a variant (``recurrence.saved_layout``): LSTM's cell states
+What is saved (by name: ``contract.rnn.saved_layout``): LSTM the activated gates [T,B,4H], cell
+states [T,B,H] and, with a projection, the unprojected outputs [T,B,H]; GRU the activated gates
+r, z, n [T,B,3H] and h_n [T,B,H]; RNN nothing beyond ``h_seq``. With a variant: LSTM's cell states
 are ``c_t`` after zoneout and GRU's ``h_n`` is the hidden-side n pre-activation as used above
 (after layer norm and bias; reset_after=False: ``(r * h_in) W_hn^T + b_hn``); then, when on,
 layer norm ``hw_hat [T,B,G], hw_rstd [T,B]``; LSTM cell layer norm ``c_hat [T,B,H], c_rstd [T,B]``;
@@ -117,8 +121,18 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.recurrence import (GATES, LN_EPS, VariantGrads, active_rows, check_variant,
-                              previous_states, time_steps)
+from ..contract.checks import check_rnn_backward, check_rnn_forward
+from ..contract.rnn import (
+    GATES,
+    LN_EPS,
+    Variant,
+    VariantGrads,
+    active_rows,
+    by_name,
+    previous_states,
+    saved_layout,
+    time_steps,
+)
 
 name = "torch"
 
@@ -129,6 +143,16 @@ def availability(device_type: str) -> str | None:
 
 def _activation(cell):
     return torch.relu if cell == "rnn_relu" else torch.tanh
+
+
+def d_sigmoid(s):
+    """d sigmoid(x) / dx from s = sigmoid(x)."""
+    return s * (1 - s)
+
+
+def d_tanh(t):
+    """d tanh(x) / dx from t = tanh(x)."""
+    return 1 - t * t
 
 
 def _layer_norm(v, weight, bias):
@@ -177,9 +201,10 @@ class _Steps:
 
 
 def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant=None):
+    variant = check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, variant)
     T, B, G = xw.shape
     H = G // GATES[cell]
-    v = check_variant(cell, variant)
+    v = variant or Variant()
     ln, ln_c = v.ln_hh_weight is not None, v.ln_c_weight is not None
     zoneout = v.zoneout_h is not None
     gru_reset_before = cell == "gru" and not v.reset_after
@@ -234,12 +259,10 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
                 c_t = c_new
             c = _with_rows(c, m, c_t)
             if training:
-                out.put("acts", t, torch.cat([i, f, g, o], 1))
-                out.put("c", t, c_t)
-                if w_hr is not None:
-                    out.put("hu", t, hu)
-                if zoneout:
-                    out.put("new", t, c_new)
+                out.put("gates", t, torch.cat([i, f, g, o], 1))
+                out.put("c_seq", t, c_t)
+                out.put("hu", t, hu)
+                out.put("c_new", t, c_new)
         elif cell == "gru":
             x_r, x_z, x_n = x_t.chunk(3, 1)
             if gru_reset_before:
@@ -257,36 +280,34 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
                 n = (x_n + r * h_n).tanh()
             h_new = (1 - z) * n + z * h_prev
             if training:
-                out.put("acts", t, torch.cat([r, z, n], 1))
-                out.put("hn", t, h_n)
+                out.put("gates", t, torch.cat([r, z, n], 1))
+                out.put("h_n", t, h_n)
         else:
             h_new = _activation(cell)(x_t + hw)
-            if training and zoneout:
-                out.put("new", t, h_new)
+            if training:
+                out.put("h_new", t, h_new)
         if zoneout:
             zh = v.zoneout_h[t, :m]
             h_t = zh * h_prev + (1 - zh) * h_new
         else:
             h_t = h_new
         h = _with_rows(h, m, h_t)
-        out.put("h", t, h_t)
+        out.put("h_seq", t, h_t)
 
-    h_seq = out.stack("h")  # h and c are fresh tensors: every step (T >= 1) replaces them
-    if not training:
-        return h_seq, h, c, ()
-    names = {"lstm": ["acts", "c"] + (["hu"] if w_hr is not None else []), "gru": ["acts", "hn"]}.get(cell, [])
-    names += (["hw_hat", "hw_rstd"] if ln else []) + (["c_hat", "c_rstd"] if ln_c else [])
-    names += ["new"] if zoneout and cell != "gru" else []
-    return h_seq, h, c, (h_seq,) + tuple(out.stack(n) for n in names)
+    h_seq = out.stack("h_seq")  # h and c are fresh tensors: every step (T >= 1) replaces them
+    layout = saved_layout(cell, T, B, H, h0.shape[1], xw.dtype, w_hr is not None, training, variant)
+    return h_seq, h, c, tuple(out.stack(entry.name) for entry in layout)
 
 
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
+    variant = check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
+                                 saved, variant)
     h_seq = saved[0]
-    T, B, _ = h_seq.shape
+    T, B, Hr = h_seq.shape
     G = w_hh.shape[0]
     H = G // GATES[cell]
-    v = check_variant(cell, variant)
+    v = variant or Variant()
     ln, ln_c = v.ln_hh_weight is not None, v.ln_c_weight is not None
     zoneout = v.zoneout_h is not None
     gru_reset_before = cell == "gru" and not v.reset_after
@@ -296,15 +317,8 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
     separate_hw = ln or (cell == "gru" and not gru_reset_before)
     dh = grad_h_T.clone()
     dc = grad_c_T.clone() if cell == "lstm" else None
-    grad_w_hr = None
-
-    # saved: the plain tuple, then the variant's tensors in saved_layout's order
-    k = {"lstm": 3 + (w_hr is not None), "gru": 3}.get(cell, 1)
-    hw_hat_seq, hw_rstd_seq = (saved[k], saved[k + 1]) if ln else (None, None)
-    k += 2 * ln
-    c_hat_seq, c_rstd_seq = (saved[k], saved[k + 1]) if ln_c else (None, None)
-    k += 2 * ln_c
-    new_seq = saved[k] if zoneout and cell != "gru" else None
+    s = by_name(saved_layout(cell, T, B, H, Hr, h_seq.dtype, w_hr is not None, True, variant), saved)
+    new_seq = s.get("c_new", s.get("h_new"))
 
     # GRU: h_prev, the state entering each step (after reset; the zoneout and update-gate operand)
     h_prev_seq = None
@@ -313,24 +327,18 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
         if v.reset is not None:
             h_prev_seq = torch.where(v.reset.unsqueeze(-1), h0.unsqueeze(0), h_prev_seq)
     if cell == "lstm":
-        acts, c_seq = saved[1], saved[2]
-        hu_seq = saved[3] if w_hr is not None else None
-        c_prev_seq = previous_states(c_seq, c0, batch_sizes, reverse)
+        c_prev_seq = previous_states(s["c_seq"], c0, batch_sizes, reverse)
         if v.reset is not None:
             c_prev_seq = torch.where(v.reset.unsqueeze(-1), c0.unsqueeze(0), c_prev_seq)
-    elif cell == "gru":
-        acts, hn_seq = saved[1], saved[2]
 
     # variant parameter gradients, summed over steps and rows
-    g_ln_w = g_ln_b = g_lnc_w = g_lnc_b = g_peep = g_w_hn = None
+    g_ln_w = g_ln_b = g_lnc_w = g_lnc_b = g_peep = None
     if ln:
         g_ln_w, g_ln_b = h_seq.new_zeros(G), h_seq.new_zeros(G)
     if ln_c:
         g_lnc_w, g_lnc_b = h_seq.new_zeros(H), h_seq.new_zeros(H)
     if v.peephole is not None:
         g_peep = h_seq.new_zeros(3, H)
-    if gru_reset_before:
-        g_w_hn = h_seq.new_zeros(H, H)
     # what reaches h0 / c0 through reset steps (the carried state gets nothing there)
     grad_h0_reset = torch.zeros_like(h0) if v.reset is not None else None
     grad_c0_reset = torch.zeros_like(c0) if v.reset is not None and cell == "lstm" else None
@@ -354,25 +362,25 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
                 dhu = dh_new @ w_hr
             else:
                 dhu = dh_new
-            i, f, g, o = acts[t, :m].chunk(4, 1)
-            c_new = new_seq[t, :m] if zoneout else c_seq[t, :m]
+            i, f, g, o = s["gates"][t, :m].chunk(4, 1)
+            c_new = new_seq[t, :m] if zoneout else s["c_seq"][t, :m]
             c_prev = c_prev_seq[t, :m]
             if ln_c:
-                c_hat = c_hat_seq[t, :m]
+                c_hat = s["c_hat"][t, :m]
                 tc = (c_hat * v.ln_c_weight + v.ln_c_bias).tanh()
-                d_y = dhu * o * (1 - tc * tc)
-                d_cn, d_w, d_b = _layer_norm_backward(d_y, v.ln_c_weight, c_hat, c_rstd_seq[t, :m])
+                d_y = dhu * o * d_tanh(tc)
+                d_cn, d_w, d_b = _layer_norm_backward(d_y, v.ln_c_weight, c_hat, s["c_rstd"][t, :m])
                 g_lnc_w, g_lnc_b = g_lnc_w + d_w, g_lnc_b + d_b
                 dc_new = dc_new + d_cn
             else:
                 tc = c_new.tanh()
-                dc_new = dc_new + dhu * o * (1 - tc * tc)
-            d_o = dhu * tc * o * (1 - o)
+                dc_new = dc_new + dhu * o * d_tanh(tc)
+            d_o = dhu * tc * d_sigmoid(o)
             if v.peephole is not None:
                 dc_new = dc_new + d_o * v.peephole[2]
-            d_i = dc_new * g * i * (1 - i)
-            d_f = dc_new * c_prev * f * (1 - f)
-            d_g = dc_new * i * (1 - g * g)
+            d_i = dc_new * g * d_sigmoid(i)
+            d_f = dc_new * c_prev * d_sigmoid(f)
+            d_g = dc_new * i * d_tanh(g)
             d_xw = torch.cat([d_i, d_f, d_g, d_o], 1)
             dc_prev = dc_new * f if dc_prev is None else dc_prev + dc_new * f
             if v.peephole is not None:
@@ -381,29 +389,28 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
                                                (d_o * c_new).sum(0)])
             d_hw = d_xw
         elif cell == "gru":
-            r, z, n = acts[t, :m].chunk(3, 1)
+            r, z, n = s["gates"][t, :m].chunk(3, 1)
             h_prev = h_prev_seq[t, :m]
-            d_n = dh_new * (1 - z) * (1 - n * n)
-            d_z = dh_new * (h_prev - n) * z * (1 - z)
+            d_n = dh_new * (1 - z) * d_tanh(n)
+            d_z = dh_new * (h_prev - n) * d_sigmoid(z)
             if gru_reset_before:
                 h_in = h_prev * v.rec_mask[:m] if v.rec_mask is not None else h_prev
                 d_rh = d_n @ w_hh[2 * H:]                      # gradient of r * h_in
-                d_r = d_rh * h_in * r * (1 - r)
-                g_w_hn = g_w_hn + d_n.t() @ (r * h_in)
+                d_r = d_rh * h_in * d_sigmoid(r)
             else:
-                d_r = d_n * hn_seq[t, :m] * r * (1 - r)
+                d_r = d_n * s["h_n"][t, :m] * d_sigmoid(r)
             d_xw = torch.cat([d_r, d_z, d_n], 1)
             d_hw = d_xw if gru_reset_before else torch.cat([d_r, d_z, d_n * r], 1)
         else:
             h_new = new_seq[t, :m] if zoneout else h_seq[t, :m]
             # relu: where(), not a 0/1 product, so a NaN gradient stays out of inactive units (as torch)
-            d_xw = dh_new * (1 - h_new * h_new) if cell == "rnn_tanh" else torch.where(h_new > 0, dh_new, 0.0)
+            d_xw = dh_new * d_tanh(h_new) if cell == "rnn_tanh" else torch.where(h_new > 0, dh_new, 0.0)
             d_hw = d_xw
         out.put("xw", t, d_xw)
 
         # hidden side: through the layer norm to the raw product a = h_in W_hh^T, then to h_in
         if ln:
-            d_hw, d_w, d_b = _layer_norm_backward(d_hw, v.ln_hh_weight, hw_hat_seq[t, :m], hw_rstd_seq[t, :m])
+            d_hw, d_w, d_b = _layer_norm_backward(d_hw, v.ln_hh_weight, s["hw_hat"][t, :m], s["hw_rstd"][t, :m])
             g_ln_w, g_ln_b = g_ln_w + d_w, g_ln_b + d_b
         out.put("hw", t, d_hw)
         if gru_reset_before:
@@ -428,13 +435,10 @@ def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch
 
     grad_xw = out.stack("xw")
     grad_hw = out.stack("hw") if separate_hw else grad_xw
-    if cell == "lstm" and w_hr is not None:
-        grad_hproj = out.stack("hproj")
-        grad_w_hr = grad_hproj.reshape(T * B, w_hr.shape[0]).t() @ hu_seq.reshape(T * B, w_hr.shape[1])
+    grad_hproj = out.stack("hproj") if w_hr is not None else None
     if grad_h0_reset is not None:
         dh = dh + grad_h0_reset
         if cell == "lstm":
             dc = dc + grad_c0_reset
-    if variant is None:
-        return grad_xw, grad_hw, dh, dc, grad_w_hr, None
-    return grad_xw, grad_hw, dh, dc, grad_w_hr, VariantGrads(g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep, g_w_hn)
+    vgrads = None if variant is None else VariantGrads(g_ln_w, g_ln_b, g_lnc_w, g_lnc_b, g_peep)
+    return grad_xw, grad_hw, dh, dc, grad_hproj, vgrads

@@ -19,7 +19,7 @@ import os
 import torch
 
 from .. import _triton as _triton_pkg
-from ..ops.checks import check_sdpa_backward, check_sdpa_forward
+from ..contract.checks import check_sdpa_backward, check_sdpa_forward
 
 name = "triton"
 dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -16,7 +16,7 @@ and has no launcher check.
 
 Exceptions follow torch: RuntimeError for a wrong shape, dtype or device (what torch's RNN and
 SDPA kernels raise), ValueError for an unknown cell, an impossible variant combination
-(``recurrence.check_variant``) and batch_sizes off the CPU (torch's PackedSequence), TypeError for
+(``contract.rnn.check_variant``) and batch_sizes off the CPU (torch's PackedSequence), TypeError for
 something that is not a tensor. Messages name the argument and give the expected and the actual
 shape.
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from .recurrence import GATES, Variant, check_cell, check_variant, saved_layout
+from .rnn import GATES, Saved, Variant, check_cell, check_variant, saved_layout
 
 # batch_sizes / rows up to this length are read as a Python list (about 1 us); longer ones are
 # checked with torch reductions, whose fixed cost (a few us each) is then the smaller one
@@ -235,7 +235,7 @@ def check_layer_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, bat
     = the Variant fields, ``reset_after`` last): x [T, B, I] floating, w_ih [G, I], w_hh [G, Hr],
     b_ih / b_hh [G], h0 [B, Hr], c0 [B, H] (LSTM only), w_hr [Hr, H] (LSTM only; without it
     Hr = H), batch_sizes (``check_batch_sizes`` with T and B), ln_ih_* [G], the variant tensors
-    (``recurrence.Variant``), one dtype and one device. Returns ``(T, B, G, H, Hr)``."""
+    (``contract.rnn.Variant``), one dtype and one device. Returns ``(T, B, G, H, Hr)``."""
     if cell not in GATES:
         check_cell(cell)
     if not isinstance(backend, str) or not isinstance(reverse, bool) or len(var) != _N_VARIANT:
@@ -274,22 +274,22 @@ def check_layer_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, bat
 
 
 def _check_saved(saved, want, device):
-    """``saved`` (a list of tensors) against ``want`` [(shape, dtype)], all on ``device``."""
+    """``saved`` (a list of tensors) against ``want`` (``Saved`` entries), all on ``device``."""
     if not isinstance(saved, (list, tuple)):
         raise TypeError(f"fastrnn: saved must be a list of tensors, got {type(saved).__name__}")
     if len(saved) != len(want):
         raise RuntimeError(f"fastrnn: saved holds {len(saved)} tensors, expected {len(want)} "
                            "(what the forward of the same configuration saves)")
     cpu = device.type == "cpu"
-    for k, (t, (shape, dtype)) in enumerate(zip(saved, want)):
+    for k, (t, (name, shape, dtype)) in enumerate(zip(saved, want)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fastrnn: saved[{k}] must be a tensor, got {type(t).__name__}")
+            raise TypeError(f"fastrnn: saved[{k}] ({name}) must be a tensor, got {type(t).__name__}")
         if t.shape != shape:
-            raise RuntimeError(f"fastrnn: saved[{k}] has shape {_fmt(t.shape)}, expected {_fmt(shape)}")
+            raise RuntimeError(f"fastrnn: saved[{k}] ({name}) has shape {_fmt(t.shape)}, expected {_fmt(shape)}")
         if t.dtype is not dtype:
-            raise RuntimeError(f"fastrnn: saved[{k}] has dtype {t.dtype}, expected {dtype}")
+            raise RuntimeError(f"fastrnn: saved[{k}] ({name}) has dtype {t.dtype}, expected {dtype}")
         if not t.is_cpu if cpu else t.device != device:
-            raise RuntimeError(f"fastrnn: saved[{k}] is on {t.device}, expected {device}")
+            raise RuntimeError(f"fastrnn: saved[{k}] ({name}) is on {t.device}, expected {device}")
 
 
 def _grads(cell, T, B, H, Hr, ref_name, ref, grad_h_seq, grad_h_T, grad_c_T):
@@ -311,7 +311,7 @@ def check_layer_bwd_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr,
     """The arguments of ``fastrnn::rnn_layer_bwd``: the layer's (``check_layer_args``), then
     grad_h_seq [T, B, Hr], grad_h_T [B, Hr], grad_c_T [B, H] | None, h_seq [T, B, Hr], saved
     (what ``rnn_layer_fwd`` returned: ``layout(...)[1:]`` -- the backend's own ``saved_layout``, else
-    ``recurrence.saved_layout`` -- then, with ``ln_ih``, ``[T, B, G], [T, B, 1], [T, B, 1]``) and
+    ``contract.rnn.saved_layout`` -- then, with ``ln_ih``, ``[T, B, G], [T, B, 1], [T, B, 1]``) and
     ``needs`` (one bool per differentiable argument)."""
     if len(rest) != _N_VARIANT + 6:
         raise TypeError(f"fastrnn: rnn_layer_bwd takes {_N_VARIANT + 6} arguments after ln_ih_bias, got {len(rest)}")
@@ -330,8 +330,9 @@ def check_layer_bwd_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr,
         raise
     want = (layout or saved_layout)(cell, T, B, H, Hr, x.dtype, w_hr is not None, True,
                                     None if _is_plain(var) else Variant(*var))[1:]
-    if ln_ih_weight is not None:  # xraw, then native_layer_norm's mean and rstd (in x's dtype)
-        want = list(want) + [((T, B, G), x.dtype), ((T, B, 1), x.dtype), ((T, B, 1), x.dtype)]
+    if ln_ih_weight is not None:  # the op layer's own: native_layer_norm's input, mean and rstd
+        want += [Saved("xraw", (T, B, G), x.dtype), Saved("mean", (T, B, 1), x.dtype),
+                 Saved("rstd", (T, B, 1), x.dtype)]
     _check_saved(saved, want, x.device)
     if len(needs) != _N_GRAD_ARGS:
         raise RuntimeError(f"fastrnn: needs has {len(needs)} flags, expected {_N_GRAD_ARGS}")
@@ -342,7 +343,8 @@ def check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, 
     """The recurrence contract's forward arguments (``reference_rnn``): xw [T, B, G], w_hh [G, Hr],
     b_hh [G], h0 [B, Hr], c0 [B, H] (LSTM), w_hr [Hr, H] (LSTM), batch_sizes, the variant; one
     dtype (which dtypes are supported is each backend's own check) and one device.
-    Returns ``(T, B, G, H, Hr)``."""
+    Returns the variant normalised (``check_variant``: None for the plain cell), the one form a
+    backend works with."""
     if cell not in GATES:
         check_cell(cell)
     try:
@@ -354,14 +356,15 @@ def check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, 
         _raise_not_tensor((("xw", xw, False), ("w_hh", w_hh, False), ("b_hh", b_hh, True), ("h0", h0, False),
                            ("c0", c0, True), ("w_hr", w_hr, True), ("batch_sizes", batch_sizes, True)))
         raise
-    return T, B, G, H, Hr
+    return check_variant(cell, variant)
 
 
 def check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                        variant=None, layout=None):
     """The recurrence contract's backward arguments: ``saved[0]`` is h_seq [T, B, Hr] and gives T, B;
     w_hh [G, Hr]; grads as ``check_layer_bwd_args`` (each may be None: zero); ``saved`` against
-    ``layout`` (the backend's ``saved_layout``, default ``recurrence.saved_layout``) in full."""
+    ``layout`` (the backend's ``saved_layout``, default ``contract.rnn.saved_layout``) in full.
+    Returns the variant normalised, as ``check_rnn_forward``."""
     if cell not in GATES:
         check_cell(cell)
     if not isinstance(saved, (list, tuple)) or not saved:
@@ -382,10 +385,10 @@ def check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                            ("grad_h_seq", grad_h_seq, True), ("grad_h_T", grad_h_T, True),
                            ("grad_c_T", grad_c_T, True)))
         raise
-    want = (layout or saved_layout)(cell, T, B, H, Hr, h_seq.dtype, w_hr is not None, True,
-                                    None if _is_plain(variant) else variant)
-    _check_saved(saved, want, h_seq.device)
-    return T, B, G, H, Hr
+    variant = check_variant(cell, variant)
+    _check_saved(saved, (layout or saved_layout)(cell, T, B, H, Hr, h_seq.dtype, w_hr is not None, True, variant),
+                 h_seq.device)
+    return variant
 
 
 # ---- attention ---------------------------------------------------------------------------------

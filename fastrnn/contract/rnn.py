@@ -1,4 +1,6 @@
-"""Pieces of the recurrence contract that every backend shares.
+"""The recurrence contract's data: what the op layer (``fastrnn/ops``) and every backend
+(``fastrnn/backends``) agree on. Operations and equations: ``fastrnn/backends/reference_rnn.py``.
+Imports only torch, so that backends never import the op layer.
 
 Shape letters: T time, B batch, I input, H hidden, Hr projected hidden (proj_size or H),
 G gate width (4H LSTM, 3H GRU, H RNN).
@@ -94,28 +96,29 @@ class Variant(NamedTuple):
 
 
 class VariantGrads(NamedTuple):
-    """The sixth element of ``rnn_backward``'s result when a variant ran (None when absent).
+    """The sixth element of ``rnn_backward``'s result when a variant ran (None for the plain cell):
+    the gradients of the variant's own parameters, summed over steps and rows.
 
-    ln_hh_weight, ln_hh_bias [G]; ln_c_weight, ln_c_bias [H]; peephole [3, H];
-    w_hn [H, H]: GRU with reset_after=False only, the gradient of rows 2H:3H of W_hh (the op code
-    cannot form it from grad_hw, because that product's left operand is ``r * h_in``).
+    ln_hh_weight, ln_hh_bias [G]; ln_c_weight, ln_c_bias [H]; peephole [3, H].
     """
     ln_hh_weight: torch.Tensor | None = None
     ln_hh_bias: torch.Tensor | None = None
     ln_c_weight: torch.Tensor | None = None
     ln_c_bias: torch.Tensor | None = None
     peephole: torch.Tensor | None = None
-    w_hn: torch.Tensor | None = None
 
 
 def is_plain(variant: Variant | None) -> bool:
     return variant is None or variant == Variant()
 
 
-def check_variant(cell: str, variant: Variant | None) -> Variant:
-    """The variant with its combinations checked (``Variant()`` for None): the saved layout
-    (``saved_layout``) assumes these pairings, so a backend may rely on them."""
-    v = Variant() if variant is None else variant
+def check_variant(cell: str, variant: Variant | None) -> Variant | None:
+    """The variant with its combinations checked, normalised: ``None`` for the plain cell (None or
+    ``Variant()``), the one representation backends see. The saved layout (``saved_layout``)
+    assumes these pairings, so a backend may rely on them."""
+    if is_plain(variant):
+        return None
+    v = variant
     if (v.ln_hh_weight is None) != (v.ln_hh_bias is None) or (v.ln_c_weight is None) != (v.ln_c_bias is None):
         raise ValueError("fastrnn: layer norm needs both its weight and its bias")
     if cell != "lstm" and (v.ln_c_weight is not None or v.peephole is not None or v.zoneout_c is not None):
@@ -144,31 +147,52 @@ def recurrent_inputs(h_seq, h0, batch_sizes, reverse, variant: Variant | None):
     return prev
 
 
-def saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant: Variant | None = None,
-                 state_dtype=None):
-    """Shapes and dtypes of the ``saved`` tuple of the default layout (reference, cpp, numba;
-    see ``reference_rnn`` and docs/variants.md): a list of ``(shape, dtype)``.
+class Saved(NamedTuple):
+    """One entry of the saved layout."""
+    name: str
+    shape: tuple
+    dtype: torch.dtype
 
-    ``state_dtype``: the dtype of LSTM's ``c_seq`` when it differs from ``dtype`` (triton keeps
-    float32 cell states for float16 / bfloat16). Shapes may be symbolic (torch.compile's fake
-    kernels call this).
+
+def saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant: Variant | None = None,
+                 state_dtype=None) -> list[Saved]:
+    """The ``saved`` tuple of a training forward, by name (the one place that knows its order;
+    reference, cpp, numba and triton all save it):
+
+        h_seq   [T, B, Hr]  every cell (the op's output; the op layer passes it back as saved[0])
+        gates   [T, B, G]   LSTM, GRU: the activated gates (i, f, g, o / r, z, n)
+        c_seq   [T, B, H]   LSTM: cell states (after zoneout), in ``state_dtype`` when given
+        hu      [T, B, H]   LSTM with a projection: the unprojected outputs ``o * tanh(.)``
+        h_n     [T, B, H]   GRU: the hidden-side n pre-activation
+        hw_hat  [T, B, G], hw_rstd [T, B]   hidden-product layer norm
+        c_hat   [T, B, H], c_rstd  [T, B]   LSTM cell-state layer norm
+        c_new / h_new [T, B, H]             zoneout: LSTM's cell state / RNN's state before mixing
+
+    ``state_dtype``: LSTM's ``c_seq`` dtype when it differs from ``dtype`` (triton keeps float32
+    cell states for float16 / bfloat16). Shapes may be symbolic (torch.compile's fake kernels).
+    Empty when not training.
     """
     if not training:
         return []
     G = GATES[cell] * H
-    out = [((T, B, Hr), dtype)]
+    out = [Saved("h_seq", (T, B, Hr), dtype)]
     if cell == "lstm":
-        out += [((T, B, G), dtype), ((T, B, H), state_dtype or dtype)]
+        out += [Saved("gates", (T, B, G), dtype), Saved("c_seq", (T, B, H), state_dtype or dtype)]
         if has_proj:
-            out.append(((T, B, H), dtype))
+            out.append(Saved("hu", (T, B, H), dtype))
     elif cell == "gru":
-        out += [((T, B, G), dtype), ((T, B, H), dtype)]
+        out += [Saved("gates", (T, B, G), dtype), Saved("h_n", (T, B, H), dtype)]
     if variant is None:
         return out
     if variant.ln_hh_weight is not None:
-        out += [((T, B, G), dtype), ((T, B), dtype)]
+        out += [Saved("hw_hat", (T, B, G), dtype), Saved("hw_rstd", (T, B), dtype)]
         if cell == "lstm" and variant.ln_c_weight is not None:
-            out += [((T, B, H), dtype), ((T, B), dtype)]
+            out += [Saved("c_hat", (T, B, H), dtype), Saved("c_rstd", (T, B), dtype)]
     if variant.zoneout_h is not None and cell != "gru":
-        out.append(((T, B, H), dtype))
+        out.append(Saved("c_new" if cell == "lstm" else "h_new", (T, B, H), dtype))
     return out
+
+
+def by_name(layout: list[Saved], saved) -> dict[str, torch.Tensor]:
+    """``saved`` (in ``layout``'s order) as ``{name: tensor}``."""
+    return {entry.name: t for entry, t in zip(layout, saved)}

@@ -16,27 +16,19 @@ graph too) and travels with the op, so backward regenerates the same mask.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .. import backends
-from . import checks
-from .library import (arg_names, backend_arg, backward_of_backward, below_autograd, define, fold,
-                      unfold, vmap_by_loop)
+from ..contract import checks
+from ..contract.sdpa import SdpaMask
+from .library import arg_names, backend_arg, backward_of_backward, below_autograd, define, fold, unfold, vmap_by_loop
 from .profiling import kernel_range
 
 SDPA_ARGS = ("str backend, Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? rows, float scale, "
              "bool causal, float dropout_p, Tensor? seed")
-N_ARGS = SDPA_ARGS.count(",") + 1
-GRAD_POS = (1, 2, 3, 4)  # q, k, v, bias
-
-
-class SdpaMask(NamedTuple):
-    """Additive mask in contract form: ``bias`` [Nm, L, S] (broadcast view allowed, stride along
-    S 0 or 1), ``rows`` [N] int64: query row ``n`` uses ``bias[rows[n]]``."""
-    bias: torch.Tensor
-    rows: torch.Tensor
+NAMES = arg_names(SDPA_ARGS)
+N_ARGS = len(NAMES)
+GRAD_POS = tuple(NAMES.index(n) for n in ("q", "k", "v", "bias"))  # the differentiable arguments
 
 
 def _impl(backend, q, k, v):
@@ -99,7 +91,6 @@ def _reference_sdpa(backend, q, k, v, bias, rows, scale, causal, dropout_p, seed
         *_contract(q, k, v, bias, rows, scale, causal, dropout_p, seed))[0],)
 
 
-NAMES = arg_names(SDPA_ARGS)
 BWD_NAMES = NAMES + ["grad_out", "out", "lse", "needs"]
 _FLAGS = [p for p, a in enumerate(SDPA_ARGS.split(", ")) if a.split()[0] in ("str", "float", "bool")]
 _GRAD_OUT = N_ARGS  # position of grad_out among sdpa_bwd's arguments

@@ -25,11 +25,21 @@ from __future__ import annotations
 import torch
 
 from .. import backends
-from . import checks
-from .library import (arg_names, backend_arg, backward_of_backward, below_autograd, define,
-                      define_composite, fold, is_batched, unfold, vmap_by_loop)
+from ..contract import checks
+from ..contract.rnn import GATES, LN_EPS, Variant, by_name, is_plain, recurrent_inputs, saved_layout
+from .library import (
+    arg_names,
+    backend_arg,
+    backward_of_backward,
+    below_autograd,
+    define,
+    define_composite,
+    fold,
+    is_batched,
+    unfold,
+    vmap_by_loop,
+)
 from .profiling import kernel_range
-from .recurrence import GATES, LN_EPS, Variant, is_plain, recurrent_inputs, saved_layout
 
 # The variant fields in the op schemas, in Variant's order (reset_after follows as a bool).
 VARIANT_TENSORS = Variant._fields[:-1]
@@ -37,12 +47,13 @@ LAYER_ARGS = ("str backend, str cell, Tensor x, Tensor w_ih, Tensor w_hh, Tensor
               "Tensor? b_hh, Tensor h0, Tensor? c0, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
               "Tensor? ln_ih_weight, Tensor? ln_ih_bias, "
               + "".join(f"Tensor? {n}, " for n in VARIANT_TENSORS) + "bool reset_after")
-N_ARGS = LAYER_ARGS.count(",") + 1
-# Differentiable arguments: (position in LAYER_ARGS, name); rnn_layer_bwd returns the gradients
-# of those its ``needs`` flags ask for, in this order.
-GRAD_ARGS = ((2, "x"), (3, "w_ih"), (4, "w_hh"), (5, "b_ih"), (6, "b_hh"), (7, "h0"), (8, "c0"),
-             (9, "w_hr"), (12, "ln_ih_weight"), (13, "ln_ih_bias"), (14, "ln_hh_weight"),
-             (15, "ln_hh_bias"), (16, "ln_c_weight"), (17, "ln_c_bias"), (18, "peephole"))
+NAMES = arg_names(LAYER_ARGS)
+N_ARGS = len(NAMES)
+# Differentiable arguments: (position in LAYER_ARGS, name), positions from the schema; rnn_layer_bwd
+# returns the gradients of those its ``needs`` flags ask for, in this order.
+GRAD_ARGS = tuple((NAMES.index(n), n) for n in (
+    "x", "w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0", "w_hr", "ln_ih_weight", "ln_ih_bias", "ln_hh_weight",
+    "ln_hh_bias", "ln_c_weight", "ln_c_bias", "peephole"))
 
 
 def _linear(impl, x, w, b):
@@ -70,6 +81,12 @@ def _variant(var) -> Variant | None:
 
 def _kw(variant):
     return {} if variant is None else {"variant": variant}
+
+
+def _layout(impl, cell, T, B, G, Hr, dtype, has_proj, variant):
+    """The backend's saved layout (``contract.rnn.saved_layout`` unless it has its own)."""
+    return getattr(impl, "saved_layout", saved_layout)(cell, T, B, G // GATES[cell], Hr, dtype, has_proj, True,
+                                                       variant)
 
 
 # ---- kernels (run on real tensors; any device the backend supports) ----------------------------
@@ -113,16 +130,19 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     need = dict(zip((n for _, n in GRAD_ARGS), needs))
     T, B, I = x.shape
     G, Hr = w_hh.shape
+    H = G // GATES[cell]
     ln = ln_ih_weight is not None
     # contiguous: the op may be given views (vmap hands each sample a slice of a folded batch)
     backend_saved = tuple(t.contiguous() for t in (h_seq, *(saved[:-3] if ln else saved)))
+    named = by_name(_layout(impl, cell, T, B, G, Hr, x.dtype, w_hr is not None, variant), backend_saved)
     with kernel_range(f"fastrnn::{cell}_layer_bwd[{impl.name}]", x.device):
-        out = impl.rnn_backward(cell, grad_h_seq.contiguous(), grad_h_T.contiguous(),
-                                grad_c_T.contiguous() if grad_c_T is not None else None,
-                                w_hh, w_hr, h0, c0, batch_sizes, reverse, backend_saved, **_kw(variant))
-    grad_xw, grad_hw, grad_h0, grad_c0, grad_w_hr = out[:5]
-    vgrads = out[5] if len(out) > 5 else None
-    grads = dict(h0=grad_h0, c0=grad_c0, w_hr=grad_w_hr)
+        grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, vgrads = impl.rnn_backward(
+            cell, grad_h_seq.contiguous(), grad_h_T.contiguous(),
+            grad_c_T.contiguous() if grad_c_T is not None else None,
+            w_hh, w_hr, h0, c0, batch_sizes, reverse, backend_saved, **_kw(variant))
+    grads = dict(h0=grad_h0, c0=grad_c0)
+    if need["w_hr"]:  # h_t = hu_t W_hr^T: one GEMM over all steps
+        grads["w_hr"] = _mm_tn(impl, grad_hproj.reshape(T * B, Hr), named["hu"].reshape(T * B, H))
     gx = grad_xw.reshape(T * B, G)
     if need["b_ih"]:
         grads["b_ih"] = gx.sum(0)  # b_ih is added after the input layer norm
@@ -142,9 +162,9 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     if need["w_hh"]:
         h_in = recurrent_inputs(h_seq, h0, batch_sizes, reverse, variant).reshape(T * B, Hr)
         if variant is not None and cell == "gru" and not variant.reset_after:
-            # rows 2H:3H multiply r * h_in, not h_in: the backend formed their gradient
-            H2 = 2 * (G // 3)
-            grads["w_hh"] = torch.cat([_mm_tn(impl, gh[:, :H2], h_in), vgrads.w_hn], 0)
+            # rows 2H:3H (W_hn) multiply r * h_in, not h_in (r: the saved gates' first H columns)
+            r_h_in = (named["gates"][..., :H].reshape(T * B, H) * h_in)
+            grads["w_hh"] = torch.cat([_mm_tn(impl, gh[:, :2 * H], h_in), _mm_tn(impl, gh[:, 2 * H:], r_h_in)], 0)
         else:
             grads["w_hh"] = _mm_tn(impl, gh, h_in)
     if need["b_hh"]:
@@ -188,10 +208,9 @@ def _fake_forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_
     if not training:
         return h_seq, h_T, c_T, []
     impl = backends.resolve(backend or None, x.device, "rnn")
-    layout = getattr(impl, "saved_layout", saved_layout)
     variant = None if is_plain(Variant(*var)) else Variant(*var)
-    shapes = layout(cell, T, B, H, Hr, x.dtype, w_hr is not None, True, variant)
-    saved = [x.new_empty(shape, dtype=dtype) for shape, dtype in shapes[1:]]
+    layout = _layout(impl, cell, T, B, G, Hr, x.dtype, w_hr is not None, variant)
+    saved = [x.new_empty(entry.shape, dtype=entry.dtype) for entry in layout[1:]]
     if ln_ih_weight is not None:
         xraw = x.new_empty(T, B, G)
         _, mean, rstd = torch.native_layer_norm(xraw, [G], ln_ih_weight, ln_ih_bias, LN_EPS)
@@ -231,7 +250,6 @@ def _reference_layer(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, bat
 
 # ---- autograd ----------------------------------------------------------------------------------
 
-NAMES = arg_names(LAYER_ARGS)
 BWD_NAMES = NAMES + ["grad_h_seq", "grad_h_T", "grad_c_T", "h_seq", "saved", "needs"]
 _CELL, _BATCH_SIZES = NAMES.index("cell"), NAMES.index("batch_sizes")
 _PLAIN = [p for p, a in enumerate(LAYER_ARGS.split(", ")) if a.split()[0] in ("str", "bool")]
@@ -455,7 +473,7 @@ def rnn_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, batch_siz
     x [T, B, I]; w_ih [G, I]; w_hh [G, Hr]; b_ih, b_hh [G] or None; h0 [B, Hr];
     c0 [B, H] (LSTM) or None; w_hr [Hr, H] or None; batch_sizes [T] (int64, CPU, descending)
     or None; ln_ih = (weight [G], bias [G]) of the input-side layer norm or None; variant: a
-    ``fastrnn.ops.recurrence.Variant`` or None (docs/variants.md).
+    ``fastrnn.contract.rnn.Variant`` or None (docs/variants.md).
     Returns ``(h_seq [T, B, Hr], h_T [B, Hr], c_T [B, H] | None)``.
     """
     variant = variant or Variant()
