@@ -732,12 +732,11 @@ def _sdpa_gate(plan, E, causal, dtype):
 
 
 def stage_sdpa(plan, record, deadline, index, count):
+    import bench_attention
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import bench_attention
     gpu_rnn = _gpu_rnn(plan)
-    device, dtype = plan["device"], _dtype(plan["sdpa_dtype"])
+    dtype = _dtype(plan["sdpa_dtype"])
     torch.backends.cuda.matmul.allow_tf32 = False
     rate = peak_rates(record.path.parent, gpu_rnn, plan, [DTYPES[plan["sdpa_dtype"]]])[DTYPES[plan["sdpa_dtype"]]]
     gates = {}

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import parser, progress, save, setup, time_step
 from torch import nn
 
 import fastrnn
-from _common import parser, progress, save, setup, time_step
 
 TEXT = Path(__file__).parent / "data" / "sonnets.txt"
 

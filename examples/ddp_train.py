@@ -26,11 +26,10 @@ import os
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
 from _common import parser, progress, save, setup
 from forecasting import DAY, Forecaster, make_batch, make_series
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 
 def wrap(model: nn.Module, how: str, world: int) -> nn.Module:

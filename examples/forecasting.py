@@ -19,11 +19,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from _common import parser, progress, save, setup, time_step
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from _common import parser, progress, save, setup, time_step
 
 DAY = 24  # samples per day (hourly)
 MIN_WINDOW = 2 * DAY  # the seasonal-naive baseline needs a day of history

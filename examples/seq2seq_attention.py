@@ -22,11 +22,11 @@ import random
 
 import torch
 import torch.nn.functional as F
+from _common import parser, progress, save, setup, time_step
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
-from _common import parser, progress, save, setup, time_step
 
 MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
           "october", "november", "december"]
