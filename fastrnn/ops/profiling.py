@@ -10,7 +10,14 @@ from torch.autograd.profiler import record_function
 
 @contextlib.contextmanager
 def kernel_range(name: str, device: torch.device):
-    """``with kernel_range("fastrnn::lstm_layer_fwd[cpp]", x.device): ...``"""
+    """``with kernel_range("fastrnn::lstm_layer_fwd[cpp]", x.device): ...``
+
+    On CPU the range is opened only while a profiler records (``torch.profiler``,
+    ``torch.autograd.profiler``): ``record_function`` costs ~10 us a call even when nothing
+    listens, a tenth of a small cell step (bench/results/small_calls_cpu.md)."""
+    if device.type != "cuda" and not torch._C._autograd._profiler_enabled():
+        yield
+        return
     with record_function(name):
         if device.type == "cuda":
             torch.cuda.nvtx.range_push(name)
