@@ -43,3 +43,23 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny problems (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    intra-op threads only add barriers (on a loaded machine ~10 ms
+    each, 10x the work). Correctness does not depend on them (tests/test_cpp.py and
+    tests/test_numba.py cover the threaded paths)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        import numba
+        n_numba = numba.get_num_threads()
+        numba.set_num_threads(1)
+    except ImportError:
+        numba = None
+    yield
+    torch.set_num_threads(n)
+    if numba is not None:
+        numba.set_num_threads(n_numba)

@@ -23,23 +23,7 @@ T, B, I, H = 3, 2, 3, 3
 f64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add barriers (on a loaded machine ~10 ms
-    each, 10x the work). Correctness does not depend on them (tests/test_cpp.py and
-    tests/test_numba.py cover the threaded paths)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        import numba
-        n_numba = numba.get_num_threads()
-        numba.set_num_threads(1)
-    except ImportError:
-        numba = None
-    yield
-    torch.set_num_threads(n)
-    if numba is not None:
-        numba.set_num_threads(n_numba)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -18,21 +18,7 @@ T, I, H, V = 3, 3, 4, 5  # V: samples (the vmapped dim)
 f64 = dict(dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: intra-op threads only add barriers (see tests/test_double_backward.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        import numba
-        n_numba = numba.get_num_threads()
-        numba.set_num_threads(1)
-    except ImportError:
-        numba = None
-    yield
-    torch.set_num_threads(n)
-    if numba is not None:
-        numba.set_num_threads(n_numba)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _twin(fast, torch_cls, **kw):

@@ -190,11 +190,13 @@ class _Steps:
     hand-written backward against it and differentiate ``rnn_backward`` itself) and vmap can
     batch them."""
 
-    def __init__(self, T, B):
-        self.T, self.B, self.steps = T, B, {}
+    def __init__(self, T, B, keep=None):
+        self.T, self.B, self.steps, self.keep = T, B, {}, keep
 
     def put(self, name, t, value):
-        self.steps.setdefault(name, [None] * self.T)[t] = value
+        """Record ``value`` as step t of ``name`` (dropped unless ``name`` is in ``keep``, when given)."""
+        if self.keep is None or name in self.keep:
+            self.steps.setdefault(name, [None] * self.T)[t] = value
 
     def stack(self, name):
         return torch.stack([_pad_rows(v, self.B) for v in self.steps[name]])
@@ -210,8 +212,9 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
     gru_reset_before = cell == "gru" and not v.reset_after
     h = h0
     c = c0 if cell == "lstm" else None
-    # per step: "h" (h_seq); training: what backward needs, named as in the docstring
-    out = _Steps(T, B)
+    # per step: h_seq, and in training what the saved layout names (nothing else is kept)
+    layout = saved_layout(cell, T, B, H, h0.shape[1], xw.dtype, w_hr is not None, training, variant)
+    out = _Steps(T, B, keep={"h_seq"} | {entry.name for entry in layout})
 
     for t in time_steps(T, reverse):
         m = active_rows(batch_sizes, t, B)
@@ -295,7 +298,6 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
         out.put("h_seq", t, h_t)
 
     h_seq = out.stack("h_seq")  # h and c are fresh tensors: every step (T >= 1) replaces them
-    layout = saved_layout(cell, T, B, H, h0.shape[1], xw.dtype, w_hr is not None, training, variant)
     return h_seq, h, c, tuple(out.stack(entry.name) for entry in layout)
 
 

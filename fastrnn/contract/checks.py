@@ -189,7 +189,8 @@ def _variant(cell, T, B, G, H, Hr, ref_name, ref, var):
 def _recurrence(cell, T, B, G, ref_name, ref, w_hh, b_hh, h0, c0, w_hr, batch_sizes, var):
     """What the op and the backend contract share: w_hh [G, Hr], b_hh [G], h0 [B, Hr], c0 [B, H]
     (LSTM only), w_hr [Hr, H] (LSTM only; without it Hr = H), batch_sizes against T and B, the
-    variant; dtypes and devices as ``ref``'s. Returns (H, Hr)."""
+    variant; dtypes and devices as ``ref``'s. Returns (H, Hr, the variant normalised:
+    ``check_variant``, None for the plain cell)."""
     gates = GATES[cell]
     lstm = gates == 4
     shape = w_hh.shape
@@ -222,11 +223,10 @@ def _recurrence(cell, T, B, G, ref_name, ref, w_hh, b_hh, h0, c0, w_hr, batch_si
         raise RuntimeError(f"fastrnn: c0 is an LSTM state; {cell} takes None")
     if batch_sizes is not None:
         check_batch_sizes(batch_sizes, T, B)
-    if not _is_plain(var):
-        _variant(cell, T, B, G, H, Hr, ref_name, ref, var)
+    variant = None if _is_plain(var) else _variant(cell, T, B, G, H, Hr, ref_name, ref, var)
     if not _uniform((w_hh, b_hh, h0, c0, w_hr), ref.dtype, ref.device):
         _raise_mixed((("w_hh", w_hh), ("b_hh", b_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)), ref_name, ref)
-    return H, Hr
+    return H, Hr, variant
 
 
 def check_layer_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse,
@@ -252,7 +252,7 @@ def check_layer_args(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, bat
         G = w_hh.shape[0]
         if w_ih.shape != (G, I):
             _raise_shape("w_ih", w_ih, (G, I), "[G, I]")
-        H, Hr = _recurrence(cell, T, B, G, "x", x, w_hh, b_hh, h0, c0, w_hr, batch_sizes, var)
+        H, Hr, _ = _recurrence(cell, T, B, G, "x", x, w_hh, b_hh, h0, c0, w_hr, batch_sizes, var)
         if b_ih is not None and b_ih.shape != (G,):
             _raise_shape("b_ih", b_ih, (G,), "[G]")
         if ln_ih_weight is not None or ln_ih_bias is not None:
@@ -351,12 +351,12 @@ def check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, 
         if xw.dim() != 3:
             _raise_shape("xw", xw, (0, 0, 0), "[T, B, G]")
         T, B, G = xw.shape
-        H, Hr = _recurrence(cell, T, B, G, "xw", xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, variant)
+        H, Hr, variant = _recurrence(cell, T, B, G, "xw", xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, variant)
     except AttributeError:
         _raise_not_tensor((("xw", xw, False), ("w_hh", w_hh, False), ("b_hh", b_hh, True), ("h0", h0, False),
                            ("c0", c0, True), ("w_hr", w_hr, True), ("batch_sizes", batch_sizes, True)))
         raise
-    return check_variant(cell, variant)
+    return variant
 
 
 def check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
@@ -377,7 +377,8 @@ def check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
         if w_hh.dim() != 2:
             _raise_shape("w_hh", w_hh, (0, 0), "[G, Hr]")
         G = w_hh.shape[0]
-        H, Hr = _recurrence(cell, T, B, G, "h_seq", h_seq, w_hh, None, h0, c0, w_hr, batch_sizes, variant)
+        H, Hr, variant = _recurrence(cell, T, B, G, "h_seq", h_seq, w_hh, None, h0, c0, w_hr, batch_sizes,
+                                     variant)
         _grads(cell, T, B, H, Hr, "h_seq", h_seq, grad_h_seq, grad_h_T, grad_c_T)
     except AttributeError:
         _raise_not_tensor((("saved[0] (h_seq)", h_seq, False), ("w_hh", w_hh, False), ("w_hr", w_hr, True),
@@ -385,7 +386,6 @@ def check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0,
                            ("grad_h_seq", grad_h_seq, True), ("grad_h_T", grad_h_T, True),
                            ("grad_c_T", grad_c_T, True)))
         raise
-    variant = check_variant(cell, variant)
     _check_saved(saved, (layout or saved_layout)(cell, T, B, H, Hr, h_seq.dtype, w_hr is not None, True, variant),
                  h_seq.device)
     return variant

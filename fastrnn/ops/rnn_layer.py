@@ -134,7 +134,9 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     ln = ln_ih_weight is not None
     # contiguous: the op may be given views (vmap hands each sample a slice of a folded batch)
     backend_saved = tuple(t.contiguous() for t in (h_seq, *(saved[:-3] if ln else saved)))
-    named = by_name(_layout(impl, cell, T, B, G, Hr, x.dtype, w_hr is not None, variant), backend_saved)
+
+    def named(name):  # a saved tensor by name (the layout is built only when one is read)
+        return by_name(_layout(impl, cell, T, B, G, Hr, x.dtype, w_hr is not None, variant), backend_saved)[name]
     with kernel_range(f"fastrnn::{cell}_layer_bwd[{impl.name}]", x.device):
         grad_xw, grad_hw, grad_h0, grad_c0, grad_hproj, vgrads = impl.rnn_backward(
             cell, grad_h_seq.contiguous(), grad_h_T.contiguous(),
@@ -142,7 +144,7 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
             w_hh, w_hr, h0, c0, batch_sizes, reverse, backend_saved, **_kw(variant))
     grads = dict(h0=grad_h0, c0=grad_c0)
     if need["w_hr"]:  # h_t = hu_t W_hr^T: one GEMM over all steps
-        grads["w_hr"] = _mm_tn(impl, grad_hproj.reshape(T * B, Hr), named["hu"].reshape(T * B, H))
+        grads["w_hr"] = _mm_tn(impl, grad_hproj.reshape(T * B, Hr), named("hu").reshape(T * B, H))
     gx = grad_xw.reshape(T * B, G)
     if need["b_ih"]:
         grads["b_ih"] = gx.sum(0)  # b_ih is added after the input layer norm
@@ -163,7 +165,7 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
         h_in = recurrent_inputs(h_seq, h0, batch_sizes, reverse, variant).reshape(T * B, Hr)
         if variant is not None and cell == "gru" and not variant.reset_after:
             # rows 2H:3H (W_hn) multiply r * h_in, not h_in (r: the saved gates' first H columns)
-            r_h_in = (named["gates"][..., :H].reshape(T * B, H) * h_in)
+            r_h_in = (named("gates")[..., :H].reshape(T * B, H) * h_in)
             grads["w_hh"] = torch.cat([_mm_tn(impl, gh[:, :2 * H], h_in), _mm_tn(impl, gh[:, 2 * H:], r_h_in)], 0)
         else:
             grads["w_hh"] = _mm_tn(impl, gh, h_in)
