@@ -11,16 +11,17 @@ __version__ = "0.1.0"
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch",
            "available_backends", "backend_status", "functional", "set_num_threads", "get_num_threads",
-           "Attention", "scaled_dot_product_attention", "__version__"]
+           "Attention", "scaled_dot_product_attention", "AttentionDecoder", "__version__"]
 
 
 def _load():
     """The public API, and with it the ``torch.ops.fastrnn`` ops (registered on import)."""
     global available_backends, backend_status, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
-    global functional, get_num_threads, set_num_threads, Attention, scaled_dot_product_attention
+    global functional, get_num_threads, set_num_threads, Attention, scaled_dot_product_attention, AttentionDecoder
     from . import functional
     from .attention import Attention, scaled_dot_product_attention
     from .backends import available_backends, backend_status
+    from .decoder import AttentionDecoder
     from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
     from .threads import get_num_threads, set_num_threads
 

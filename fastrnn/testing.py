@@ -49,3 +49,98 @@ def assert_low_precision(actual, expected_lowp, reference_fp64, name: str, facto
     err = (actual.double() - reference_fp64).abs().max().item()
     base = (expected_lowp.double() - reference_fp64).abs().max().item()
     assert err <= factor * base + floor, f"{name}: error {err:.3g} > {factor} x torch's {base:.3g}"
+
+
+class LoopAttentionDecoder(torch.nn.Module):
+    """The attention decoder as users write it without fastrnn: a Python loop over
+    ``nn.LSTMCell`` / ``nn.GRUCell`` with the attention in torch ops (one launch per operation per
+    step). The specification ``fastrnn.AttentionDecoder`` is tested against (float64, every
+    gradient), and the baseline of ``bench/decoder_speed.py`` (eager and under ``torch.compile``).
+    ``load_from(decoder)`` copies an ``AttentionDecoder``'s weights. Shapes as ``forward`` of
+    ``AttentionDecoder`` (time-major, state LSTM ``(h, c, feed)``, GRU ``(h, feed)``). As users write
+    it, a memory row with nothing to attend to gives NaN here (softmax over -inf); the fused
+    decoder defines it as zero attention."""
+
+    def __init__(self, cell, input_size, hidden_size, memory_size, attention="additive", input_feeding=True,
+                 num_layers=1, dropout=0.0):
+        super().__init__()
+        from torch import nn
+        H = hidden_size
+        self.lstm, self.attention, self.input_feeding = cell == "lstm", attention, input_feeding
+        Cell = nn.LSTMCell if self.lstm else nn.GRUCell
+        self.cells = nn.ModuleList(Cell((input_size + H * input_feeding) if k == 0 else H, H)
+                                   for k in range(num_layers))
+        self.drop = nn.Dropout(dropout)
+        if attention != "dot":
+            self.memory_proj = nn.Linear(memory_size, H, bias=False)
+        if attention == "additive":
+            self.query_proj = nn.Linear(H, H)
+            self.v = nn.Linear(H, 1, bias=False)
+        self.out = nn.Linear(memory_size + H, H, bias=False)
+
+    @classmethod
+    def from_decoder(cls, dec) -> "LoopAttentionDecoder":
+        """The loop twin of an ``AttentionDecoder``: same sizes, options and weights."""
+        loop = cls(dec.cell, dec.input_size, dec.hidden_size, dec.memory_size, dec.attention, dec.input_feeding,
+                   dec.num_layers, dec.dropout)
+        p = dec.output_weight
+        return loop.to(device=p.device, dtype=p.dtype).load_from(dec)
+
+    @torch.no_grad()
+    def load_from(self, dec) -> "LoopAttentionDecoder":
+        for k, cell in enumerate(self.cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(dec, f"{name}_l{k}"))
+        if self.attention != "dot":
+            self.memory_proj.weight.copy_(dec.memory_weight)
+        if self.attention == "additive":
+            self.query_proj.weight.copy_(dec.query_weight)
+            self.query_proj.bias.copy_(dec.query_bias)
+            self.v.weight.copy_(dec.score_weight.unsqueeze(0))
+        self.out.weight.copy_(dec.output_weight)
+        return self
+
+    def forward(self, inputs, memory, memory_mask=None, state=None):
+        """inputs [T, B, I], memory [S, B, M], memory_mask [B, S] bool -> (outputs [T, B, H],
+        attention [T, B, S], state)."""
+        T, B, _ = inputs.shape
+        L, H = len(self.cells), self.cells[0].hidden_size
+        mem = memory.transpose(0, 1)                                  # [B, S, M]
+        keys = mem if self.attention == "dot" else self.memory_proj(mem)
+        if state is None:
+            zeros = inputs.new_zeros(B, H)
+            h, c, feed = [zeros] * L, [zeros] * L, zeros
+        elif self.lstm:
+            h, c = list(state[0]), list(state[1])
+            feed = state[2] if self.input_feeding else inputs.new_zeros(B, H)
+        else:
+            h = list(state[0] if self.input_feeding else state)
+            feed = state[1] if self.input_feeding else inputs.new_zeros(B, H)
+        outs, attns = [], []
+        for t in range(T):
+            x = torch.cat([inputs[t], feed], 1) if self.input_feeding else inputs[t]
+            for k, cell in enumerate(self.cells):
+                if k > 0:
+                    x = self.drop(x)
+                if self.lstm:
+                    h[k], c[k] = cell(x, (h[k], c[k]))
+                else:
+                    h[k] = cell(x, h[k])
+                x = h[k]
+            if self.attention == "additive":
+                scores = self.v(torch.tanh(self.query_proj(x).unsqueeze(1) + keys)).squeeze(2)
+            else:
+                scores = torch.bmm(keys, x.unsqueeze(2)).squeeze(2)
+            if memory_mask is not None:
+                scores = scores.masked_fill(~memory_mask, float("-inf"))
+            a = torch.softmax(scores, dim=1)
+            ctx = torch.bmm(a.unsqueeze(1), mem).squeeze(1)
+            feed = torch.tanh(self.out(torch.cat([ctx, x], 1)))
+            outs.append(feed)
+            attns.append(a)
+        h_n = torch.stack(h)
+        if self.lstm:
+            state = (h_n, torch.stack(c), feed) if self.input_feeding else (h_n, torch.stack(c))
+        else:
+            state = (h_n, feed) if self.input_feeding else h_n
+        return torch.stack(outs), torch.stack(attns), state

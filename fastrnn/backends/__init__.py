@@ -4,7 +4,8 @@ A backend implements each op family in its own module ``fastrnn.backends.<backen
 (``reference_rnn``, ``cpp_rnn``, ``numba_sdpa``, ...), so that work on one backend or op never
 touches another's file. Each such module defines the op contract of ``docs/architecture.md``
 (``rnn_forward`` / ``rnn_backward`` for the recurrence, ``sdpa_forward`` / ``sdpa_backward``
-for attention), ``name`` (the backend name), and ``availability(device_type) -> str | None``:
+for attention, ``decoder_forward`` / ``decoder_backward`` for the attention
+decoder), ``name`` (the backend name), and ``availability(device_type) -> str | None``:
 ``None`` when it can run on that device type, otherwise the reason why not.
 
 Selection rule (one rule, used by every op):
@@ -25,7 +26,7 @@ import torch
 
 # backend name -> module-name prefix. "torch" is the plain-PyTorch reference (the specification).
 BACKENDS = {"cpp": "cpp", "numba": "numba", "triton": "triton", "torch": "reference"}
-OPS = ("rnn", "sdpa")
+OPS = ("rnn", "sdpa", "decoder")
 
 # Automatic choice per device type, best first. The Triton interpreter is never chosen
 # automatically on CPU (it exists for tests), but it is usable when asked for explicitly.

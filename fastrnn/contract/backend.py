@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from .decoder import DecoderGrads, DecoderParams
 from .rnn import Saved, Variant, VariantGrads
 from .sdpa import SdpaMask
 
@@ -59,7 +60,24 @@ class AttentionBackend(Backend, Protocol):
         """-> (grad_q [N, L, E], grad_k [Nk, S, E], grad_v [Nk, S, Ev])."""
 
 
-PROTOCOLS = {"rnn": RecurrenceBackend, "sdpa": AttentionBackend}
+class DecoderBackend(Backend, Protocol):
+    """The whole teacher-forced attention decoder (``reference_decoder`` documents every argument)."""
+
+    def decoder_forward(self, cell: str, xw: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
+                        mask: torch.Tensor | None, params: DecoderParams, h0: torch.Tensor, c0: torch.Tensor | None,
+                        feed0: torch.Tensor, drop: torch.Tensor | None, training: bool) -> tuple:
+        """-> (out [T, B, H], attn [T, B, S], h_n [L, B, H], c_n [L, B, H] | None, saved (empty when
+        not training))."""
+
+    def decoder_backward(self, cell: str, grad_out: torch.Tensor, grad_attn: torch.Tensor, grad_h_n: torch.Tensor,
+                         grad_c_n: torch.Tensor | None, xw: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
+                         mask: torch.Tensor | None, params: DecoderParams, h0: torch.Tensor, c0: torch.Tensor | None,
+                         feed0: torch.Tensor, drop: torch.Tensor | None, out: torch.Tensor, attn: torch.Tensor,
+                         saved: tuple) -> DecoderGrads:
+        """-> ``DecoderGrads``."""
+
+
+PROTOCOLS = {"rnn": RecurrenceBackend, "sdpa": AttentionBackend, "decoder": DecoderBackend}
 # what a module may define beyond its protocol, and how each must look
 OPTIONAL = {"dtypes": tuple, "info": callable, "linear": callable, "mm": callable, "mm_tn": callable,
             "saved_layout": callable}
@@ -92,4 +110,5 @@ def conforms(module: types.ModuleType, op: str) -> list[str]:
     return problems
 
 
-__all__ = ["AttentionBackend", "Backend", "PROTOCOLS", "RecurrenceBackend", "Saved", "VariantGrads", "conforms"]
+__all__ = ["AttentionBackend", "Backend", "DecoderBackend", "DecoderGrads", "DecoderParams", "PROTOCOLS",
+           "RecurrenceBackend", "Saved", "VariantGrads", "conforms"]

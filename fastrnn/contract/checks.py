@@ -10,7 +10,10 @@ Who calls what:
         check_sdpa_bwd_args(*sdpa_bwd's arguments)         sdpa_bwd
     backend launchers (fastrnn/backends/{cpp,numba,triton}_{rnn,sdpa}.py), first line of each
     contract function: check_rnn_forward / check_rnn_backward / check_sdpa_forward / check_sdpa_backward
-The C++ entry points check again what they rely on (csrc/rnn.cpp, csrc/sdpa.cpp), so a direct call
+The attention decoder's checks live with its contract data (``contract/decoder.py``:
+``check_decoder_forward`` / ``check_decoder_backward``, called by fastrnn/ops/decoder.py and every
+``*_decoder`` backend). The C++ entry points check again what they rely on (csrc/rnn.cpp, csrc/sdpa.cpp,
+csrc/decoder.cpp), so a direct call
 of the extension is safe too. The reference backend (plain torch ops) cannot index out of bounds
 and has no launcher check.
 
