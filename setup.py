@@ -12,7 +12,8 @@ import sys
 from setuptools import setup
 
 # one extension per op family, so a broken or missing source only disables its own ops
-EXTENSIONS = {"fastrnn._C_rnn": "csrc/rnn.cpp", "fastrnn._C_sdpa": "csrc/sdpa.cpp"}
+EXTENSIONS = {"fastrnn._C_rnn": "csrc/rnn.cpp", "fastrnn._C_sdpa": "csrc/sdpa.cpp",
+              "fastrnn._C_decoder": "csrc/decoder.cpp"}
 
 
 def _extensions():
