@@ -148,10 +148,14 @@ class SafeCache(_caching.FunctionCache):
     """numba's per-function cache, on ``_CheckedFile``; loading never raises (a damaged entry is
     deleted and reported, and the kernel compiles), saving never raises (reported once)."""
 
-    def __init__(self, py_func):
+    def __init__(self, py_func, depends=()):
         super().__init__(py_func)   # RuntimeError when no cache directory is usable
-        self._cache_file = _CheckedFile(self._cache_path, self._impl.filename_base + ".sha256",
-                                        self._impl.locator.get_source_stamp())
+        # numba keys an entry on its own file's stamp only; ``depends`` adds the files whose
+        # @njit helpers the kernel inlines, so editing a helper rebuilds the kernel too
+        stamp = self._impl.locator.get_source_stamp()
+        if depends:
+            stamp = (stamp, *((os.stat(f).st_mtime, os.stat(f).st_size) for f in depends))
+        self._cache_file = _CheckedFile(self._cache_path, self._impl.filename_base + ".sha256", stamp)
 
     def load_overload(self, sig, target_context):
         try:
@@ -199,14 +203,15 @@ class SafeCache(_caching.FunctionCache):
                               "process are rebuilt without a warning: runtime.rebuilt_entries)")
 
 
-def jit(*, cache: bool = False, **options):
+def jit(*, cache: bool = False, depends=(), **options):
     """``numba.njit(**options)``; with ``cache`` (and ``FASTRNN_NUMBA_CACHE`` not 0) the
-    dispatcher keeps its compiled code in a ``SafeCache``."""
+    dispatcher keeps its compiled code in a ``SafeCache``, rebuilt when its own file or one of
+    ``depends`` (paths of the modules whose helpers it calls) changes."""
     def wrap(func):
         dispatcher = numba.njit(**options)(func)
         if cache and CACHE:
             try:
-                dispatcher._cache = SafeCache(dispatcher.py_func)   # what enable_caching() sets
+                dispatcher._cache = SafeCache(dispatcher.py_func, depends)   # what enable_caching() sets
             except Exception as exc:  # no usable cache directory
                 _warn_once("nocache", f"fastrnn: numba kernels cannot be cached ({exc}); they are "
                                       "compiled in memory in each process (set NUMBA_CACHE_DIR to a "
