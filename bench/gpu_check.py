@@ -12,9 +12,9 @@ keeps what it measured, and OUT/gpu_check.json + .md are rewritten after every s
 
   setup  python, torch (CUDA?), triton, numpy, pytest, the GPU. A missing package gets one pinned
          ``pip install`` (PIP_TIMEOUT_S: a machine without a registry fails fast); no CUDA: exit 3.
-  tests  tests/test_triton.py and the device-aware triton tests of tests/test_attention.py with
-         compiled kernels (TRITON_INTERPRET=0, FASTRNN_TEST_DEVICE=cuda), sharded over parallel
-         pytest processes: compiling is CPU work and the tests' kernels are tiny.
+  tests  tests/test_triton.py, tests/test_decoder_contract.py and the device-aware triton tests of
+         tests/test_attention.py with compiled kernels (TRITON_INTERPRET=0, FASTRNN_TEST_DEVICE=cuda),
+         sharded over parallel pytest processes: compiling is CPU work and the tests' kernels are tiny.
   warm   compiles the benchmark cases' kernels in parallel processes at tiny sizes, so the timed
          stages find them in Triton's on-disk cache instead of compiling one by one.
   peak   torch.matmul's rate per dtype and the device's copy bandwidth.
@@ -78,7 +78,8 @@ SDPA_CASES = [(L, E, causal) for L in (1024, 4096, 16384) for E in (64, 128) for
 PLANS = {
     "gpu": dict(device="cuda", rnn=RNN_CASES, sdpa=SDPA_CASES, tokens=16384, width=2048, sdpa_dtype="bf16",
                 gate_dtypes=("bf16", "fp16", "fp32"), gate_len=1024, gate_heads=2, rep_ms=100,
-                tests=(["tests/test_triton.py"] + [f"tests/test_attention.py::{t}" for t in (
+                tests=(["tests/test_triton.py", "tests/test_decoder_contract.py"]
+                       + [f"tests/test_attention.py::{t}" for t in (
                     "test_matches_torch", "test_huge_logits_finite", "test_empty", "test_low_precision",
                     "test_dropout_matches_reference")], "triton and not sm90")),
     # the interpreter has no bf16 for the recurrence (attention computes it in fp32 and casts back)
@@ -86,6 +87,7 @@ PLANS = {
                 sdpa=[(64, 16, False), (64, 16, True)], tokens=64, width=32, sdpa_dtype="bf16",
                 gate_dtypes=("bf16", "fp32"), gate_len=64, gate_heads=2, rep_ms=1,
                 tests=(["tests/test_triton.py::test_extreme_preactivations_stay_finite",
+                        "tests/test_decoder_contract.py::test_backend_matches_reference_float64",
                         "tests/test_attention.py::test_matches_torch[triton-3d-f32]",
                         "tests/test_attention.py::test_low_precision[bf16-triton]"], "triton")),
 }
@@ -555,10 +557,16 @@ def run_child(args):
 
 def inject_fault():
     """--fault: the triton backend's forward outputs come out 1% too large (the recurrence's h_seq,
-    attention's out), so every comparison with the reference must fail; tests/test_gpu_check.py
-    uses it to prove that the gates can fail."""
-    from fastrnn.backends import triton_rnn, triton_sdpa
+    attention's out, the decoder's out), so every comparison with the reference must fail;
+    tests/test_gpu_check.py uses it to prove that the gates can fail."""
+    from fastrnn.backends import triton_decoder, triton_rnn, triton_sdpa
     rnn_forward, sdpa_forward = triton_rnn.rnn_forward, triton_sdpa.sdpa_forward
+    decoder_forward = triton_decoder.decoder_forward
+
+    def bad_decoder_forward(*a, **kw):
+        out, *rest = decoder_forward(*a, **kw)
+        return out * 1.01, *rest
+    triton_decoder.decoder_forward = bad_decoder_forward
 
     def bad_rnn_forward(*a, **kw):
         h_seq, h_T, c_T, saved = rnn_forward(*a, **kw)
