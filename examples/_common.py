@@ -68,16 +68,17 @@ def progress(steps: int, desc: str):
     return tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
 
 
-def time_step(model: torch.nn.Module, step, make_optimizer, rounds: int) -> dict:
+def time_step(model: torch.nn.Module, step, make_optimizer, rounds: int, twin: torch.nn.Module | None = None) -> dict:
     """Time one training step of ``model`` (fastrnn's modules) against the same model on torch's
-    ``nn.LSTM/GRU/RNN`` (``fastrnn.to_torch`` of a copy: the same weights), interleaved round by
-    round in this process so that load on the machine hits both alike.
+    ``nn.LSTM/GRU/RNN`` (``twin``; default ``fastrnn.to_torch`` of a copy: the same weights),
+    interleaved round by round in this process so that load on the machine hits both alike.
 
     ``step(model, optimizer)`` runs one training step on a fixed batch; each model gets its own
     ``make_optimizer(model)``. The models timed are copies: ``model`` itself is unchanged.
     Returns medians in ms, the speedup torch / fastrnn and the spread (max - min) / median.
     """
-    models = {"torch": fastrnn.to_torch(copy.deepcopy(model)), "fastrnn": copy.deepcopy(model)}
+    models = {"torch": fastrnn.to_torch(copy.deepcopy(model)) if twin is None else twin,
+              "fastrnn": copy.deepcopy(model)}
     fns = {}
     for who, m in models.items():
         opt = make_optimizer(m)

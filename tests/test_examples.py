@@ -12,7 +12,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["char_lm", "seq2seq_attention", "forecasting"])
+@pytest.mark.parametrize("name", ["char_lm", "seq2seq_attention", "forecasting", "attention_decoder"])
 def test_example_smoke(name, tmp_path):
     # one thread: on a shared 2-core machine, 2-thread parallel regions that wait for a descheduled
     # thread made these runs 5-10x slower (185 s instead of ~30 s for the three at load 3)
