@@ -365,3 +365,53 @@ def test_op_rejects_bad_contract_arguments(backend):
         a[names.index(name)] = bad
         with pytest.raises((RuntimeError, ValueError), match=match):
             torch.ops.fastrnn.decoder(*a)
+
+
+WORKERS_CHILD = textwrap.dedent("""
+    import sys, threading, torch, fastrnn
+    from torch.utils.data import DataLoader, Dataset
+    backends = sys.argv[1].split(",")
+    torch.manual_seed(0)
+    # B=24, H=48: above the cpp and numba thresholds that keep small calls on one thread
+    decs = {b: fastrnn.AttentionDecoder("gru", 16, 48, 40, attention="additive", num_layers=2, backend=b)
+            for b in backends}
+    for d in decs.values():
+        d.load_state_dict(next(iter(decs.values())).state_dict())
+    xs = [torch.randn(6 + i, 24, 16) for i in range(3)]
+    mem = torch.randn(11, 24, 40)
+
+    def compute(b, i):
+        x = xs[i].clone().requires_grad_()
+        out, attn, (h, f) = decs[b](x, mem)
+        (out.square().sum() + attn.sum() + h.sum()).backward()
+        return out.detach(), x.grad
+
+    class Data(Dataset):
+        def __len__(self):
+            return len(backends) * len(xs)
+        def __getitem__(self, k):
+            return compute(backends[k // len(xs)], k % len(xs))
+
+    expected = [compute(b, i) for b in backends for i in range(len(xs))]
+    forked = list(DataLoader(Data(), batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    threaded = [None] * len(expected)
+    def work(k):
+        with torch.no_grad():
+            threaded[k] = decs[backends[k // len(xs)]](xs[k % len(xs)], mem)[0]
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(len(expected))]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    for k, (e, f, t) in enumerate(zip(expected, forked, threaded)):
+        assert torch.allclose(e[0], f[0], atol=1e-6) and torch.allclose(e[1], f[1], atol=1e-5), f"fork {k}"
+        assert torch.allclose(e[0], t, atol=1e-6), f"thread {k}"
+    print("ok")
+""")
+
+
+def test_fork_workers_and_python_threads():
+    """DataLoader workers forked after the parent ran the kernels (torch's and numba's thread pools
+    started), and several Python threads calling at once: the parent's results, no hang."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", WORKERS_CHILD, ",".join(BACKENDS)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

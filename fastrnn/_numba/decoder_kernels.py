@@ -390,14 +390,15 @@ def _bwd_block(blk, block, cell, grad_out, grad_attn, grad_h_n, grad_c_n, keys, 
 def decoder_backward(cell, grad_out, grad_attn, grad_h_n, grad_c_n, keys, memory, w_feed, has_feed,
                      w_in, w_hh, w_q, b_q, v, additive, w_c, h0, c0, drop, has_drop, out, attn, gates,
                      cells, hs, block, nth, grad_gi, grad_gh, grad_opre, grad_q, grad_v, grad_keys,
-                     grad_memory, grad_h0, grad_c0, grad_feed0):
+                     grad_memory, grad_h0, grad_c0, grad_feed0, gv_part):
     """Fills the DecoderGrads arrays (grad_keys, grad_memory zeroed by the caller; for an LSTM
     grad_gh is grad_gi itself, and grad_q, grad_v are dummies unless ``additive``). Rows in
-    blocks of ``block``; nth: threads (1: no parallel region)."""
+    blocks of ``block``; nth: threads (1: no parallel region). gv_part [nblk, H] (zeros, from the
+    caller): grad_v per block, summed in block order, so no race and a fixed order. Allocated by
+    the caller because an array expression here (np.zeros) would itself become a parallel region
+    under parallel=True, which a fork child must not open even on its serial path."""
     B, H = grad_out.shape[1], grad_out.shape[2]
     nblk = (B + block - 1) // block
-    # grad_v per block, summed in block order: no race, and the same bits on any thread count
-    gv_part = np.zeros((nblk, H if additive else 1), dtype=grad_out.dtype)
     if nth == 1:
         for blk in range(nblk):
             _bwd_block(blk, block, cell, grad_out, grad_attn, grad_h_n, grad_c_n, keys, memory, w_feed, has_feed,

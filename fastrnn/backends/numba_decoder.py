@@ -197,12 +197,14 @@ def decoder_backward(cell, grad_out, grad_attn, grad_h_n, grad_c_n, xw, keys, me
     d3 = np.zeros((1, 1, 1), dtype=dt)
     kernel, first = _first_call("decoder_backward", dt.str)
     with _rt.kernel_call(_limit(T, B, S, M, H, G, L)) as nth, _rt.serial_blas(), first:
+        block = _block(B, nth)
+        gv_part = np.zeros((-(-B // block), H if a["additive"] else 1), dtype=dt)  # grad_v per row block
         kernel(a["code"], _np(grad_out), _np(grad_attn), _np(grad_h_n), _np(grad_c_n) if lstm else d3,
                a["keys"], a["memory"], a["w_feed"], a["has_feed"], a["w_in"], a["w_hh"], a["w_q"], a["b_q"], a["v"],
                a["additive"], a["w_c"], a["h0"], a["c0"], a["drop"], a["has_drop"], _np(out), _np(attn),
-               _np(gates), _np(cells) if lstm else np.zeros((1, 1, 1, 1), dtype=dt), _np(hs), _block(B, nth), nth,
+               _np(gates), _np(cells) if lstm else np.zeros((1, 1, 1, 1), dtype=dt), _np(hs), block, nth,
                _np(grad_gi), _np(grad_gh), _np(grad_opre), _np(grad_q) if grad_q is not None else d3,
                _np(grad_v) if grad_v is not None else d1, _np(grad_keys), _np(grad_memory), _np(grad_h0),
-               _np(grad_c0) if lstm else d3, _np(grad_feed0))
+               _np(grad_c0) if lstm else d3, _np(grad_feed0), gv_part)
     return DecoderGrads(grad_gi, grad_gh, grad_opre, grad_q, grad_v, grad_keys, grad_memory, grad_h0, grad_c0,
                         grad_feed0)
