@@ -415,3 +415,20 @@ def test_fork_workers_and_python_threads():
     proc = subprocess.run([sys.executable, "-c", WORKERS_CHILD, ",".join(BACKENDS)], capture_output=True,
                           text=True, timeout=600, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("attention", ["additive", "dot"])
+def test_nan_and_inf_stay_in_their_row(backend, attention):
+    """Rows are independent: a NaN input or an inf memory entry poisons its own batch row (as the
+    reference's equations do) and no other; every backend gives the reference's NaN pattern."""
+    x, mem, _ = data(torch.float32, M=H)
+    x, mem = x.detach(), mem.detach()
+    x[1, 1, 2] = float("nan")
+    mem[3, 2, 0] = float("inf")
+    got = make("lstm", attention, True, 1, backend=backend, dtype=torch.float32, M=H)(x, mem)
+    want = make("lstm", attention, True, 1, backend="torch", dtype=torch.float32, M=H)(x, mem)
+    for name, g, w in (("output", got[0], want[0]), ("attention", got[1], want[1])):
+        assert torch.equal(g.isnan(), w.isnan()), name
+        assert not g[:, 0].isnan().any(), f"{name}: row 0 must stay finite"
