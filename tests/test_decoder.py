@@ -432,3 +432,22 @@ def test_nan_and_inf_stay_in_their_row(backend, attention):
     for name, g, w in (("output", got[0], want[0]), ("attention", got[1], want[1])):
         assert torch.equal(g.isnan(), w.isnan()), name
         assert not g[:, 0].isnan().any(), f"{name}: row 0 must stay finite"
+
+
+def test_torch_func_vmap_and_per_sample_grads():
+    """torch.func over the op (its vmap rule runs one op call per sample): vmap equals a loop,
+    func.grad equals autograd, per-sample gradients by vmap(grad)."""
+    dec = make("lstm", "additive", True, 1, backend=BACKENDS[0])
+    x = torch.randn(3, T, 2, I, dtype=torch.float64)
+    mem = torch.randn(S, 2, M, dtype=torch.float64)
+    f = lambda xx: dec(xx, mem)[0]  # noqa: E731
+    assert_close(torch.func.vmap(f)(x), torch.stack([f(xx) for xx in x]), "vmap")
+    params = {n: p.detach() for n, p in dec.named_parameters()}
+
+    def loss(p, xx):
+        return torch.func.functional_call(dec, p, (xx, mem))[0].square().sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for k in range(3):
+        want = torch.autograd.grad(loss(dict(dec.named_parameters()), x[k]), list(dec.parameters()))
+        for (n, g), w in zip(per_sample.items(), want):
+            assert_close(g[k], w, f"per-sample grad {n} [{k}]", grad=True)
