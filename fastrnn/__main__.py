@@ -15,6 +15,7 @@ import sys
 BACKEND_NAMES = ("cpp", "numba", "torch", "triton")
 RNN_OPS = ("lstm", "gru", "rnn")
 OPS = RNN_OPS + ("sdpa",)
+BENCH_OPS = OPS + ("decoder",)  # the decoder only when asked for (its numba kernels compile for a minute)
 PROG = "python -m fastrnn"
 
 
@@ -92,7 +93,7 @@ def cmd_bench(args) -> int:
         fastrnn.set_num_threads(args.threads)
     if args.backends:
         # an explicit backend that cannot run is an error, not a silently shorter table
-        _check_backends(args.backends, device, {"sdpa" if op == "sdpa" else "rnn" for op in args.ops})
+        _check_backends(args.backends, device, {bench.family(op) for op in args.ops})
     grid = "full" if args.full else "quick" if args.quick else "default"
     info = bench.machine()
     load = info["load_average"]
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "correctness gate; writes bench.json, bench.md, bench.png. The default grid takes "
                        "about 20 s on an idle 2-core machine, minutes on a busy one; --full about 3x that "
                        "(bench/results/bench_time_cpu.md).")
-    b.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to time")
+    b.add_argument("--ops", nargs="+", default=list(OPS), choices=BENCH_OPS,
+                   help="ops to time; decoder (the fused attention decoder against its Python loop) only when named")
     b.add_argument("--backends", nargs="+", default=None, choices=BACKEND_NAMES,
                    help="backends to time (None: every usable one but the torch reference)")
     b.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"],

@@ -260,6 +260,67 @@ def run_sdpa_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.flo
     return out
 
 
+# the attention decoder: (cell, attention, T, S, B, H), H also the input and memory width; against
+# the loop users write (fastrnn.testing.LoopAttentionDecoder). Not in the default ops (`--ops decoder`):
+# its numba kernels add a compile of about a minute to a first run.
+DECODER_FULL = [("lstm", "additive", 50, 50, 32, 256), ("gru", "dot", 50, 50, 32, 256)]
+DECODER_DEFAULT = DECODER_FULL[:1]
+DECODER_QUICK = [("lstm", "additive", 5, 7, 3, 16)]
+
+
+def decoder_id(cell, attention, T, S, B, H):
+    return f"{cell}_{attention[:3]}_T{T}_S{S}_B{B}_H{H}"  # lstm_add_T50_S50_B32_H256
+
+
+def run_decoder_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.float32):
+    """fastrnn.AttentionDecoder per backend vs the same decoder as a Python loop over nn.*Cell."""
+    from .testing import LoopAttentionDecoder
+    cell, attention, T, S, B, H = shape
+    device = torch.device(device)
+    torch.manual_seed(0)
+    x, mem = torch.randn(T, B, H, device=device, dtype=dtype), torch.randn(S, B, H, device=device, dtype=dtype)
+    mask = torch.arange(S, device=device) < torch.randint(S // 2 + 1, S + 1, (B, 1), device=device)  # padding
+    decs = {b: fastrnn.AttentionDecoder(cell, H, H, H, attention=attention, backend=b, device=device, dtype=dtype)
+            for b in backends}
+    for d in decs.values():
+        d.load_state_dict(next(iter(decs.values())).state_dict())
+    BASE = "loop"
+    models = {BASE: LoopAttentionDecoder.from_decoder(next(iter(decs.values()))) if decs else None, **decs}
+
+    def runner(m):
+        if mode == "infer":
+            def run():
+                with torch.no_grad():
+                    return m(x, mem, mask)
+            return run
+
+        def run():
+            m(x, mem, mask)[0].sum().backward()
+        return run
+
+    def gate(m):
+        outs = [m(x, mem, mask)[0], models[BASE](x, mem, mask)[0]]
+        errs = [max_error(*outs)]
+        if mode == "train":
+            g = torch.randn_like(outs[1])
+            grads = [torch.autograd.grad((o * g).sum(), list(mm.parameters()))
+                     for o, mm in zip(outs, (m, models[BASE]))]
+            errs.append(max_error(grads[0][1], grads[1][1]))  # weight_hh_l0 / cells.0.weight_hh
+        err = max(errs)
+        return err, err <= 1e-4
+
+    if not decs:
+        return []
+    gates = {b: gate(m) for b, m in decs.items()}
+    samples = time_interleaved({n: runner(m) for n, m in models.items()}, rounds, 1, device)
+    return _results("decoder", decoder_id(*shape), mode, list(decs), BASE, samples, gates)
+
+
+def family(op: str) -> str:
+    """The registry's op family of a bench op (lstm, gru, rnn -> rnn)."""
+    return op if op in ("sdpa", "decoder") else "rnn"
+
+
 def default_backends(family: str, device="cpu") -> list:
     """What the bench times when not told: every usable backend but the reference (and not the
     Triton interpreter on a CPU)."""
@@ -269,14 +330,21 @@ def default_backends(family: str, device="cpu") -> list:
 
 def cases(ops, modes, grid="default") -> list:
     """The (op, shape, mode) cases of a grid, op by op."""
-    rnn_shapes = {"default": DEFAULT_SHAPES, "full": FULL_SHAPES, "quick": QUICK_SHAPES}[grid]
-    sdpa_shapes = {"default": SDPA_DEFAULT, "full": SDPA_FULL, "quick": SDPA_QUICK}[grid]
-    return [(op, s, m) for op in ops for s in (sdpa_shapes if op == "sdpa" else rnn_shapes) for m in modes]
+    shapes = {"rnn": {"default": DEFAULT_SHAPES, "full": FULL_SHAPES, "quick": QUICK_SHAPES},
+              "sdpa": {"default": SDPA_DEFAULT, "full": SDPA_FULL, "quick": SDPA_QUICK},
+              "decoder": {"default": DECODER_DEFAULT, "full": DECODER_FULL, "quick": DECODER_QUICK}}
+    return [(op, s, m) for op in ops for s in shapes[family(op)][grid] for m in modes]
+
+
+def case_id(op, shape) -> str:
+    return {"sdpa": sdpa_id, "decoder": decoder_id}.get(family(op), shape_id)(*shape)
 
 
 def _run_case(op, shape, mode, backends, rounds, device):
     if op == "sdpa":
         return run_sdpa_case(shape, mode, backends, rounds, device)
+    if op == "decoder":
+        return run_decoder_case(shape, mode, backends, rounds, device)
     return run_rnn_case(op, shape, mode, backends, rounds, device)
 
 
@@ -306,9 +374,8 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", 
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
 
     def backends_of(op):
-        family = "sdpa" if op == "sdpa" else "rnn"
-        bks = backends if backends is not None else default_backends(family, device)
-        return [b for b in bks if fastrnn.backends.unavailable_reason(b, device, family) is None]
+        bks = backends if backends is not None else default_backends(family(op), device)
+        return [b for b in bks if fastrnn.backends.unavailable_reason(b, device, family(op)) is None]
 
     rounds = rounds or (3 if grid == "quick" else 7)
     todo = cases(ops, modes, grid)
@@ -329,7 +396,7 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", 
             pass
     results = []
     for op, shape, mode in todo:
-        name = sdpa_id(*shape) if op == "sdpa" else shape_id(*shape)
+        name = case_id(op, shape)
         if bar is not None:
             bar.set_postfix_str(f"{op} {name} {mode}")
         new = _run_case(op, shape, mode, backends_of(op), rounds, device)
@@ -364,11 +431,11 @@ def noise_warning(results, info=None) -> str | None:
 
 
 def table(results) -> str:
-    head = (f"{'op':<5} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} "
+    head = (f"{'op':<7} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} "
             f"{'speedup':>8} {'spread':>7} {'max err':>9}  gate")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.op:<5} {r.shape:<27} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
+        lines.append(f"{r.op:<7} {r.shape:<27} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
                      f"{r.speedup:>7.2f}x {r.noise:>7.0%} {r.max_error:>9.1e}  {'ok' if r.gate_ok else 'FAIL'}")
     return "\n".join(lines)
 

@@ -451,3 +451,13 @@ def test_torch_func_vmap_and_per_sample_grads():
         want = torch.autograd.grad(loss(dict(dec.named_parameters()), x[k]), list(dec.parameters()))
         for (n, g), w in zip(per_sample.items(), want):
             assert_close(g[k], w, f"per-sample grad {n} [{k}]", grad=True)
+
+
+def test_fastrnn_bench_decoder_rows(tmp_path, capsys):
+    """``python -m fastrnn bench --ops decoder``: gate, then the loop against the fused decoder."""
+    from fastrnn.__main__ import main
+    assert main(["bench", "--quick", "--ops", "decoder", "--backends", BACKENDS[0], "--rounds", "2",
+                 "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("decoder ")]
+    assert len(rows) == 2 and all(line.endswith("ok") for line in rows), out
