@@ -60,6 +60,9 @@ namespace {
 using at::Tensor;
 using vm::sigmoid;
 using vm::tanh;
+using vm::d_sigmoid;
+using vm::d_tanh;
+using vm::lane_sum;
 using OptT = c10::optional<Tensor>;
 
 constexpr int64_t kLSTM = 0, kGRU = 1;
@@ -84,7 +87,30 @@ void task_gemm(int64_t rows, const T* A, int64_t lda, const PackedB<T>& B, T* C,
 // for calls too small to repay packing.
 template <typename T>
 FASTRNN_CLONES void dot_rows(int64_t n, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
-                             const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add);
+                             const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add) {
+#ifdef FASTRNN_MKL
+  {  // column-major BLAS on row-major data: C^T [N, n] = W [N, K] A^T, W read as the transpose of
+     // its column-major view (MKL's GEMV path at n = 1); the loop below is the build without MKL
+    const char tr = 'T', nt = 'N';
+    const int m_ = (int)N, n_ = (int)n, k_ = (int)K, lw = (int)ld, la = (int)lda, lc = (int)ldc;
+    const T one = 1, beta = add ? 1 : 0;
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
+    else
+      dgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) {
+    const T* __restrict a = A + r * lda;
+    T* __restrict c = C + r * ldc;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* __restrict wj = W + j * ld;
+      const T acc = lane_sum<T>(K, [&](int64_t k) { return a[k] * wj[k]; });
+      c[j] = add ? c[j] + acc : acc;
+    }
+  }
+}
 
 // A weight every step multiplies by: C[n, N] (+)= A[n, K] op(W), op(W) = W^T for W [N, K]
 // (`trans`, the forward products) or W for W [K, N] (the backward ones); ld = W's row stride.
@@ -120,55 +146,7 @@ void fill_rows(T* dst, const T* src, int64_t n, int64_t N) {
   for (int64_t r = 0; r < n; ++r) std::memcpy(dst + r * N, src, sizeof(T) * N);
 }
 
-// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
-template <typename T, typename F>
-FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
-  constexpr int Ln = 16;
-  T acc[Ln] = {};
-  int64_t k = 0;
-  for (; k + Ln <= n; k += Ln)
-    for (int l = 0; l < Ln; ++l) acc[l] += f(k + l);
-  T s = 0;
-  for (; k < n; ++k) s += f(k);
-  for (int l = 0; l < Ln; ++l) s += acc[l];
-  return s;
-}
 
-template <typename T>
-FASTRNN_CLONES void dot_rows(int64_t n, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
-                             const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add) {
-#ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T [N, n] = W [N, K] A^T, W read as the transpose of
-     // its column-major view (MKL's GEMV path at n = 1: ~5x this loop's speed, measured)
-    const char tr = 'T', nt = 'N';
-    const int m_ = (int)N, n_ = (int)n, k_ = (int)K, lw = (int)ld, la = (int)lda, lc = (int)ldc;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    else
-      dgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < n; ++r) {
-    const T* __restrict a = A + r * lda;
-    T* __restrict c = C + r * ldc;
-    for (int64_t j = 0; j < N; ++j) {
-      const T* __restrict wj = W + j * ld;
-      const T acc = lane_sum<T>(K, [&](int64_t k) { return a[k] * wj[k]; });
-      c[j] = add ? c[j] + acc : acc;
-    }
-  }
-}
-
-template <typename T>
-FASTRNN_INLINE T d_sigmoid(T s) {  // s = sigmoid(x)
-  return s * (T(1) - s);
-}
-template <typename T>
-FASTRNN_INLINE T d_tanh(T t) {  // t = tanh(x)
-  return T(1) - t * t;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Cell gate math, one row of H units; forward and backward of each cell side by side.

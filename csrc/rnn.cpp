@@ -43,22 +43,15 @@ namespace {
 using at::Tensor;
 using vm::sigmoid;
 using vm::tanh;
+using vm::d_sigmoid;
+using vm::d_tanh;
+using vm::lane_sum;
 
 bool has(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
 template <typename T>
 T* ptr(const Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-// The activations' derivatives through their outputs, as the reference's backward writes them.
-template <typename T>
-FASTRNN_INLINE T d_sigmoid(T s) {  // s = sigmoid(x)
-  return s * (T(1) - s);
-}
-template <typename T>
-FASTRNN_INLINE T d_tanh(T t) {  // t = tanh(x)
-  return T(1) - t * t;
 }
 
 // (sum_k f(k), sum_k f(k) w[k]), k < n, in 16 independent lanes: vectorises without
@@ -80,20 +73,6 @@ FASTRNN_INLINE std::pair<T, T> lane_sum2(int64_t n, const F& f, const T* w) {
   }
   for (int l = 0; l < L; ++l) s1 += a1[l], s2 += a2[l];
   return {s1, s2};
-}
-
-// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
-template <typename T, typename F>
-FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
-  constexpr int L = 16;
-  T acc[L] = {};
-  int64_t k = 0;
-  for (; k + L <= n; k += L)
-    for (int l = 0; l < L; ++l) acc[l] += f(k + l);
-  T s = 0;
-  for (; k < n; ++k) s += f(k);
-  for (int l = 0; l < L; ++l) s += acc[l];
-  return s;
 }
 
 constexpr double kLnEps = 1e-5;  // fastrnn.contract.rnn.LN_EPS

@@ -65,5 +65,29 @@ FASTRNN_INLINE float tanh(float x) {
 
 FASTRNN_INLINE double tanh(double x) { return std::tanh(x); }
 
+// The activations' derivatives through their outputs, as the references' backwards write them.
+template <typename T>
+FASTRNN_INLINE T d_sigmoid(T s) {  // s = sigmoid(x)
+  return s * (T(1) - s);
+}
+template <typename T>
+FASTRNN_INLINE T d_tanh(T t) {  // t = tanh(x)
+  return T(1) - t * t;
+}
+
+// sum_k f(k), k < n, in 16 independent lanes: vectorises without reassociating (no -ffast-math).
+template <typename T, typename F>
+FASTRNN_INLINE T lane_sum(int64_t n, const F& f) {
+  constexpr int L = 16;
+  T acc[L] = {};
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int l = 0; l < L; ++l) acc[l] += f(k + l);
+  T s = 0;
+  for (; k < n; ++k) s += f(k);
+  for (int l = 0; l < L; ++l) s += acc[l];
+  return s;
+}
+
 }  // namespace vm
 }  // namespace fastrnn

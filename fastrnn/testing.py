@@ -9,6 +9,7 @@ One tolerance rule for the whole project:
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 _TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-4)}
 
@@ -51,7 +52,7 @@ def assert_low_precision(actual, expected_lowp, reference_fp64, name: str, facto
     assert err <= factor * base + floor, f"{name}: error {err:.3g} > {factor} x torch's {base:.3g}"
 
 
-class LoopAttentionDecoder(torch.nn.Module):
+class LoopAttentionDecoder(nn.Module):
     """The attention decoder as users write it without fastrnn: a Python loop over
     ``nn.LSTMCell`` / ``nn.GRUCell`` with the attention in torch ops (one launch per operation per
     step). The specification ``fastrnn.AttentionDecoder`` is tested against (float64, every
@@ -64,7 +65,6 @@ class LoopAttentionDecoder(torch.nn.Module):
     def __init__(self, cell, input_size, hidden_size, memory_size, attention="additive", input_feeding=True,
                  num_layers=1, dropout=0.0):
         super().__init__()
-        from torch import nn
         H = hidden_size
         self.lstm, self.attention, self.input_feeding = cell == "lstm", attention, input_feeding
         Cell = nn.LSTMCell if self.lstm else nn.GRUCell

@@ -250,6 +250,21 @@ def compiling(dispatcher):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_first_calls = set()   # (kernel, key) already called once in this process
+_NO_LOCK = contextlib.nullcontext()
+
+
+def first_call(kernel, key):
+    """The context for a call of ``kernel``: ``compiling(kernel)`` on its first call with ``key``
+    (the backends pass the dtype) in this process, else nothing. A later signature of the same
+    key compiles unlocked (at worst two processes compile it both), and so does a concurrent
+    first call in another thread (numba's own lock serialises it): no harm either way."""
+    if (kernel, key) in _first_calls:
+        return _NO_LOCK
+    _first_calls.add((kernel, key))
+    return compiling(kernel)
+
+
 # ---------------------------------------------------------------------------------------------
 # threading layer, fork, thread counts
 # ---------------------------------------------------------------------------------------------

@@ -36,25 +36,15 @@ import os
 import triton
 import triton.language as tl
 
+# the recurrence's activations and their derivatives through the outputs (one copy in Triton)
+from .rnn_kernels import _dot_tile, _sigmoid, _tanh, d_sigmoid, d_tanh
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # how the kernels below get decorated
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))  # exp of a non-positive number only: finite for any x
-    return tl.where(x >= 0, 1 / (1 + e), e / (1 + e))
-
-
-@triton.jit
-def _tanh(x):
-    e = tl.exp(-2 * tl.abs(x))
-    t = (1 - e) / (1 + e)
-    return tl.where(x >= 0, t, -t)
-
-
 @triton.jit
 def _tile(ptr, rows, cols, width, mask):
     """[BLOCK_B, BLOCK_N] tile of a row-major [*, width] matrix (0 outside ``mask``)."""
@@ -68,41 +58,16 @@ def _vec(ptr, cols, col_ok):
 
 
 @triton.jit
-def _dot_wt(acc, a, w_ptr, ks, cols, k_ok, col_ok, width, PRECISION: tl.constexpr):
-    """acc [BB, BN] += a [BB, BK] @ W[cols, ks]^T for a row-major W [*, width] (a Linear's weight)."""
-    w = tl.load(w_ptr + cols[None, :] * width + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    return tl.dot(a, w, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _dot_w(acc, a, w_ptr, ks, cols, k_ok, col_ok, width, PRECISION: tl.constexpr):
-    """acc [BB, BN] += a [BB, BK] @ W[ks, cols] for a row-major W [*, width] (a Linear's weight
-    used backwards: d input = d output @ W)."""
-    w = tl.load(w_ptr + ks[:, None] * width + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-    return tl.dot(a, w, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _mm_wt(acc, a_ptr, rows, row_ok, K, w_ptr, cols, col_ok, width,
-           PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BB, BN] += A[rows, :K] @ W[cols, :K]^T; A row-major [B, K], W row-major [*, width]."""
+def _mm(acc, a_ptr, rows, row_ok, K, w_ptr, cols, col_ok, stride_k, stride_n,
+        PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc [BB, BN] += A[rows, :K] @ W[:K, cols], W[k, n] = w_ptr[k * stride_k + n * stride_n]; A
+    row-major [B, K]. A Linear's weight W' [*, width] enters as W = W'^T (strides 1, width: the
+    forward products) or as W' itself (width, 1: d input = d output @ W')."""
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a = _tile(a_ptr, rows, ks, K, row_ok[:, None] & k_ok[None, :])
-        acc = _dot_wt(acc, a, w_ptr, ks, cols, k_ok, col_ok, width, PRECISION)
-    return acc
-
-
-@triton.jit
-def _mm_w(acc, a_ptr, rows, row_ok, K, w_ptr, cols, col_ok, width,
-          PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc [BB, BN] += A[rows, :K] @ W[:K, cols]; A row-major [B, K], W row-major [*, width]."""
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = _tile(a_ptr, rows, ks, K, row_ok[:, None] & k_ok[None, :])
-        acc = _dot_w(acc, a, w_ptr, ks, cols, k_ok, col_ok, width, PRECISION)
+        acc = _dot_tile(acc, a, w_ptr, ks, cols, k_ok, col_ok, stride_k, stride_n, PRECISION)
     return acc
 
 
@@ -164,23 +129,23 @@ def _layer_fwd(xw_ptr, in_ptr, drop_ptr, w_in_ptr, b_in_ptr, h_prev_ptr, w_hh_pt
                 x = _tile(in_ptr, rows, ks, H, amask)
                 if drop_ptr is not None:
                     x = x * _tile(drop_ptr, rows, ks, H, amask)
-                a0 = _dot_wt(a0, x, w_in_ptr, ks, cols, k_ok, col_ok, H, PRECISION)
-                a1 = _dot_wt(a1, x, w_in_ptr + H * H, ks, cols, k_ok, col_ok, H, PRECISION)
-                a2 = _dot_wt(a2, x, w_in_ptr + 2 * H * H, ks, cols, k_ok, col_ok, H, PRECISION)
+                a0 = _dot_tile(a0, x, w_in_ptr, ks, cols, k_ok, col_ok, 1, H, PRECISION)
+                a1 = _dot_tile(a1, x, w_in_ptr + H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
+                a2 = _dot_tile(a2, x, w_in_ptr + 2 * H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
                 if LSTM:
-                    a3 = _dot_wt(a3, x, w_in_ptr + 3 * H * H, ks, cols, k_ok, col_ok, H, PRECISION)
+                    a3 = _dot_tile(a3, x, w_in_ptr + 3 * H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
         # -- hidden side: gates 0, 1 (and LSTM 2, 3) add up with the input side ---------------------
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < H
             x = _tile(h_prev_ptr, rows, ks, H, row_ok[:, None] & k_ok[None, :])
-            a0 = _dot_wt(a0, x, w_hh_ptr, ks, cols, k_ok, col_ok, H, PRECISION)
-            a1 = _dot_wt(a1, x, w_hh_ptr + H * H, ks, cols, k_ok, col_ok, H, PRECISION)
+            a0 = _dot_tile(a0, x, w_hh_ptr, ks, cols, k_ok, col_ok, 1, H, PRECISION)
+            a1 = _dot_tile(a1, x, w_hh_ptr + H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
             if LSTM:
-                a2 = _dot_wt(a2, x, w_hh_ptr + 2 * H * H, ks, cols, k_ok, col_ok, H, PRECISION)
-                a3 = _dot_wt(a3, x, w_hh_ptr + 3 * H * H, ks, cols, k_ok, col_ok, H, PRECISION)
+                a2 = _dot_tile(a2, x, w_hh_ptr + 2 * H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
+                a3 = _dot_tile(a3, x, w_hh_ptr + 3 * H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
             else:
-                a3 = _dot_wt(a3, x, w_hh_ptr + 2 * H * H, ks, cols, k_ok, col_ok, H, PRECISION)
+                a3 = _dot_tile(a3, x, w_hh_ptr + 2 * H * H, ks, cols, k_ok, col_ok, 1, H, PRECISION)
         a0 += _vec(b_hh_ptr, cols, col_ok)
         a1 += _vec(b_hh_ptr + H, cols, col_ok)
         if LSTM:
@@ -220,8 +185,8 @@ def _query_proj(q_ptr, w_q_ptr, b_q_ptr, qp_ptr, rows, row_ok, H,
     for n0 in range(0, H, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < H
-        acc = _mm_wt(tl.zeros([BLOCK_B, BLOCK_N], ACC), q_ptr, rows, row_ok, H, w_q_ptr, cols, col_ok, H,
-                     PRECISION, BLOCK_K)
+        acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), q_ptr, rows, row_ok, H, w_q_ptr, cols, col_ok, 1, H,
+                  PRECISION, BLOCK_K)
         acc += _vec(b_q_ptr, cols, col_ok)
         tl.store(qp_ptr + rows[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -362,9 +327,9 @@ def decoder_fwd(xw_ptr, keys_ptr, mem_ptr, mask_ptr,
         for n0 in range(0, H, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
-            acc = _mm_wt(tl.zeros([BLOCK_B, BLOCK_N], ACC), ctx_t, rows, row_ok, M, w_c_ptr, cols, col_ok, M + H,
-                         PRECISION, BLOCK_K)
-            acc = _mm_wt(acc, q_ptr, rows, row_ok, H, w_c_ptr + M, cols, col_ok, M + H, PRECISION, BLOCK_K)
+            acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), ctx_t, rows, row_ok, M, w_c_ptr, cols, col_ok, 1, M + H,
+                      PRECISION, BLOCK_K)
+            acc = _mm(acc, q_ptr, rows, row_ok, H, w_c_ptr + M, cols, col_ok, 1, M + H, PRECISION, BLOCK_K)
             tl.store(out_t + rows[:, None] * H + cols[None, :], _tanh(acc), mask=row_ok[:, None] & col_ok[None, :])
         tl.debug_barrier()  # out[t + 1] and hs[t + 1] complete before step t + 1 reads them
 
@@ -417,7 +382,7 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
             mask = row_ok[:, None] & (cols < H)[None, :]
             o = _tile(out_ptr + t * (B * H), rows, cols, H, mask)
             dout = _tile(grad_out_ptr + t * (B * H), rows, cols, H, mask) + _tile(dfeed_ptr, rows, cols, H, mask)
-            tl.store(grad_opre_ptr + t * (B * H) + rows[:, None] * H + cols[None, :], dout * (1 - o * o), mask=mask)
+            tl.store(grad_opre_ptr + t * (B * H) + rows[:, None] * H + cols[None, :], dout * d_tanh(o), mask=mask)
         if v_ptr is not None:
             _query_proj(q_ptr, w_q_ptr, b_q_ptr, qp_ptr, rows, row_ok, H, ACC, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
         tl.debug_barrier()
@@ -426,14 +391,14 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
         for n0 in range(0, M, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < M
-            acc = _mm_w(tl.zeros([BLOCK_B, BLOCK_N], ACC), dopre_ptr, rows, row_ok, H, w_c_ptr, cols, col_ok, M + H,
-                        PRECISION, BLOCK_K)
+            acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), dopre_ptr, rows, row_ok, H, w_c_ptr, cols, col_ok, M + H, 1,
+                      PRECISION, BLOCK_K)
             tl.store(dctx_ptr + rows[:, None] * M + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
         for n0 in range(0, H, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < H
-            acc = _mm_w(tl.zeros([BLOCK_B, BLOCK_N], ACC), dopre_ptr, rows, row_ok, H, w_c_ptr + M, cols, col_ok,
-                        M + H, PRECISION, BLOCK_K)
+            acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), dopre_ptr, rows, row_ok, H, w_c_ptr + M, cols, col_ok,
+                      M + H, 1, PRECISION, BLOCK_K)
             tl.store(dnext_ptr + rows[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
         tl.debug_barrier()
         # ---- da = dctx . memory_s + grad_attn; grad_memory += a dctx; ad = sum_s a da -------------
@@ -478,7 +443,7 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
                 if v_ptr is not None:
                     u = _tanh(qv[:, None, :] + k)
                     gv += tl.sum(tl.sum(de * u, axis=1), axis=0)
-                    dp = de * vv[None, None, :] * (1 - u * u)
+                    dp = de * vv[None, None, :] * d_tanh(u)
                     dq += tl.sum(dp, axis=1)
                     gk = dp
                 else:
@@ -497,8 +462,8 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
                 cols = n0 + tl.arange(0, BLOCK_N)
                 col_ok = cols < H
                 mask = row_ok[:, None] & col_ok[None, :]
-                acc = _mm_w(_tile(dnext_ptr, rows, cols, H, mask), grad_q_ptr + t * (B * H), rows, row_ok, H,
-                            w_q_ptr, cols, col_ok, H, PRECISION, BLOCK_K)
+                acc = _mm(_tile(dnext_ptr, rows, cols, H, mask), grad_q_ptr + t * (B * H), rows, row_ok, H,
+                          w_q_ptr, cols, col_ok, H, 1, PRECISION, BLOCK_K)
                 tl.store(dnext_ptr + rows[:, None] * H + cols[None, :], acc, mask=mask)
             tl.debug_barrier()
         # ---- the layers, top down ----------------------------------------------------------------
@@ -528,17 +493,17 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
                     c = _tile(cs_ptr + (t + 1) * (L * B * H) + lo, rows, cols, H, mask)
                     c_prev = _tile(cs_ptr + t * (L * B * H) + lo, rows, cols, H, mask)
                     tc = _tanh(c)
-                    dc = _tile(dc_ptr + lo, rows, cols, H, mask) + dh_l * g3 * (1 - tc * tc)
-                    tl.store(gi_t + goffs, dc * g2 * g0 * (1 - g0), mask=mask)
-                    tl.store(gi_t + goffs + H, dc * c_prev * g1 * (1 - g1), mask=mask)
-                    tl.store(gi_t + goffs + 2 * H, dc * g0 * (1 - g2 * g2), mask=mask)
-                    tl.store(gi_t + goffs + 3 * H, dh_l * tc * g3 * (1 - g3), mask=mask)
+                    dc = _tile(dc_ptr + lo, rows, cols, H, mask) + dh_l * g3 * d_tanh(tc)
+                    tl.store(gi_t + goffs, dc * g2 * d_sigmoid(g0), mask=mask)
+                    tl.store(gi_t + goffs + H, dc * c_prev * d_sigmoid(g1), mask=mask)
+                    tl.store(gi_t + goffs + 2 * H, dc * g0 * d_tanh(g2), mask=mask)
+                    tl.store(gi_t + goffs + 3 * H, dh_l * tc * d_sigmoid(g3), mask=mask)
                     tl.store(dc_ptr + lo + offs, dc * g1, mask=mask)
                 else:  # g0..g3 = r, z, n, hn
                     h_prev = _tile(hs_ptr + t * (L * B * H) + lo, rows, cols, H, mask)
-                    dn = dh_l * (1 - g1) * (1 - g2 * g2)
-                    dz = dh_l * (h_prev - g2) * g1 * (1 - g1)
-                    dr = dn * g3 * g0 * (1 - g0)
+                    dn = dh_l * (1 - g1) * d_tanh(g2)
+                    dz = dh_l * (h_prev - g2) * d_sigmoid(g1)
+                    dr = dn * g3 * d_sigmoid(g0)
                     tl.store(gi_t + goffs, dr, mask=mask)
                     tl.store(gi_t + goffs + H, dz, mask=mask)
                     tl.store(gi_t + goffs + 2 * H, dn, mask=mask)
@@ -558,16 +523,16 @@ def decoder_bwd(grad_out_ptr, grad_attn_ptr, keys_ptr, mem_ptr,
                     acc = tl.zeros([BLOCK_B, BLOCK_N], ACC)
                 else:
                     acc = _tile(dh_ptr + lo, rows, cols, H, mask)
-                acc = _mm_w(acc, gh_t, rows, row_ok, G, w_hh_ptr + layer * (G * H), cols, col_ok, H,
-                            PRECISION, BLOCK_K)
+                acc = _mm(acc, gh_t, rows, row_ok, G, w_hh_ptr + layer * (G * H), cols, col_ok, H, 1,
+                          PRECISION, BLOCK_K)
                 tl.store(dh_ptr + lo + offs, acc, mask=mask)
                 if layer > 0:
-                    acc = _mm_w(tl.zeros([BLOCK_B, BLOCK_N], ACC), gi_t, rows, row_ok, G,
-                                w_in_ptr + (layer - 1) * (G * H), cols, col_ok, H, PRECISION, BLOCK_K)
+                    acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), gi_t, rows, row_ok, G,
+                              w_in_ptr + (layer - 1) * (G * H), cols, col_ok, H, 1, PRECISION, BLOCK_K)
                     tl.store(dnext_ptr + offs, acc, mask=mask)
                 else:
                     if w_feed_ptr is not None:
-                        acc = _mm_w(tl.zeros([BLOCK_B, BLOCK_N], ACC), gi_t, rows, row_ok, G,
-                                    w_feed_ptr, cols, col_ok, H, PRECISION, BLOCK_K)
+                        acc = _mm(tl.zeros([BLOCK_B, BLOCK_N], ACC), gi_t, rows, row_ok, G,
+                                  w_feed_ptr, cols, col_ok, H, 1, PRECISION, BLOCK_K)
                         tl.store(dfeed_ptr + offs, acc, mask=mask)
             tl.debug_barrier()

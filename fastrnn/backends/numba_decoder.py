@@ -46,8 +46,6 @@ up to ~50 s per dtype for the two kernels (parallel=True) on this loaded 2-core 
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -70,8 +68,6 @@ except ImportError as exc:
 
 _kernels = None
 _rt = None          # fastrnn._numba.runtime, imported with the kernels
-_compiled = set()   # (kernel, dtype) already called once in this process
-_NO_LOCK = contextlib.nullcontext()
 
 # Below this many multiply-adds a call runs on one thread: starting the pool costs more.
 SERIAL_WORK = 1 << 21
@@ -94,13 +90,10 @@ def _k():
 
 
 def _first_call(name, dtype):
-    """The kernel, and the cross-process compile lock on its first call per dtype here."""
+    """The kernel, and the cross-process compile lock on its first call per dtype here
+    (``runtime.first_call``)."""
     kernel = getattr(_k(), name)
-    key = (name, dtype)
-    if key in _compiled:
-        return kernel, _NO_LOCK
-    _compiled.add(key)
-    return kernel, _rt.compiling(kernel)
+    return kernel, _rt.first_call(kernel, dtype)
 
 
 def _np(t):

@@ -21,8 +21,6 @@ nor restore it under each other).
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -44,7 +42,6 @@ except ImportError as exc:
 
 _kernels = None
 _rt = None          # fastrnn._numba.runtime, imported with the kernels
-_compiled = set()   # (kernel, dtype) already called once in this process
 
 
 def availability(device_type: str) -> str | None:
@@ -74,18 +71,10 @@ def _limit(work):
 
 
 def _first_call(name, arrays):
-    """The kernel, and a context for its call: the cross-process compile lock on the first call
-    of this kernel and dtype in this process (a later signature of the same dtype, e.g. another
-    mask layout, compiles unlocked: at worst two processes compile it both)."""
+    """The kernel, and a context for its call (``runtime.first_call``: the cross-process compile
+    lock on the first call of this kernel and dtype in this process)."""
     kernel = getattr(_k(), name)
-    key = (name, arrays[0].dtype.str)
-    if key in _compiled:
-        return kernel, _NO_LOCK
-    _compiled.add(key)   # a concurrent first call compiles too (numba's lock): no harm
-    return kernel, _rt.compiling(kernel)
-
-
-_NO_LOCK = contextlib.nullcontext()
+    return kernel, _rt.first_call(kernel, arrays[0].dtype.str)
 
 
 def _np(t):
