@@ -1,70 +1,98 @@
-"""Small calls (streaming decoders, RL policies): a cell or a T=1 layer at batch 2, fastrnn cpp
-against torch, interleaved in one process, plus the cpp contract call and its check alone.
+"""Small calls (streaming decoders, RL policies, online ASR): a cell or a T=1 layer at batch 1-8,
+fastrnn against torch, interleaved in one process.
 
-    python bench/small_calls.py THREADS
+    python bench/small_calls.py --threads 1 [--backend cpp] [--rounds 7] [--calls 200] [--quick]
 
-Prints medians (and minima) of 9 rounds x 300 calls, in microseconds.
+Grid: LSTMCell, GRUCell, RNNCell and the T=1 layers LSTM, GRU, RNN (one layer) at B in {1, 2, 8},
+I = H in {64, 256}; jobs "no_grad" (forward under torch.no_grad) and "fwd+bwd" (forward, then
+backward of the sum of every output with input and weights requiring grad). Each round times
+`--calls` calls of torch's module and then of fastrnn's (same parameters), alternating; the ratio
+is torch / fastrnn per round, reported as median (min-max) over the rounds. Prints a markdown table.
 """
+from __future__ import annotations
+
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 
 import fastrnn
-from fastrnn import backends
-from fastrnn.contract import checks
 
-B, I, H = 2, 64, 64
+MODULES = ("LSTMCell", "GRUCell", "RNNCell", "LSTM", "GRU", "RNN")
 
 
-def bench(fn, n=300, rounds=9):
-    for _ in range(50):
+def _pair(name, size, backend):
+    t = getattr(torch.nn, name)(size, size)
+    f = getattr(fastrnn, name)(size, size, backend=backend)
+    f.load_state_dict(t.state_dict())
+    return t, f
+
+
+def _inputs(name, B, size, grad):
+    cell = name.endswith("Cell")
+    x = torch.randn(B, size) if cell else torch.randn(1, B, size)
+    h = torch.randn(B, size) if cell else torch.randn(1, B, size)
+    state = (h, torch.randn_like(h)) if name.startswith("LSTM") else h
+    return x.requires_grad_(grad), state
+
+
+def _call(module, x, state, grad):
+    def no_grad():
+        with torch.no_grad():
+            module(x, state)
+
+    def train():
+        out = module(x, state)
+        flat = [t for t in (out if isinstance(out, tuple) else (out,)) for t in (t if isinstance(t, tuple) else (t,))]
+        sum(t.sum() for t in flat).backward()
+    return train if grad else no_grad
+
+
+def _time(fn, calls):
+    t0 = time.perf_counter()
+    for _ in range(calls):
         fn()
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        out.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(out), min(out)
+    return (time.perf_counter() - t0) / calls * 1e6
 
 
-def main(threads: int) -> None:
-    torch.set_num_threads(threads)
+def measure(name, B, size, job, backend, rounds, calls):
     torch.manual_seed(0)
-    tc, fc = torch.nn.LSTMCell(I, H), fastrnn.LSTMCell(I, H, backend="cpp")
-    fc.load_state_dict(tc.state_dict())
-    tg, fg = torch.nn.GRU(I, H), fastrnn.GRU(I, H, backend="cpp")
-    fg.load_state_dict(tg.state_dict())
-    x, h, c = torch.randn(B, I, requires_grad=True), torch.randn(B, H), torch.randn(B, H)
-    xs, h0 = torch.randn(1, B, I), torch.randn(1, B, H)
+    tm, fm = _pair(name, size, backend)
+    grad = job == "fwd+bwd"
+    x, state = _inputs(name, B, size, grad)
+    a, b = _call(tm, x, state, grad), _call(fm, x, state, grad)
+    for _ in range(max(10, calls // 10)):  # warm up both (allocator, first-call work)
+        a(), b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(_time(a, calls))
+        tb.append(_time(b, calls))
+    ratios = sorted(x / y for x, y in zip(ta, tb))
+    return statistics.median(ta), statistics.median(tb), statistics.median(ratios), ratios[0], ratios[-1]
 
-    def cell_train(m):
-        def f():
-            hh, cc = m(x, (h, c))
-            (hh.sum() + cc.sum()).backward()
-        return f
 
-    def no_grad(m, *args):
-        def f():
-            with torch.no_grad():
-                m(*args)
-        return f
-
-    rows = [("LSTMCell fwd+bwd", cell_train(tc), cell_train(fc)),
-            ("LSTMCell fwd no_grad", no_grad(tc, x, (h, c)), no_grad(fc, x, (h, c))),
-            ("GRU T=1 no_grad", no_grad(tg, xs, h0), no_grad(fg, xs, h0))]
-    for name, a, b in rows:
-        ta, tb = bench(a), bench(b)
-        print(f"{name:22s} threads={threads} torch {ta[0]:7.1f} us (min {ta[1]:.1f})  "
-              f"fastrnn {tb[0]:7.1f} us (min {tb[1]:.1f})  ratio {ta[0] / tb[0]:.2f}x")
-    impl = backends.load("cpp", "rnn")
-    xw, w_hh, b_hh = torch.randn(1, B, 4 * H), tc.weight_hh.detach(), tc.bias_hh.detach()
-    call = bench(lambda: impl.rnn_forward("lstm", xw.clone(), w_hh, b_hh, h, c, None, None, False, False))
-    check = bench(lambda: checks.check_rnn_forward("lstm", xw, w_hh, b_hh, h, c, None, None, False, False))
-    print(f"  cpp contract rnn_forward T=1 (with its check) {call[0]:.1f} us; check_rnn_forward {check[0]:.1f} us")
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="cpp")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--quick", action="store_true", help="one size, one batch (a smoke run)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batches, sizes = ((2,), (64,)) if args.quick else ((1, 2, 8), (64, 256))
+    print(f"threads={torch.get_num_threads()} backend={args.backend} rounds={args.rounds} calls={args.calls}\n")
+    print("| module | B | H | job | torch us | fastrnn us | torch / fastrnn (min-max) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in MODULES:
+        for size in sizes:
+            for B in batches:
+                for job in ("no_grad", "fwd+bwd"):
+                    ta, tb, r, lo, hi = measure(name, B, size, job, args.backend, args.rounds, args.calls)
+                    print(f"| {name} | {B} | {size} | {job} | {ta:.1f} | {tb:.1f} | {r:.2f}x ({lo:.2f}-{hi:.2f}) |",
+                          flush=True)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    main()

@@ -83,41 +83,10 @@ void task_gemm(int64_t rows, const T* A, int64_t lda, const PackedB<T>& B, T* C,
     gemm_block<T>(rows, B.width(p), B.K, A, lda, B.panel(p), B.width(p), C + p * B.NB, ldc, add);
 }
 
-// C[n, N] (+)= A[n, K] W^T for W [N, K] read in place (row stride ld): one dot product per output,
-// for calls too small to repay packing.
-template <typename T>
-FASTRNN_CLONES void dot_rows(int64_t n, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
-                             const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add) {
-#ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T [N, n] = W [N, K] A^T, W read as the transpose of
-     // its column-major view (MKL's GEMV path at n = 1); the loop below is the build without MKL
-    const char tr = 'T', nt = 'N';
-    const int m_ = (int)N, n_ = (int)n, k_ = (int)K, lw = (int)ld, la = (int)lda, lc = (int)ldc;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    else
-      dgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    return;
-  }
-#endif
-  for (int64_t r = 0; r < n; ++r) {
-    const T* __restrict a = A + r * lda;
-    T* __restrict c = C + r * ldc;
-    for (int64_t j = 0; j < N; ++j) {
-      const T* __restrict wj = W + j * ld;
-      const T acc = lane_sum<T>(K, [&](int64_t k) { return a[k] * wj[k]; });
-      c[j] = add ? c[j] + acc : acc;
-    }
-  }
-}
-
 // A weight every step multiplies by: C[n, N] (+)= A[n, K] op(W), op(W) = W^T for W [N, K]
 // (`trans`, the forward products) or W for W [K, N] (the backward ones); ld = W's row stride.
 // Packed into brgemm panels once per call when the call has at least kPackRowSteps rows x steps
-// (packing reads and rewrites the whole matrix: at T = B = 1, a decoding step, packing the ~2.5 MB
-// of a 256-wide decoder's weights took ~0.8 ms, most of the step); else read in place.
-constexpr int64_t kPackRowSteps = 16;
+// (csrc/gemm.h), else read in place.
 
 template <typename T>
 struct StepWeight {

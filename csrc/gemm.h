@@ -125,6 +125,70 @@ void gemm_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
   else at::mm_out(c, a, b);
 }
 
+// Calls with fewer rows x steps than this read their weights in place instead of packing them
+// (packing reads and rewrites the whole matrix: at T = B = 1, a decoding step, packing the ~2.5 MB
+// of a 256-wide decoder's weights took ~0.8 ms, most of the step; a 64-wide LSTM cell step at batch
+// 2 spent half its ~25 us packing W_hh and W_ih).
+constexpr int64_t kPackRowSteps = 16;
+
+// C[n, N] (+)= A[n, K] W^T for W [N, K] read in place (row stride ld): one dot product per output,
+// for calls too small to repay packing.
+template <typename T>
+FASTRNN_CLONES void dot_rows(int64_t n, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
+                             const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add) {
+#ifdef FASTRNN_MKL
+  {  // column-major BLAS on row-major data: C^T [N, n] = W [N, K] A^T, W read as the transpose of
+     // its column-major view (MKL's GEMV path at n = 1); the loop below is the build without MKL
+    const char tr = 'T', nt = 'N';
+    const int m_ = (int)N, n_ = (int)n, k_ = (int)K, lw = (int)ld, la = (int)lda, lc = (int)ldc;
+    const T one = 1, beta = add ? 1 : 0;
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
+    else
+      dgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < n; ++r) {
+    const T* __restrict a = A + r * lda;
+    T* __restrict c = C + r * ldc;
+    for (int64_t j = 0; j < N; ++j) {
+      const T* __restrict wj = W + j * ld;
+      const T acc = vm::lane_sum<T>(K, [&](int64_t k) { return a[k] * wj[k]; });
+      c[j] = add ? c[j] + acc : acc;
+    }
+  }
+}
+
+// C[M, N] (+)= A^T B for A [K, M], B [K, N] row-major with few rows K (a weight gradient of a
+// small call: K = batch rows), without transposed copies: MKL's GEMM on the operands as they lie
+// (~2x the rank-1 loop below, which is the build without MKL).
+template <typename T>
+FASTRNN_CLONES void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const T* __restrict A, const T* __restrict B,
+                                 T* __restrict C, bool add) {
+#ifdef FASTRNN_MKL
+  {  // column-major BLAS on row-major data: C^T [N, M] = B^T A, A read as the transpose of its view
+    const char nt = 'N', tr = 'T';
+    const int m_ = (int)N, n_ = (int)M, k_ = (int)K, lb = (int)N, la = (int)M, lc = (int)N;
+    const T one = 1, beta = add ? 1 : 0;
+    if constexpr (std::is_same_v<T, float>)
+      sgemm_(&nt, &tr, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
+    else
+      dgemm_(&nt, &tr, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
+    return;
+  }
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    T* __restrict c = C + m * N;
+    if (!add) std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[k * M + m];
+      const T* __restrict b = B + k * N;
+      FASTRNN_IVDEP for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
 // One thread, K split into blocks so the slice of B a call streams through stays in L2.
 template <typename T>
 void gemm_block(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,

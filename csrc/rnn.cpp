@@ -520,10 +520,15 @@ FASTRNN_INLINE void run(const K& k, A... a) {
 // (packed column ng*j0 + q*w + jj is W_hh row q*H + j0 + jj). One GEMM per chunk then yields
 // exactly the pre-activations that chunk's gate math needs, and each thread keeps its panels
 // in its own cache across all steps (at batch 1 the weights never leave L2).
+//
+// A call with fewer rows x steps than kPackRowSteps (a cell step at batch 1-8) reads W_hh in place
+// instead (`raw`): one chunk of all H units, whose gate-major layout is torch's gate layout, so the
+// product is one dot_rows call into hs [m, G] and the cell kernels run unchanged.
 template <typename T>
 struct ChunkedWeight {
   int64_t ng, H, Hr, CH;
   PackedB<T> B;
+  const T* raw = nullptr;  // W_hh read in place (not packed)
 
   static int64_t chunk_width(int64_t ng, int64_t H) {
     // panels of ~256 columns (brgemm's sweet spot) and at least two chunks for two threads
@@ -531,9 +536,13 @@ struct ChunkedWeight {
     const int64_t by_threads = ((H + 1) / 2 + 15) / 16 * 16;
     return std::max<int64_t>(16, std::min(by_panel, by_threads));
   }
-  ChunkedWeight(const Tensor& w_hh, int64_t ng_, int64_t H_)
-      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(chunk_width(ng_, H_)) {
+  ChunkedWeight(const Tensor& w_hh, int64_t ng_, int64_t H_, bool pack)
+      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(pack ? chunk_width(ng_, H_) : H_) {
     B.K = Hr, B.N = ng * H, B.NB = ng * CH;
+    if (!pack) {
+      raw = w_hh.data_ptr<T>();
+      return;
+    }
     B.buf = at::empty({std::max<int64_t>(1, Hr * ng * H)}, w_hh.options());
     const T* w = w_hh.data_ptr<T>();
     at::parallel_for(0, B.panels(), 1, [&](int64_t c0, int64_t c1) {
@@ -560,6 +569,11 @@ struct ChunkedWeight {
 template <typename T, typename Rows>
 void fused_step(const ChunkedWeight<T>& W, int64_t m, const T* h_prev, T* hs, const Rows& rows) {
   const int64_t G = W.ng * W.H, nch = W.chunks();
+  if (W.raw) {
+    dot_rows<T>(m, G, W.Hr, h_prev, W.Hr, W.raw, W.Hr, hs, G, false);
+    for (int64_t b = 0; b < m; ++b) rows(b, 0, W.H);
+    return;
+  }
   auto work = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * W.CH, j1 = std::min(W.H, j0 + W.CH);
@@ -588,6 +602,27 @@ void for_rows(int64_t m, int64_t H, const F& f) {
     }
   });
 }
+
+// The right operand B [K, N] (row-major, row stride ld) of a backward per-step product: packed
+// once per call (threads over panels), or read in place by a call with fewer rows x steps than
+// kPackRowSteps (csrc/gemm.h).
+template <typename T>
+struct StepOperand {
+  const T* b;
+  int64_t K, N, ld;
+  c10::optional<PackedB<T>> packed;
+
+  StepOperand(const T* b_, int64_t K_, int64_t N_, int64_t ld_, bool pack, const at::TensorOptions& o)
+      : b(b_), K(K_), N(N_), ld(ld_) {
+    if (pack) packed.emplace(PackedB<T>::rows(b, K, N, ld, panel_width(N), o));
+  }
+  // C[m, N] (+)= A[m, K] B
+  void mul(int64_t m, const T* A, int64_t lda, T* C, int64_t ldc, bool add) const {
+    if (packed) return gemm_packed(m, A, lda, *packed, C, ldc, add);
+    gemm_call(m, N, K, A, lda, b, ld, C, ldc, add);
+    release_gemm();
+  }
+};
 
 // Time-step bookkeeping for a direction and optional packed batch sizes.
 struct Steps {
@@ -712,9 +747,10 @@ std::vector<Tensor> forward(Tensor xw, const Tensor& w_hh, const c10::optional<T
   T *xw_p = xw.data_ptr<T>(), *hs_p = hs.data_ptr<T>(), *hseq_p = h_seq.data_ptr<T>(), *h_p = h.data_ptr<T>();
   T* c_p = ptr<T>(c);
   const T* bias_p = bias.data_ptr<T>();
-  const ChunkedWeight<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, before ? 2 : ng, H);
+  const bool pack = s.T * B >= kPackRowSteps;
+  const ChunkedWeight<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, before ? 2 : ng, H, pack);
   c10::optional<ChunkedWeight<T>> Wn;  // kBefore: the n rows, on u
-  if constexpr (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), 1, H);
+  if constexpr (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), 1, H, pack);
   c10::optional<PackedB<T>> P;  // W_hr^T [H, Hr]
   if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
 
@@ -814,10 +850,11 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
   // dh_in = grad_hw W_hh: W_hh [G, Hr] is the right operand as it is, packed once (kBefore: the
   // [r, z] rows; the n rows apart, Wn)
   const T* w = w_hh.data_ptr<T>();
-  const PackedB<T> W = PackedB<T>::rows(w, before ? 2 * H : G, Hr, Hr, panel_width(Hr), opts);
-  c10::optional<PackedB<T>> Wn, P;  // P: dhu = grad_hproj W_hr, W_hr [Hr, H]
-  if (before) Wn.emplace(PackedB<T>::rows(w + 2 * H * H, H, H, H, panel_width(H), opts));
-  if (proj) P.emplace(PackedB<T>::rows(w_hr->data_ptr<T>(), Hr, H, H, panel_width(H), opts));
+  const bool pack = s.T * B >= kPackRowSteps;
+  const StepOperand<T> W(w, before ? 2 * H : G, Hr, Hr, pack, opts);
+  c10::optional<StepOperand<T>> Wn, P;  // P: dhu = grad_hproj W_hr, W_hr [Hr, H]
+  if (before) Wn.emplace(w + 2 * H * H, H, H, H, pack, opts);
+  if (proj) P.emplace(w_hr->data_ptr<T>(), Hr, H, H, pack, opts);
   T *dh_p = dh.data_ptr<T>(), *dc_p = ptr<T>(dc), *dnew_p = ptr<T>(dnew), *dg_p = ptr<T>(dg);
   T *gx_p = grad_xw.data_ptr<T>(), *gw_p = grad_hw.data_ptr<T>();
   const T *gh_p = grad_h_seq.data_ptr<T>(), *hs_p = h_seq.data_ptr<T>(), *h0_p = h0.data_ptr<T>();
@@ -853,7 +890,7 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
       if (proj) {
         T* gp = grad_hproj.data_ptr<T>() + t * B * Hr;
         for (int64_t i = 0; i < m * Hr; ++i) gp[i] = var ? d[i] : d[i] + gh[i];
-        gemm_packed(m, (const T*)gp, Hr, *P, dhu.data_ptr<T>(), H, false);
+        P->mul(m, gp, Hr, dhu.data_ptr<T>(), H, false);
         dh_a = dhu.data_ptr<T>(), dh_b = zeros_p, ld_b = 0;
       }
       const LstmBwd<T> a{acts_p + t * B * G, (zone ? new_p : st_p) + t * B * H, dh_a, dh_b, dc_p, gx, H, ld_b,
@@ -872,7 +909,7 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
                         dg_p};
       for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { run<F>(a, prev(hs_p, h0_p, t, b, H), b, j0, j1); });
       if constexpr (before) {  // du = d_n W_hn into dg, then d_r and du * r; below dg += [d_r, d_z] W_h{r,z}
-        gemm_packed(m, (const T*)(gw + 2 * H), G, *Wn, dg_p, H, false);
+        Wn->mul(m, gw + 2 * H, G, dg_p, H, false);
         for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) {
           run<F | kRZ>(a, prev(hs_p, h0_p, t, b, H), b, j0, j1);
         });
@@ -882,7 +919,7 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
       for_rows(m, H, [&](int64_t b, int64_t j0, int64_t j1) { run<F>(a, b, j0, j1); });
     }
     if constexpr (!var) {
-      gemm_packed(m, (const T*)gw, G, W, dh_p, Hr, gru);  // GRU: onto the direct part dh z
+      W.mul(m, gw, G, dh_p, Hr, gru);  // GRU: onto the direct part dh z
     } else {
       if constexpr (ln) {
         const LnHhBwd<T> a{gru ? gw : gx, hw_hat.data_ptr<T>() + t * B * G, hw_rstd.data_ptr<T>() + t * B, v.ln_w,
@@ -891,7 +928,7 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
           for (int64_t b = b0; b < b1; ++b) run<F>(a, b);
         });
       }
-      gemm_packed(m, (const T*)gw, G, W, dg_p, Hr, before);
+      W.mul(m, gw, G, dg_p, Hr, before);
       for (int64_t b = 0; b < m; ++b) {  // dh_prev = dh + (GRU: dnew, now dh_new z) + rec_mask dg; resets
         T* dhb = dh_p + b * Hr;
         const T *g = dg_p + b * Hr, *dn = dnew_p + b * Hr, *mk = v.mask ? v.mask + b * Hr : nullptr;
@@ -1190,6 +1227,46 @@ void check_mat(const Tensor& t, const char* name) {
               " must be float32 or float64");
 }
 
+// out [N,G] = x [N,I] w^T (w [G,I]) + b [G] (b may be null). Few rows: w read in place.
+template <typename T>
+void linear_into(int64_t N, int64_t I, int64_t G, const T* x, const T* w, const T* b, T* out, const at::TensorOptions& o) {
+  if (N < kPackRowSteps) {
+    for (int64_t r = 0; b && r < N; ++r) std::memcpy(out + r * G, b, sizeof(T) * G);
+    return dot_rows<T>(N, G, I, x, I, w, I, out, G, b != nullptr);
+  }
+  const auto wt = PackedB<T>::transposed(w, G, I, panel_width(G, N), o);
+  gemm_packed<T>(N, x, I, wt, out, G, false, b);
+}
+
+// out [M,N] = a [M,K] b [K,N]. Few rows: b read in place.
+template <typename T>
+void mm_into(int64_t M, int64_t K, int64_t N, const T* a, const T* b, T* out, const at::TensorOptions& o) {
+  if (M < kPackRowSteps) {
+    gemm_call<T>(M, N, K, a, K, b, N, out, N, false);
+    return release_gemm();
+  }
+  const auto bp = PackedB<T>::rows(b, K, N, N, panel_width(N, M), o);
+  gemm_packed<T>(M, a, K, bp, out, N, false);
+}
+
+// out [M,N] = a^T b for a [K,M], b [K,N] (weight gradients: K = T*B rows). Few rows: rank-1
+// updates. Else transposes the smaller operand: with a the gate gradients (M = G) and b the
+// inputs (N = I), b^T a then ^T is cheaper.
+template <typename T>
+void mm_tn_into(int64_t K, int64_t M, int64_t N, const T* a, const T* b, T* out, const at::TensorOptions& o) {
+  if (K < kPackRowSteps) return gemm_tn_rows<T>(M, N, K, a, b, out, false);
+  if (M >= N) {
+    Tensor bt = at::empty({N, K}, o), ct = at::empty({N, M}, o);
+    transpose(b, K, N, bt.data_ptr<T>());
+    gemm<T>(N, M, K, bt.data_ptr<T>(), K, a, M, ct.data_ptr<T>(), M, false);
+    transpose(ct.data_ptr<T>(), N, M, out);
+  } else {
+    Tensor at_ = at::empty({M, K}, o);
+    transpose(a, K, M, at_.data_ptr<T>());
+    gemm<T>(M, N, K, at_.data_ptr<T>(), K, b, N, out, N, false);
+  }
+}
+
 // x [N,I] w [G,I] b [G] -> x w^T + b [N,G]
 Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   check_mat(x, "x"), check_mat(w, "w");
@@ -1199,10 +1276,10 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   TORCH_CHECK(!has_b || (b->numel() == G && b->scalar_type() == x.scalar_type() && b->device().is_cpu()),
               "linear: b must be a CPU tensor of G = ", G, " elements and x's dtype");
   Tensor out = at::empty({N, G}, x.options());
+  const Tensor bc = has_b ? b->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_linear", [&] {
-    const auto wt = PackedB<scalar_t>::transposed(w.data_ptr<scalar_t>(), G, I, panel_width(G, N), w.options());
-    gemm_packed<scalar_t>(N, x.data_ptr<scalar_t>(), I, wt, out.data_ptr<scalar_t>(), G, false,
-                          has_b ? b->contiguous().data_ptr<scalar_t>() : nullptr);
+    linear_into<scalar_t>(N, I, G, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                          has_b ? bc.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), x.options());
   });
   return out;
 }
@@ -1213,36 +1290,113 @@ Tensor mm(Tensor a, Tensor b) {
   TORCH_CHECK(a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(), "mm: shape/dtype mismatch");
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm", [&] {
-    const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-    const auto bp = PackedB<scalar_t>::rows(b.data_ptr<scalar_t>(), K, N, N, panel_width(N, M), b.options());
-    gemm_packed<scalar_t>(M, a.data_ptr<scalar_t>(), K, bp, out.data_ptr<scalar_t>(), N, false);
+    mm_into<scalar_t>(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                      out.data_ptr<scalar_t>(), a.options());
   });
   return out;
 }
 
-// a [K,M] b [K,N] -> a^T b [M,N] (weight gradients: K = T*B rows). Transposes the smaller
-// operand: with a the gate gradients (M = G) and b the inputs (N = I), b^T a then ^T is cheaper.
+// a [K,M] b [K,N] -> a^T b [M,N]
 Tensor mm_tn(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
   TORCH_CHECK(a.size(0) == b.size(0) && a.scalar_type() == b.scalar_type(), "mm_tn: shape/dtype mismatch");
-  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
-  Tensor out = at::empty({M, N}, a.options());
+  Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm_tn", [&] {
-    using T = scalar_t;
-    if (M >= N) {
-      Tensor bt = at::empty({N, K}, a.options()), ct = at::empty({N, M}, a.options());
-      transpose(b.data_ptr<T>(), K, N, bt.data_ptr<T>());
-      gemm<T>(N, M, K, bt.data_ptr<T>(), K, a.data_ptr<T>(), M, ct.data_ptr<T>(), M, false);
-      transpose(ct.data_ptr<T>(), N, M, out.data_ptr<T>());
-    } else {
-      Tensor at_ = at::empty({M, K}, a.options());
-      transpose(a.data_ptr<T>(), K, M, at_.data_ptr<T>());
-      gemm<T>(M, N, K, at_.data_ptr<T>(), K, b.data_ptr<T>(), N, out.data_ptr<T>(), N, false);
-    }
+    mm_tn_into<scalar_t>(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                         out.data_ptr<scalar_t>(), a.options());
   });
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One step of a plain cell with its input projection, forward and backward, each in one call: the
+// eager path of small calls (fastrnn/ops/cell_step.py; LSTMCell / GRUCell / RNNCell steps at batch
+// 1-8 spent most of their time in Python glue and in crossings between it and three kernels).
+// The same kernels as the layer at T = 1: xw = x W_ih^T + b_ih, then `forward` / `backward`.
+// ---------------------------------------------------------------------------------------------
+
+// Whether (x [B,I], h [B,H], c [B,H] (LSTM) | none, w_ih [G,I], w_hh [G,H], b_ih, b_hh [G] | none)
+// is a well-formed plain step this path runs: one dtype (float32 / float64), CPU, contiguous,
+// every size positive. Anything else is the general path's (which checks it and raises torch's
+// errors, or handles it: other dtypes, strides, devices, empty batches).
+bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c, const Tensor& w_ih,
+                const Tensor& w_hh, const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
+  if (cell < kLSTM || cell > kRNNRelu || x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 || h.dim() != 2) return false;
+  const auto dt = x.scalar_type();
+  if (dt != at::kFloat && dt != at::kDouble) return false;
+  const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, B = x.size(0), I = x.size(1), H = w_hh.size(1);
+  const int64_t G = ng * H;
+  auto ok = [&](const Tensor& t, at::IntArrayRef shape) {
+    return t.sizes() == shape && t.scalar_type() == dt && t.device().is_cpu() && t.is_contiguous();
+  };
+  if (B <= 0 || I <= 0 || H <= 0 || has(c) != (cell == kLSTM)) return false;
+  return ok(x, {B, I}) && ok(h, {B, H}) && (!has(c) || ok(*c, {B, H})) && ok(w_ih, {G, I}) && ok(w_hh, {G, H}) &&
+         (!has(b_ih) || ok(*b_ih, {G})) && (!has(b_hh) || ok(*b_hh, {G}));
+}
+
+// -> [] when not plain_step; else [h', c' (LSTM) | undefined] and, when training, the tensors
+// `backward` needs: the layer's saved tuple at T = 1 (h_seq [1,B,H], gates [1,B,G], ...).
+std::vector<Tensor> cell_forward(int64_t cell, Tensor x, Tensor h, c10::optional<Tensor> c, Tensor w_ih, Tensor w_hh,
+                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, bool training) {
+  if (!plain_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)) return {};
+  const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0);
+  Tensor xw = at::empty({1, B, G}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_forward", [&] {
+    linear_into<scalar_t>(B, I, G, x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
+                          has(b_ih) ? b_ih->data_ptr<scalar_t>() : nullptr, xw.data_ptr<scalar_t>(), x.options());
+  });
+  std::vector<Tensor> out = forward_entry(cell, xw, w_hh, b_hh, h, c, c10::nullopt, c10::nullopt, false, training,
+                                          nullptr);
+  out.erase(out.begin());  // h_seq: h' is out[1]; in training the saved tuple repeats it
+  return out;
+}
+
+// Gradients of one plain step, from what cell_forward saved: grad_h, grad_c [B,H] (undefined:
+// zero) -> [dx, dh, dc, dW_ih, dW_hh, db_ih, db_hh], each undefined unless its `needs` entry is set.
+std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c10::optional<Tensor> grad_c, Tensor x,
+                                  Tensor h, c10::optional<Tensor> c, Tensor w_ih, Tensor w_hh,
+                                  std::vector<Tensor> saved, std::vector<bool> needs) {
+  TORCH_CHECK(plain_step(cell, x, h, c, w_ih, w_hh, c10::nullopt, c10::nullopt),
+              "fastrnn cpp backend: cell_backward needs the arguments of a plain cell_forward step");
+  TORCH_CHECK(needs.size() == 7, "fastrnn cpp backend: cell_backward needs 7 flags, got ", needs.size());
+  const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0), H = h.size(1);
+  auto grad = [&](const c10::optional<Tensor>& g) { return has(g) ? g->contiguous() : at::zeros({B, H}, x.options()); };
+  const Tensor zeros = at::zeros({B, H}, x.options());
+  std::vector<Tensor> r = backward_entry(cell, grad(grad_h).view({1, B, H}), zeros,
+                                         cell == kLSTM ? c10::optional<Tensor>(grad(grad_c)) : c10::nullopt, w_hh,
+                                         c10::nullopt, h, c, c10::nullopt, false, saved, nullptr);
+  const Tensor &gx = r[0], &gw = r[1];  // [1,B,G] each (the same tensor but for GRU)
+  std::vector<Tensor> out(7);
+  out[1] = r[2];
+  if (cell == kLSTM) out[2] = r[3];
+  auto o = x.options();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_backward", [&] {
+    using T = scalar_t;
+    const T *gx_p = gx.data_ptr<T>(), *gw_p = gw.data_ptr<T>();
+    auto col_sums = [&](const T* g) {  // sum over the B rows of g [B,G]
+      Tensor s = at::zeros({G}, o);
+      T* p = s.data_ptr<T>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < G; ++j) p[j] += g[b * G + j];
+      return s;
+    };
+    if (needs[0]) {
+      out[0] = at::empty({B, I}, o);
+      mm_into<T>(B, G, I, gx_p, w_ih.data_ptr<T>(), out[0].data_ptr<T>(), o);
+    }
+    if (needs[3]) {
+      out[3] = at::empty({G, I}, o);
+      mm_tn_into<T>(B, G, I, gx_p, x.data_ptr<T>(), out[3].data_ptr<T>(), o);
+    }
+    if (needs[4]) {
+      out[4] = at::empty({G, H}, o);
+      mm_tn_into<T>(B, G, H, gw_p, h.data_ptr<T>(), out[4].data_ptr<T>(), o);
+    }
+    if (needs[5]) out[5] = col_sums(gx_p);
+    if (needs[6]) out[6] = col_sums(gw_p);
+  });
+  return out;
+}
 
 }  // namespace
 }  // namespace fastrnn
@@ -1265,5 +1419,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &fastrnn::linear, nogil(), "x [N,I], w [G,I], b [G] -> x w^T + b");
   m.def("mm", &fastrnn::mm, nogil(), "a [M,K], b [K,N] -> a b");
   m.def("mm_tn", &fastrnn::mm_tn, nogil(), "a [K,M], b [K,N] -> a^T b");
+  m.def("cell_forward", &fastrnn::cell_forward, nogil(),
+        "One plain cell step with its input projection: (cell, x, h, c, w_ih, w_hh, b_ih, b_hh, training) -> "
+        "[] (not a plain step: the general path's) | [h', c', *saved]");
+  m.def("cell_backward", &fastrnn::cell_backward, nogil(),
+        "(cell, grad_h, grad_c, x, h, c, w_ih, w_hh, saved, needs[7]) -> [dx, dh, dc, dW_ih, dW_hh, db_ih, db_hh]");
   m.def("gemm_engine", &fastrnn::gemm_engine, "which GEMM the kernels use");
 }

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import backends, precision
 from .contract.checks import check_batch_sizes
 from .contract.rnn import GATES, Variant, check_cell, packed_mask
+from .ops import cell_step
 from .ops.rnn_layer import rnn_cell as _rnn_cell_op
 from .ops.rnn_layer import rnn_layer
 
@@ -430,6 +431,10 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
     rec_mask [B, H] or None (the caller's recurrent-dropout mask: a cell cannot know where a
     sequence starts, so it never draws one); zoneout p (training: one 0/1 draw [1, B, H] for h,
     then one for c; eval: p)."""
+    if layer_norm is None and peephole is None and not zoneout and rec_mask is None and reset_after is True:
+        out = cell_step.step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)  # small calls' path
+        if out is not None:
+            return out
     _check_cell_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     plan = _precision_plan(f"{cell}_cell", input, list(_flat(hx, cx, w_ih, w_hh, b_ih, b_hh, layer_norm,
                                                              peephole, rec_mask)), backend)

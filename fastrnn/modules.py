@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import backends
 from . import functional as FR
 from .contract.rnn import GATES
+from .ops import cell_step
 
 # option -> its "off" value. Also the class-level defaults: convert() builds a module from a torch
 # module's __dict__, which has none of these attributes.
@@ -108,10 +109,62 @@ class _FusedRNNBase:
             return reset_mask.unsqueeze(1)
         return reset_mask.t() if self.batch_first else reset_mask
 
+    def _one_step(self, input, hx):
+        """A T = 1 call of a plain module (streaming, RL policies) as one fused cell step per layer
+        and direction (fastrnn/ops/cell_step.py, small calls); None when it is not such a call or
+        the step path turns it down: the caller's general path then checks and runs it. Layouts
+        as forward's: input [1, B, I] ([B, 1, I] batch_first) or unbatched [1, I]; hx [L*D, B, H]
+        ([L*D, H] unbatched), a pair for LSTM."""
+        if (not isinstance(input, torch.Tensor) or input.dim() not in (2, 3) or self.proj_size
+                or (self.dropout and self.training and self.num_layers > 1) or self._variant_kwargs()):
+            return None
+        batched = input.dim() == 3
+        T = input.shape[1 if batched and self.batch_first else 0]
+        if T != 1:
+            return None
+        x = (input[:, 0] if self.batch_first else input[0]) if batched else input
+        B, H, L, D = x.shape[0], self.hidden_size, self.num_layers, 2 if self.bidirectional else 1
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            h0 = c0 = x.new_zeros(L * D, B, H)
+        else:
+            if not (isinstance(hx, tuple) and len(hx) == 2 if lstm else isinstance(hx, torch.Tensor)):
+                return None
+            h0, c0 = hx if lstm else (hx, None)
+            want = (L * D, B, H) if batched else (L * D, H)
+            if not all(isinstance(s, torch.Tensor) and s.shape == want for s in (h0, c0) if s is not None):
+                return None
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if lstm else None)
+        names = self._flat_weights_names
+        per, cell = len(names) // (L * D), self._cell_name()
+        h_n, c_n = [], []
+        for layer in range(L):
+            outs = []
+            for k in range(layer * D, layer * D + D):
+                w = [getattr(self, n) for n in names[k * per:(k + 1) * per]]
+                b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
+                step = cell_step.step(cell, x, h0[k], c0[k] if lstm else None, w[0], w[1], b_ih, b_hh, self.backend)
+                if step is None:
+                    return None
+                outs.append(step[0])
+                h_n.append(step[0])
+                c_n.append(step[1])
+            x = outs[0] if D == 1 else torch.cat(outs, 1)
+        out = (x.unsqueeze(1) if self.batch_first else x.unsqueeze(0)) if batched else x
+        h_n, c_n = torch.stack(h_n), (torch.stack(c_n) if lstm else None)
+        if not batched:
+            h_n, c_n = h_n[:, 0], (c_n[:, 0] if lstm else None)
+        return out, ((h_n, c_n) if lstm else h_n)
+
     def forward(self, input, hx=None, *, reset_mask=None):
         """torch's forward, plus ``reset_mask`` (bool; [T, B], [B, T] with batch_first, [T]
         unbatched, [T, B] in the original batch order for a PackedSequence): a row's state is
         reset to its initial state (hx, or zeros) before that step (docs/variants.md)."""
+        if reset_mask is None:
+            out = self._one_step(input, hx)  # T = 1: the small calls' path
+            if out is not None:
+                return out
         is_lstm = self.mode == "LSTM"
         D = 2 if self.bidirectional else 1
         Hr = self.proj_size if self.proj_size > 0 else self.hidden_size

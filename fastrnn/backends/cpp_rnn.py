@@ -58,6 +58,18 @@ def mm_tn(a, b):
     return _C.mm_tn(a.contiguous(), b.contiguous())
 
 
+# One plain cell step in one call each way (fastrnn/ops/cell_step.py: small calls). No Python checks
+# here: cell_forward checks everything itself and returns [] for what it does not take.
+def cell_forward(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
+    """x [B, I], hx [B, H], cx [B, H] | None -> [] | [h', c' | None, *saved (training)]"""
+    return _C.cell_forward(_CELL[cell], x, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
+
+
+def cell_backward(cell, grad_h, grad_c, x, hx, cx, w_ih, w_hh, saved, needs):
+    """-> [dx, dhx, dcx, dW_ih, dW_hh, db_ih, db_hh], None where ``needs`` (7 flags) is unset"""
+    return _C.cell_backward(_CELL[cell], grad_h, grad_c, x, hx, cx, w_ih, w_hh, saved, needs)
+
+
 def _variant_args(v):
     """The C++ variant arguments: the (checked) Variant's tensors, contiguous, and reset_after."""
     return (_c(v.ln_hh_weight), _c(v.ln_hh_bias), _c(v.ln_c_weight), _c(v.ln_c_bias), _c(v.peephole),

@@ -7,8 +7,10 @@ Must define: ``name``, ``availability`` and the op family's two contract functio
 ``dtypes`` (what it computes in; default float32 and float64, others run in float32 and are cast
 back by the user-facing functions), ``info()`` (what ``python -m fastrnn info`` prints), and for
 the recurrence its own big GEMMs (``linear``, ``mm``, ``mm_tn``: the op layer uses them instead of
-torch's when present) and ``saved_layout`` (when its saved tensors differ in dtype from the
-default layout, ``contract.rnn.saved_layout``).
+torch's when present), ``saved_layout`` (when its saved tensors differ in dtype from the
+default layout, ``contract.rnn.saved_layout``) and ``cell_forward`` / ``cell_backward`` (one plain
+cell step with its input projection in one call each way: the small calls' path,
+``fastrnn/ops/cell_step.py``; ``cpp_rnn`` documents their arguments).
 """
 from __future__ import annotations
 
@@ -80,7 +82,7 @@ class DecoderBackend(Backend, Protocol):
 PROTOCOLS = {"rnn": RecurrenceBackend, "sdpa": AttentionBackend, "decoder": DecoderBackend}
 # what a module may define beyond its protocol, and how each must look
 OPTIONAL = {"dtypes": tuple, "info": callable, "linear": callable, "mm": callable, "mm_tn": callable,
-            "saved_layout": callable}
+            "saved_layout": callable, "cell_forward": callable, "cell_backward": callable}
 
 
 def conforms(module: types.ModuleType, op: str) -> list[str]:
