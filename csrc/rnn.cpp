@@ -1310,7 +1310,7 @@ Tensor mm_tn(Tensor a, Tensor b) {
 
 // ---------------------------------------------------------------------------------------------
 // One step of a plain cell with its input projection, forward and backward, each in one call: the
-// eager path of small calls (fastrnn/ops/cell_step.py; LSTMCell / GRUCell / RNNCell steps at batch
+// eager path of small calls (fastrnn/ops/small_calls.py; LSTMCell / GRUCell / RNNCell steps at batch
 // 1-8 spent most of their time in Python glue and in crossings between it and three kernels).
 // The same kernels as the layer at T = 1: xw = x W_ih^T + b_ih, then `forward` / `backward`.
 // ---------------------------------------------------------------------------------------------
@@ -1334,11 +1334,11 @@ bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optio
          (!has(b_ih) || ok(*b_ih, {G})) && (!has(b_hh) || ok(*b_hh, {G}));
 }
 
-// -> [] when not plain_step; else [h', c' (LSTM) | undefined] and, when training, the tensors
+// One plain step (plain_step holds): [h', c' (LSTM) | undefined] and, when training, the tensors
 // `backward` needs: the layer's saved tuple at T = 1 (h_seq [1,B,H], gates [1,B,G], ...).
-std::vector<Tensor> cell_forward(int64_t cell, Tensor x, Tensor h, c10::optional<Tensor> c, Tensor w_ih, Tensor w_hh,
-                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, bool training) {
-  if (!plain_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)) return {};
+std::vector<Tensor> step_forward(int64_t cell, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c,
+                                 const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
+                                 const c10::optional<Tensor>& b_hh, bool training) {
   const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0);
   Tensor xw = at::empty({1, B, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_forward", [&] {
@@ -1349,6 +1349,13 @@ std::vector<Tensor> cell_forward(int64_t cell, Tensor x, Tensor h, c10::optional
                                           nullptr);
   out.erase(out.begin());  // h_seq: h' is out[1]; in training the saved tuple repeats it
   return out;
+}
+
+// -> [] when not plain_step; else step_forward's result.
+std::vector<Tensor> cell_forward(int64_t cell, Tensor x, Tensor h, c10::optional<Tensor> c, Tensor w_ih, Tensor w_hh,
+                                 c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh, bool training) {
+  if (!plain_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)) return {};
+  return step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, training);
 }
 
 // Gradients of one plain step, from what cell_forward saved: grad_h, grad_c [B,H] (undefined:
@@ -1398,6 +1405,92 @@ std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c1
   return out;
 }
 
+// The autograd node of a step (cell_step below): forward and backward in C++, so that a small
+// training step crosses into Python only for the user's own code. With create_graph=True the
+// backward must build a graph, which these kernels do not: it calls the Python function
+// registered here (fastrnn/ops/small_calls.py, the reference equations under autograd).
+PyObject* g_create_graph_backward = nullptr;  // a strong reference, never dropped: it lives as long
+                                              // as the extension, past the interpreter's teardown
+
+void set_create_graph_backward(py::object fn) {
+  PyObject* old = g_create_graph_backward;
+  g_create_graph_backward = fn.inc_ref().ptr();
+  Py_XDECREF(old);
+}
+
+const char* cell_name(int64_t cell) {
+  static const char* names[] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
+  return names[cell];
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct CellStep : public torch::autograd::Function<CellStep> {
+  // Arguments as cell_step's; returns [h'] or, for LSTM, [h', c'].
+  static variable_list forward(AutogradContext* ctx, int64_t cell, const Tensor& x, const Tensor& h,
+                               const c10::optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh,
+                               const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
+    std::vector<Tensor> out = step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["defined"] = c10::List<bool>({has(c), has(b_ih), has(b_hh)});
+    variable_list keep = {x, h, has(c) ? *c : Tensor(), w_ih, w_hh, has(b_ih) ? *b_ih : Tensor(),
+                          has(b_hh) ? *b_hh : Tensor()};
+    keep.insert(keep.end(), out.begin() + 2, out.end());
+    ctx->save_for_backward(keep);
+    if (cell == kLSTM) return {out[0], out[1]};
+    return {out[0]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t cell = ctx->saved_data["cell"].toInt();
+    const c10::List<bool> defined = ctx->saved_data["defined"].toBoolList();
+    variable_list v = ctx->get_saved_variables();
+    // needs_input_grad counts the tensor arguments that were defined: x, h, [c], w_ih, w_hh, [b_ih], [b_hh]
+    const bool present[7] = {true, true, defined[0], true, true, defined[1], defined[2]};
+    std::vector<bool> needs(7, false);
+    for (int64_t k = 0, edge = 0; k < 7; ++k)
+      if (present[k]) needs[k] = ctx->needs_input_grad(edge++);
+    const Tensor grad_h = grads[0], grad_c = cell == kLSTM ? grads[1] : Tensor();
+    auto opt = [](const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; };
+    std::vector<Tensor> g;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      TORCH_CHECK(g_create_graph_backward, "fastrnn cpp backend: no create_graph backward registered");
+      py::gil_scoped_acquire gil;
+      py::object r = py::reinterpret_borrow<py::object>(g_create_graph_backward)(
+          cell_name(cell), v[0], v[1], opt(v[2]), v[3], v[4], opt(v[5]), opt(v[6]), needs, opt(grad_h), opt(grad_c));
+      for (py::handle t : r) g.push_back(t.is_none() ? Tensor() : t.cast<Tensor>());
+      TORCH_CHECK(g.size() == 7, "fastrnn: the create_graph backward must return 7 gradients");
+    } else {
+      RECORD_USER_SCOPE(std::string("fastrnn::") + cell_name(cell) + "_cell_bwd[cpp]");
+      g = cell_backward(cell, opt(grad_h), opt(grad_c), v[0], v[1], opt(v[2]), v[3], v[4],
+                        std::vector<Tensor>(v.begin() + 7, v.end()), needs);
+    }
+    variable_list out = {Tensor()};  // cell
+    out.insert(out.end(), g.begin(), g.end());
+    return out;
+  }
+};
+
+// One plain step with autograd: [] when not plain_step (the caller's general path then runs the
+// call), else [h', c' (LSTM) | undefined]. The outputs carry a CellStep node when grad mode is on
+// and an argument requires grad.
+std::vector<Tensor> cell_step(int64_t cell, Tensor x, Tensor h, c10::optional<Tensor> c, Tensor w_ih, Tensor w_hh,
+                              c10::optional<Tensor> b_ih, c10::optional<Tensor> b_hh) {
+  if (!plain_step(cell, x, h, c, w_ih, w_hh, b_ih, b_hh)) return {};
+  auto rg = [](const c10::optional<Tensor>& t) { return has(t) && t->requires_grad(); };
+  const bool grad = at::GradMode::is_enabled() && (w_ih.requires_grad() || w_hh.requires_grad() ||
+                                                   x.requires_grad() || h.requires_grad() || rg(c) || rg(b_ih) ||
+                                                   rg(b_hh));
+  if (!grad) {
+    std::vector<Tensor> out = step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, false);
+    return {out[0], out[1]};
+  }
+  variable_list out = CellStep::apply(cell, x, h, c, w_ih, w_hh, b_ih, b_hh);
+  if (out.size() == 1) out.emplace_back();
+  return out;
+}
+
 }  // namespace
 }  // namespace fastrnn
 
@@ -1424,5 +1517,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "[] (not a plain step: the general path's) | [h', c', *saved]");
   m.def("cell_backward", &fastrnn::cell_backward, nogil(),
         "(cell, grad_h, grad_c, x, h, c, w_ih, w_hh, saved, needs[7]) -> [dx, dh, dc, dW_ih, dW_hh, db_ih, db_hh]");
+  m.def("cell_step", &fastrnn::cell_step, nogil(),
+        "cell_forward with its autograd node: (cell, x, h, c, w_ih, w_hh, b_ih, b_hh) -> [] | [h', c']");
+  m.def("set_create_graph_backward", &fastrnn::set_create_graph_backward,
+        "fn(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, needs, grad_h, grad_c) -> 7 gradients, for create_graph=True");
   m.def("gemm_engine", &fastrnn::gemm_engine, "which GEMM the kernels use");
 }

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import backends, precision
 from .contract.checks import check_batch_sizes
 from .contract.rnn import GATES, Variant, check_cell, packed_mask
-from .ops import cell_step
+from .ops import small_calls
 from .ops.rnn_layer import rnn_cell as _rnn_cell_op
 from .ops.rnn_layer import rnn_layer
 
@@ -423,16 +423,18 @@ def rnn(cell, x, h0, c0, weights, *, num_layers, bidirectional, dropout=0.0, tra
     return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
 
-def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None, peephole=None,
-          zoneout=0.0, training=False, rec_mask=None, reset_after=True):
-    """One step of a cell. input [B, I]; hx [B, H]; cx [B, H] (LSTM) or None.
+def cell_step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None, peephole=None,
+              zoneout=0.0, training=False, rec_mask=None, reset_after=True):
+    """One step of a cell (``"lstm"``, ``"gru"``, ``"rnn_tanh"``, ``"rnn_relu"``): what
+    ``lstm_cell`` / ``gru_cell`` / ``rnn_cell`` and the cell modules run.
+    input [B, I]; hx [B, H]; cx [B, H] (LSTM) or None -> ``(h' [B, H], c' [B, H] | None)``.
 
     layer_norm: None or the tuple of ``rnn``'s layer_norm groups; peephole [3, H] or None;
     rec_mask [B, H] or None (the caller's recurrent-dropout mask: a cell cannot know where a
     sequence starts, so it never draws one); zoneout p (training: one 0/1 draw [1, B, H] for h,
     then one for c; eval: p)."""
     if layer_norm is None and peephole is None and not zoneout and rec_mask is None and reset_after is True:
-        out = cell_step.step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)  # small calls' path
+        out = small_calls.step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend)  # small calls' path
         if out is not None:
             return out
     _check_cell_args(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
@@ -441,7 +443,7 @@ def _cell(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, layer_norm=None,
     if plan is not None:
         run, result = plan
         with precision.no_autocast(input.device.type):
-            h, c = _cell(cell, *precision.cast((input, hx, cx, w_ih, w_hh, b_ih, b_hh), run), backend,
+            h, c = cell_step(cell, *precision.cast((input, hx, cx, w_ih, w_hh, b_ih, b_hh), run), backend,
                          precision.cast(layer_norm, run), precision.cast(peephole, run), zoneout,
                          training, precision.cast(rec_mask, run), reset_after)
         return precision.cast((h, c), result)
@@ -472,7 +474,7 @@ def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None, *, laye
     layer_norm: None or ``(ih_weight [4H], ih_bias [4H], hh_weight [4H], hh_bias [4H],
     c_weight [H], c_bias [H])``; peephole: [3, H] or None; zoneout: p (``training`` decides draws
     vs expectation); rec_mask: [B, H] recurrent-dropout multiplier of h, or None."""
-    return _cell("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend, layer_norm, peephole,
+    return cell_step("lstm", input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh, backend, layer_norm, peephole,
                  zoneout, training, rec_mask)
 
 
@@ -480,7 +482,7 @@ def gru_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, backend=None, *, layer
              zoneout=0.0, training=False, rec_mask=None, reset_after=True):
     """GRU cell step: input [B, I], hx [B, H] -> h' [B, H]. Variant keywords as ``lstm_cell``
     (layer_norm without the c entries) plus ``reset_after``."""
-    return _cell("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm, None,
+    return cell_step("gru", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm, None,
                  zoneout, training, rec_mask, reset_after)[0]
 
 
@@ -489,5 +491,5 @@ def rnn_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, nonlinearity="tanh", b
     """Elman cell step: input [B, I], hx [B, H] -> h' [B, H]. Variant keywords as ``gru_cell``."""
     if nonlinearity not in ("tanh", "relu"):
         raise RuntimeError(f"Unknown nonlinearity: {nonlinearity}")  # nn.RNNCell.forward's error
-    return _cell(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm,
+    return cell_step(f"rnn_{nonlinearity}", input, hx, None, w_ih, w_hh, b_ih, b_hh, backend, layer_norm,
                  None, zoneout, training, rec_mask)[0]

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import backends
 from . import functional as FR
 from .contract.rnn import GATES
-from .ops import cell_step
+from .ops import small_calls
 
 # option -> its "off" value. Also the class-level defaults: convert() builds a module from a torch
 # module's __dict__, which has none of these attributes.
@@ -111,7 +111,7 @@ class _FusedRNNBase:
 
     def _one_step(self, input, hx):
         """A T = 1 call of a plain module (streaming, RL policies) as one fused cell step per layer
-        and direction (fastrnn/ops/cell_step.py, small calls); None when it is not such a call or
+        and direction (fastrnn/ops/small_calls.py, small calls); None when it is not such a call or
         the step path turns it down: the caller's general path then checks and runs it. Layouts
         as forward's: input [1, B, I] ([B, 1, I] batch_first) or unbatched [1, I]; hx [L*D, B, H]
         ([L*D, H] unbatched), a pair for LSTM."""
@@ -144,7 +144,7 @@ class _FusedRNNBase:
             for k in range(layer * D, layer * D + D):
                 w = [getattr(self, n) for n in names[k * per:(k + 1) * per]]
                 b_ih, b_hh = (w[2], w[3]) if self.bias else (None, None)
-                step = cell_step.step(cell, x, h0[k], c0[k] if lstm else None, w[0], w[1], b_ih, b_hh, self.backend)
+                step = small_calls.step(cell, x, h0[k], c0[k] if lstm else None, w[0], w[1], b_ih, b_hh, self.backend)
                 if step is None:
                     return None
                 outs.append(step[0])
@@ -390,6 +390,16 @@ class _CellBase(_BackendArg):
     def _group_suffixes(self):
         return [""]
 
+    def _run_step(self, cell, input, hx, cx):
+        """One step: the small calls' path (fastrnn/ops/small_calls.py) for a plain cell, else
+        functional's general path, which checks and runs every call. -> (h', c' | None)"""
+        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not (self.layer_norm or self.peephole or self.zoneout) and self.reset_after is True:
+            out = small_calls.step(cell, input, hx, cx, *w, self.backend)
+            if out is not None:
+                return out
+        return FR.cell_step(cell, input, hx, cx, *w, self.backend, **self._step_kwargs())
+
     def _step_kwargs(self):
         kw = self._variant_kwargs()
         if "layer_norm" in kw:
@@ -414,8 +424,7 @@ class LSTMCell(_CellBase, nn.LSTMCell):
         input, hx, is_batched = _cell_inputs("LSTMCell", input, hx)
         if hx is None:
             hx = (_zeros(input, self.hidden_size), _zeros(input, self.hidden_size))
-        h, c = FR.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                            backend=self.backend, **self._step_kwargs())
+        h, c = self._run_step("lstm", input, hx[0], hx[1])
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
@@ -437,8 +446,7 @@ class GRUCell(_OneStateCell, nn.GRUCell):
         return "gru"
 
     def _step(self, input, hx):
-        return FR.gru_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                           backend=self.backend, **self._step_kwargs())
+        return self._run_step("gru", input, hx, None)[0]
 
 
 class RNNCell(_OneStateCell, nn.RNNCell):
@@ -453,8 +461,7 @@ class RNNCell(_OneStateCell, nn.RNNCell):
     def _step(self, input, hx):
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        return FR.rnn_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                           nonlinearity=self.nonlinearity, backend=self.backend, **self._step_kwargs())
+        return self._run_step(self._cell_name(), input, hx, None)[0]
 
 
 # torch class -> fastrnn class. Exact types only by default: a user subclass may have its own forward.

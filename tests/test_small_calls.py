@@ -1,4 +1,4 @@
-"""The small calls' path (fastrnn/ops/cell_step.py): cells and T = 1 layers as one fused step.
+"""The small calls' path (fastrnn/ops/small_calls.py): cells and T = 1 layers as one fused step.
 
 Checked against torch's own modules (outputs, states, every gradient, double backward), that the
 path is the one that ran (its profiler range), that every call it turns down still runs or raises
@@ -175,7 +175,7 @@ def test_cpp_entry_points_refuse_bad_arguments():
     for args in [(0, x, h, None, w_ih, w_hh, b, b), (1, x, h, c, w_ih, w_hh, b, b), (0, x, h, c, w_ih.t(), w_hh, b, b),
                  (0, x.double(), h, c, w_ih, w_hh, b, b), (0, x, h, c, w_ih, w_hh, b[:-1], b),
                  (7, x, h, c, w_ih, w_hh, b, b), (0, x[:0], h[:0], c[:0], w_ih, w_hh, b, b)]:
-        assert C.cell_forward(*args, False) == []
+        assert C.cell_forward(*args, False) == [] and C.cell_step(*args) == []
     out = C.cell_forward(0, x, h, c, w_ih, w_hh, b, b, True)
     with pytest.raises(RuntimeError):
         C.cell_backward(0, h, c, x, h, c, w_ih, w_hh, out[3:], [True] * 7)  # saved tuple short
@@ -183,3 +183,43 @@ def test_cpp_entry_points_refuse_bad_arguments():
         C.cell_backward(0, h, c, x, h, c, w_ih, w_hh, out[2:], [True] * 6)
     with pytest.raises(RuntimeError):
         C.cell_backward(0, h[:, :-1], c, x, h, c, w_ih, w_hh, out[2:], [True] * 7)
+
+
+def test_autograd_edges():
+    """The step's C++ autograd node as torch's own ops behave: one output used, inference_mode,
+    in-place changes of a saved input detected, threads."""
+    ref, fast = _pair("LSTMCell", "lstm")
+    x, (h, c) = _inputs((B,), "lstm", torch.float32, (B, H))
+    # only c' reaches the loss: grad_h arrives undefined
+    got = torch.autograd.grad(fast(x, (h, c))[1].sum(), [x, h, c, fast.weight_hh])
+    want = torch.autograd.grad(ref(x, (h, c))[1].sum(), [x, h, c, ref.weight_hh])
+    for a, b in zip(got, want):
+        assert_close(a, b, "c' only", grad=True)
+    with torch.inference_mode():
+        out = fast(x, (h, c))[0]
+    assert out.is_inference() and not out.requires_grad
+    y = x.detach().clone().requires_grad_()
+    z = y * 1  # a non-leaf input the node saves
+    out = fast(z, (h, c))[0].sum()
+    with torch.no_grad():
+        z.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    # several Python threads at once, each with its own graph
+    import threading
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            xk = torch.randn(B, I, generator=torch.Generator().manual_seed(k), requires_grad=True)
+            results[k] = torch.autograd.grad(fast(xk, (h.detach(), c.detach()))[0].sum(), xk)[0]
+            want = torch.autograd.grad(ref(xk, (h.detach(), c.detach()))[0].sum(), xk)[0]
+            assert_close(results[k], want, f"thread {k}", grad=True)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4

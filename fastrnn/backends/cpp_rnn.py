@@ -58,10 +58,23 @@ def mm_tn(a, b):
     return _C.mm_tn(a.contiguous(), b.contiguous())
 
 
-# One plain cell step in one call each way (fastrnn/ops/cell_step.py: small calls). No Python checks
-# here: cell_forward checks everything itself and returns [] for what it does not take.
+# One plain cell step in one call each way (fastrnn/ops/small_calls.py: small calls). No Python checks
+# here: the C++ entry points check everything themselves; cell_step / cell_forward return [] for
+# what they do not take.
+def cell_step(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    """x [B, I], hx [B, H], cx [B, H] | None -> [] | [h', c' | None], with a C++ autograd node when
+    grad mode is on and an argument requires grad (its backward is cell_backward's)."""
+    return _C.cell_step(_CELL[cell], x, hx, cx, w_ih, w_hh, b_ih, b_hh)
+
+
+def set_create_graph_backward(fn):
+    """What the node's backward calls under create_graph=True: fn(cell, x, hx, cx, w_ih, w_hh, b_ih,
+    b_hh, needs, grad_h, grad_c) -> 7 gradients, differentiable."""
+    _C.set_create_graph_backward(fn)
+
+
 def cell_forward(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
-    """x [B, I], hx [B, H], cx [B, H] | None -> [] | [h', c' | None, *saved (training)]"""
+    """The step without autograd: [] | [h', c' | None, *saved (training)]"""
     return _C.cell_forward(_CELL[cell], x, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
 
 

@@ -8,9 +8,10 @@ Must define: ``name``, ``availability`` and the op family's two contract functio
 back by the user-facing functions), ``info()`` (what ``python -m fastrnn info`` prints), and for
 the recurrence its own big GEMMs (``linear``, ``mm``, ``mm_tn``: the op layer uses them instead of
 torch's when present), ``saved_layout`` (when its saved tensors differ in dtype from the
-default layout, ``contract.rnn.saved_layout``) and ``cell_forward`` / ``cell_backward`` (one plain
-cell step with its input projection in one call each way: the small calls' path,
-``fastrnn/ops/cell_step.py``; ``cpp_rnn`` documents their arguments).
+default layout, ``contract.rnn.saved_layout``) and ``cell_step`` with ``set_create_graph_backward`` (one plain
+cell step with its input projection and its own autograd node: the small calls' path,
+``fastrnn/ops/small_calls.py``; ``cpp_rnn`` documents them, with ``cell_forward`` /
+``cell_backward``, the same step without the node).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class DecoderBackend(Backend, Protocol):
 PROTOCOLS = {"rnn": RecurrenceBackend, "sdpa": AttentionBackend, "decoder": DecoderBackend}
 # what a module may define beyond its protocol, and how each must look
 OPTIONAL = {"dtypes": tuple, "info": callable, "linear": callable, "mm": callable, "mm_tn": callable,
-            "saved_layout": callable, "cell_forward": callable, "cell_backward": callable}
+            "saved_layout": callable, "cell_step": callable, "set_create_graph_backward": callable,
+            "cell_forward": callable, "cell_backward": callable}
 
 
 def conforms(module: types.ModuleType, op: str) -> list[str]:
