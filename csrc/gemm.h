@@ -34,6 +34,23 @@ namespace {
 
 using at::Tensor;
 
+#ifdef FASTRNN_MKL
+// Row-major C[M,N] = op(A)[M,K] op(B)[K,N] (+ C if add) through column-major BLAS: the row-major C is
+// the column-major C^T, so BLAS computes C^T = op(B)^T op(A)^T. `ta` / `tb`: A / B stored
+// transposed (A as [K,M], B as [N,K], row-major, leading dimensions lda / ldb).
+template <typename T>
+void blas_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool add) {
+  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
+  const int m_ = (int)N, n_ = (int)M, k_ = (int)K, la = (int)lda, lb = (int)ldb, lc = (int)ldc;
+  const T one = 1, beta = add ? 1 : 0;
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&opb, &opa, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
+  else
+    dgemm_(&opb, &opa, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
+}
+#endif
+
 
 bool brgemm_usable() {
 #ifdef FASTRNN_NO_BRGEMM
@@ -106,16 +123,7 @@ void gemm_call(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
     }
   }
 #ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T = B^T A^T
-    const char n = 'N';
-    const int m_ = (int)M, n_ = (int)N, k_ = (int)K, lda_ = (int)lda, ldb_ = (int)ldb, ldc_ = (int)ldc;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&n, &n, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    else
-      dgemm_(&n, &n, &n_, &m_, &k_, &one, B, &ldb_, A, &lda_, &beta, C, &ldc_);
-    return;
-  }
+  return blas_gemm(false, false, M, N, K, A, lda, B, ldb, C, ldc, add);
 #endif
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   Tensor a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
@@ -137,17 +145,7 @@ template <typename T>
 FASTRNN_CLONES void dot_rows(int64_t n, int64_t N, int64_t K, const T* __restrict A, int64_t lda,
                              const T* __restrict W, int64_t ld, T* __restrict C, int64_t ldc, bool add) {
 #ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T [N, n] = W [N, K] A^T, W read as the transpose of
-     // its column-major view (MKL's GEMV path at n = 1); the loop below is the build without MKL
-    const char tr = 'T', nt = 'N';
-    const int m_ = (int)N, n_ = (int)n, k_ = (int)K, lw = (int)ld, la = (int)lda, lc = (int)ldc;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    else
-      dgemm_(&tr, &nt, &m_, &n_, &k_, &one, W, &lw, A, &la, &beta, C, &lc);
-    return;
-  }
+  return blas_gemm(false, true, n, N, K, A, lda, W, ld, C, ldc, add);  // MKL's GEMV path at n = 1
 #endif
   for (int64_t r = 0; r < n; ++r) {
     const T* __restrict a = A + r * lda;
@@ -167,16 +165,7 @@ template <typename T>
 FASTRNN_CLONES void gemm_tn_rows(int64_t M, int64_t N, int64_t K, const T* __restrict A, const T* __restrict B,
                                  T* __restrict C, bool add) {
 #ifdef FASTRNN_MKL
-  {  // column-major BLAS on row-major data: C^T [N, M] = B^T A, A read as the transpose of its view
-    const char nt = 'N', tr = 'T';
-    const int m_ = (int)N, n_ = (int)M, k_ = (int)K, lb = (int)N, la = (int)M, lc = (int)N;
-    const T one = 1, beta = add ? 1 : 0;
-    if constexpr (std::is_same_v<T, float>)
-      sgemm_(&nt, &tr, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
-    else
-      dgemm_(&nt, &tr, &m_, &n_, &k_, &one, B, &lb, A, &la, &beta, C, &lc);
-    return;
-  }
+  return blas_gemm(true, false, M, N, K, A, M, B, N, C, N, add);
 #endif
   for (int64_t m = 0; m < M; ++m) {
     T* __restrict c = C + m * N;

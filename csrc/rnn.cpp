@@ -1321,13 +1321,19 @@ Tensor mm_tn(Tensor a, Tensor b) {
 // errors, or handles it: other dtypes, strides, devices, empty batches).
 bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c, const Tensor& w_ih,
                 const Tensor& w_hh, const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
-  if (cell < kLSTM || cell > kRNNRelu || x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 || h.dim() != 2) return false;
+  if (cell < kLSTM || cell > kRNNRelu || !x.defined() || !h.defined() || !w_ih.defined() || !w_hh.defined() ||
+      x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 || h.dim() != 2)
+    return false;
   const auto dt = x.scalar_type();
   if (dt != at::kFloat && dt != at::kDouble) return false;
   const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, B = x.size(0), I = x.size(1), H = w_hh.size(1);
   const int64_t G = ng * H;
+  // dense CPU memory that holds the values as they are: no lazy negation or conjugation bit, no
+  // zero tensor, no Python dispatch (a subclass or mode must see the op); then shape, dtype, layout
+  const auto odd = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::ZeroTensor});
   auto ok = [&](const Tensor& t, at::IntArrayRef shape) {
-    return t.sizes() == shape && t.scalar_type() == dt && t.device().is_cpu() && t.is_contiguous();
+    return t.layout() == at::kStrided && t.device().is_cpu() && !t.is_neg() && !t.is_conj() &&
+           !t.key_set().has_any(odd) && t.sizes() == shape && t.scalar_type() == dt && t.is_contiguous();
   };
   if (B <= 0 || I <= 0 || H <= 0 || has(c) != (cell == kLSTM)) return false;
   return ok(x, {B, I}) && ok(h, {B, H}) && (!has(c) || ok(*c, {B, H})) && ok(w_ih, {G, I}) && ok(w_hh, {G, H}) &&

@@ -117,6 +117,10 @@ def main(argv=None):
         save(args, losses, {}, f"{'FSDP2' if args.fsdp else 'DDP'} on {world} process(es), fastrnn ({backend})",
              world_size=world)
     if distributed:
+        # every rank leaves together: a rank that tears gloo down while rank 0 is still saving
+        # aborted at exit now and then ("terminate called without an active exception", twice in
+        # the full suite, never alone)
+        dist.barrier()
         dist.destroy_process_group()
 
 

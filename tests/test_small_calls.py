@@ -223,3 +223,39 @@ def test_autograd_edges():
     for t in threads:
         t.join()
     assert not errors and len(results) == 4
+
+
+def test_what_must_see_every_op_gets_the_general_path():
+    """Tensor subclasses, dispatch modes, the TorchScript tracer and lazily negated tensors do not
+    take the step (it calls no registered op they could see)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, fast = _pair("GRUCell", "gru")
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    with Ops():
+        fast(x, h)
+    assert any(name.startswith("fastrnn.") for name in Ops.seen), Ops.seen  # the registered op ran
+
+    class Logged(torch.Tensor):
+        seen = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+    out = fast(x.as_subclass(Logged), h)
+    assert Logged.seen and isinstance(out, torch.Tensor)
+
+    traced = torch.jit.trace(fast, (x, h), check_trace=False)
+    x2 = torch.randn(B, I)
+    assert_close(traced(x2, h), fast(x2, h), "traced with other inputs")
+
+    neg = torch._neg_view(-x)  # holds x's negation in memory, reads as x
+    assert_close(fast(neg, h), fast(x, h), "negative view")

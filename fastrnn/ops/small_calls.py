@@ -11,13 +11,15 @@ runs the input projection, the recurrent product and the gate math in one call, 
 gradient is needed, attaches its own autograd node (C++ for cpp), whose backward computes every
 gradient in one more call: no Python between the user's code and the kernels either way.
 
-The path takes a call only when it can run it exactly as the general path would: eager mode
-(not under ``torch.compile``, which sees the registered op, nor torch.func transforms, which need
-the op's vmap rules), autocast off, a backend that has ``cell_forward`` (cpp), and arguments that
-``cell_step`` accepts (it returns ``[]`` for anything but one dtype among float32 / float64,
-CPU, contiguous, well-formed sizes). Every other call, and every call with a variant option,
-takes the general path, which validates it and raises torch's errors. The kernels are the
-layer's (csrc/rnn.cpp at T = 1), so the numbers are the same bit for bit.
+The path takes a call only when it can run it exactly as the general path would: eager mode (not
+under ``torch.compile``, which sees the registered op, nor torch.func transforms, which need the
+op's vmap rules, nor a dispatch or function mode or the TorchScript tracer, which must see every
+op), autocast off, plain tensors (no subclass), a backend that has ``cell_step`` (cpp), and
+arguments that ``cell_step`` accepts (it returns ``[]`` for anything but one dtype among float32 /
+float64, dense CPU memory holding the values as they are, contiguous, well-formed sizes). Every
+other call, and every call with a variant option, takes the general path, which validates it and
+raises torch's errors. The kernels are the layer's (csrc/rnn.cpp at T = 1), so the numbers are the
+same bit for bit.
 
 Double backward (``create_graph=True``): the node calls ``create_graph_backward`` below, which
 recomputes the step with the reference backend's equations under autograd, as the layer op's
@@ -31,6 +33,14 @@ from .. import backends
 from .profiling import kernel_range
 
 _wired: set = set()  # backends whose create_graph backward is registered
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _interposed() -> bool:
+    """Whether something must see every op the call runs: a TorchDispatchMode or TorchFunctionMode
+    (FakeTensorMode, FlopCounterMode, a user's logging mode) or the TorchScript tracer."""
+    return bool(torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._get_tracing_state())
 
 
 def step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
@@ -38,7 +48,13 @@ def step(cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend):
     the call (the caller then runs the general path). Shapes: input [B, I], hx [B, H], cx [B, H]
     (LSTM) or None, w_ih [G, I], w_hh [G, H], b_ih / b_hh [G] or None."""
     if (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled("cpu")):
+            or torch.is_autocast_enabled("cpu") or _interposed()):
+        return None
+    # plain tensors only: a subclass (FakeTensor, DTensor, a user's __torch_function__ type) must
+    # see the registered op, which this path does not call
+    if not (type(input) in _PLAIN and type(hx) in _PLAIN and type(w_ih) in _PLAIN and type(w_hh) in _PLAIN
+            and (cx is None or type(cx) in _PLAIN) and (b_ih is None or type(b_ih) in _PLAIN)
+            and (b_hh is None or type(b_hh) in _PLAIN)):
         return None
     try:
         impl = backends.resolve(backend, input.device, "rnn")
@@ -65,7 +81,7 @@ def create_graph_backward(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, needs, grad_h
     outs = [(o, g) for o, g in ((h, grad_h), (c, grad_c)) if o is not None and g is not None]
     wanted = [t for t, need in zip(args, needs) if need]
     got = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], create_graph=True,
-                                   allow_unused=True))
+                                   allow_unused=True) if outs else [None] * len(wanted))
     grads = []
     for t, need in zip(args, needs):
         g = next(got) if need else None
