@@ -1249,8 +1249,8 @@ void mm_into(int64_t M, int64_t K, int64_t N, const T* a, const T* b, T* out, co
   gemm_packed<T>(M, a, K, bp, out, N, false);
 }
 
-// out [M,N] = a^T b for a [K,M], b [K,N] (weight gradients: K = T*B rows). Few rows: rank-1
-// updates. Else transposes the smaller operand: with a the gate gradients (M = G) and b the
+// out [M,N] = a^T b for a [K,M], b [K,N] (weight gradients: K = T*B rows). Few rows: gemm_tn_rows
+// on the operands as they lie. Else transposes the smaller operand: with a the gate gradients (M = G) and b the
 // inputs (N = I), b^T a then ^T is cheaper.
 template <typename T>
 void mm_tn_into(int64_t K, int64_t M, int64_t N, const T* a, const T* b, T* out, const at::TensorOptions& o) {
@@ -1386,13 +1386,6 @@ std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c1
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_backward", [&] {
     using T = scalar_t;
     const T *gx_p = gx.data_ptr<T>(), *gw_p = gw.data_ptr<T>();
-    auto col_sums = [&](const T* g) {  // sum over the B rows of g [B,G]
-      Tensor s = at::zeros({G}, o);
-      T* p = s.data_ptr<T>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t j = 0; j < G; ++j) p[j] += g[b * G + j];
-      return s;
-    };
     if (needs[0]) {
       out[0] = at::empty({B, I}, o);
       mm_into<T>(B, G, I, gx_p, w_ih.data_ptr<T>(), out[0].data_ptr<T>(), o);
@@ -1405,8 +1398,9 @@ std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c1
       out[4] = at::empty({G, H}, o);
       mm_tn_into<T>(B, G, H, gw_p, h.data_ptr<T>(), out[4].data_ptr<T>(), o);
     }
-    if (needs[5]) out[5] = col_sums(gx_p);
-    if (needs[6]) out[6] = col_sums(gw_p);
+    // the bias gradients as the layer op forms them (gx.sum(0)): the same numbers as the general path
+    if (needs[5]) out[5] = gx.view({B, G}).sum(0);
+    if (needs[6]) out[6] = gw.view({B, G}).sum(0);
   });
   return out;
 }
@@ -1439,7 +1433,6 @@ struct CellStep : public torch::autograd::Function<CellStep> {
                                const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
     std::vector<Tensor> out = step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
     ctx->saved_data["cell"] = cell;
-    ctx->saved_data["defined"] = c10::List<bool>({has(c), has(b_ih), has(b_hh)});
     variable_list keep = {x, h, has(c) ? *c : Tensor(), w_ih, w_hh, has(b_ih) ? *b_ih : Tensor(),
                           has(b_hh) ? *b_hh : Tensor()};
     keep.insert(keep.end(), out.begin() + 2, out.end());
@@ -1450,13 +1443,11 @@ struct CellStep : public torch::autograd::Function<CellStep> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t cell = ctx->saved_data["cell"].toInt();
-    const c10::List<bool> defined = ctx->saved_data["defined"].toBoolList();
-    variable_list v = ctx->get_saved_variables();
+    variable_list v = ctx->get_saved_variables();  // x, h, c, w_ih, w_hh, b_ih, b_hh (undefined if absent), saved
     // needs_input_grad counts the tensor arguments that were defined: x, h, [c], w_ih, w_hh, [b_ih], [b_hh]
-    const bool present[7] = {true, true, defined[0], true, true, defined[1], defined[2]};
     std::vector<bool> needs(7, false);
     for (int64_t k = 0, edge = 0; k < 7; ++k)
-      if (present[k]) needs[k] = ctx->needs_input_grad(edge++);
+      if (v[k].defined()) needs[k] = ctx->needs_input_grad(edge++);
     const Tensor grad_h = grads[0], grad_c = cell == kLSTM ? grads[1] : Tensor();
     auto opt = [](const Tensor& t) { return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt; };
     std::vector<Tensor> g;

@@ -391,14 +391,11 @@ class _CellBase(_BackendArg):
         return [""]
 
     def _run_step(self, cell, input, hx, cx):
-        """One step: the small calls' path (fastrnn/ops/small_calls.py) for a plain cell, else
-        functional's general path, which checks and runs every call. -> (h', c' | None)"""
-        w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-        if not (self.layer_norm or self.peephole or self.zoneout) and self.reset_after is True:
-            out = small_calls.step(cell, input, hx, cx, *w, self.backend)
-            if out is not None:
-                return out
-        return FR.cell_step(cell, input, hx, cx, *w, self.backend, **self._step_kwargs())
+        """One step through ``functional.cell_step`` (which tries the small calls' path first).
+        -> (h', c' | None)"""
+        plain = not (self.layer_norm or self.peephole or self.zoneout) and self.reset_after is True
+        return FR.cell_step(cell, input, hx, cx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                            self.backend, **({} if plain else self._step_kwargs()))
 
     def _step_kwargs(self):
         kw = self._variant_kwargs()

@@ -60,7 +60,8 @@ def mm_tn(a, b):
 
 # One plain cell step in one call each way (fastrnn/ops/small_calls.py: small calls). No Python checks
 # here: the C++ entry points check everything themselves; cell_step / cell_forward return [] for
-# what they do not take.
+# what they do not take. (_C.cell_forward / cell_backward, the step without its autograd node,
+# are the node's parts, bound for the tests of their checks.)
 def cell_step(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh):
     """x [B, I], hx [B, H], cx [B, H] | None -> [] | [h', c' | None], with a C++ autograd node when
     grad mode is on and an argument requires grad (its backward is cell_backward's)."""
@@ -71,16 +72,6 @@ def set_create_graph_backward(fn):
     """What the node's backward calls under create_graph=True: fn(cell, x, hx, cx, w_ih, w_hh, b_ih,
     b_hh, needs, grad_h, grad_c) -> 7 gradients, differentiable."""
     _C.set_create_graph_backward(fn)
-
-
-def cell_forward(cell, x, hx, cx, w_ih, w_hh, b_ih, b_hh, training):
-    """The step without autograd: [] | [h', c' | None, *saved (training)]"""
-    return _C.cell_forward(_CELL[cell], x, hx, cx, w_ih, w_hh, b_ih, b_hh, training)
-
-
-def cell_backward(cell, grad_h, grad_c, x, hx, cx, w_ih, w_hh, saved, needs):
-    """-> [dx, dhx, dcx, dW_ih, dW_hh, db_ih, db_hh], None where ``needs`` (7 flags) is unset"""
-    return _C.cell_backward(_CELL[cell], grad_h, grad_c, x, hx, cx, w_ih, w_hh, saved, needs)
 
 
 def _variant_args(v):

@@ -10,8 +10,7 @@ the recurrence its own big GEMMs (``linear``, ``mm``, ``mm_tn``: the op layer us
 torch's when present), ``saved_layout`` (when its saved tensors differ in dtype from the
 default layout, ``contract.rnn.saved_layout``) and ``cell_step`` with ``set_create_graph_backward`` (one plain
 cell step with its input projection and its own autograd node: the small calls' path,
-``fastrnn/ops/small_calls.py``; ``cpp_rnn`` documents them, with ``cell_forward`` /
-``cell_backward``, the same step without the node).
+``fastrnn/ops/small_calls.py``; ``cpp_rnn`` documents them).
 """
 from __future__ import annotations
 
@@ -83,8 +82,7 @@ class DecoderBackend(Backend, Protocol):
 PROTOCOLS = {"rnn": RecurrenceBackend, "sdpa": AttentionBackend, "decoder": DecoderBackend}
 # what a module may define beyond its protocol, and how each must look
 OPTIONAL = {"dtypes": tuple, "info": callable, "linear": callable, "mm": callable, "mm_tn": callable,
-            "saved_layout": callable, "cell_step": callable, "set_create_graph_backward": callable,
-            "cell_forward": callable, "cell_backward": callable}
+            "saved_layout": callable, "cell_step": callable, "set_create_graph_backward": callable}
 
 
 def conforms(module: types.ModuleType, op: str) -> list[str]:
