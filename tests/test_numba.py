@@ -287,6 +287,12 @@ def test_rejects_unsupported_dtype_and_device():
         numba_rnn.rnn_forward("gru", **case, reverse=False, training=False)
     assert "CPU only" in numba_rnn.availability("cuda")
     assert numba_rnn.availability("cpu") is None
+    # the GEMMs too, in bfloat16 (which numpy cannot even hold): the same error, not numpy's
+    x, w = torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
+    for call in (lambda: numba_rnn.linear(x, w, None), lambda: numba_rnn.mm(x, w.t()),
+                 lambda: numba_rnn.mm_tn(x.t(), w.t())):
+        with pytest.raises(TypeError, match="float32 and float64, not torch.bfloat16"):
+            call()
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,11 @@ def info(warm: bool = True) -> dict:
         "fork_child": _runtime.forked(),
         "numba_threads": numba.get_num_threads(),
         "vector_bytes": k.VEC_BYTES,
+        # numba types are NumPy's, which have no bfloat16: no kernel can hold one, let alone reach
+        # AVX512_BF16's vdpbf16ps (LLVM would have to see bf16 vectors); float16 arrays compute
+        # through scalar conversions, slower than float32
+        "low_precision": "bfloat16 / float16 compute in float32 (cast back, fastrnn.precision): numba has "
+                         "no bfloat16 type, so its kernels cannot reach the bf16 dot-product instructions",
     }
 
 
@@ -199,12 +204,14 @@ def info(warm: bool = True) -> dict:
 # the big GEMMs of the op code (input projection, grad_x, weight gradients): numba kernels on
 # numba's threads, the same as the recurrence (see rnn_kernels.gemm for why not torch's)
 # ---------------------------------------------------------------------------------------------
-def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
+def _gemm(a, a_rs, a_ks, M, b, trans_b, bias, N):
+    """The GEMM kernel on a contiguous ``a`` read with row / k strides (a_rs, a_ks); the dtype is
+    checked before any tensor becomes a numpy array (numpy has no bfloat16)."""
     k = _kernels_or_raise()
-    dt = _dtype(like, k)
-    out = torch.empty(M, N, dtype=like.dtype)
+    dt = _dtype(a, k)
+    out = torch.empty(M, N, dtype=a.dtype)
     with _runtime.kernel_call() as nth:
-        _run(k.gemm, dt, nth, a_flat, a_rs, a_ks, M, _np(b), trans_b,
+        _run(k.gemm, dt, nth, a.numpy().reshape(-1), a_rs, a_ks, M, _np(b), trans_b,
              _np(bias) if bias is not None else np.empty(0, dt), out.numpy())
     return out
 
@@ -212,19 +219,19 @@ def _gemm(a_flat, a_rs, a_ks, M, b, trans_b, bias, N, like):
 def linear(x, w, b):
     """x [M, I], w [G, I], b [G] | None -> x w^T + b [M, G]"""
     x = x.detach().contiguous()
-    return _gemm(x.numpy().reshape(-1), x.shape[1], 1, x.shape[0], w, False, b, w.shape[0], x)
+    return _gemm(x, x.shape[1], 1, x.shape[0], w, False, b, w.shape[0])
 
 
 def mm(a, b):
     """a [M, K], b [K, N] -> a b"""
     a = a.detach().contiguous()
-    return _gemm(a.numpy().reshape(-1), a.shape[1], 1, a.shape[0], b, True, None, b.shape[1], a)
+    return _gemm(a, a.shape[1], 1, a.shape[0], b, True, None, b.shape[1])
 
 
 def mm_tn(a, b):
     """a [K, M], b [K, N] -> a^T b (weight gradients: K = T*B); A = a^T is read in place."""
     a = a.detach().contiguous()
-    return _gemm(a.numpy().reshape(-1), 1, a.shape[1], a.shape[1], b, True, None, b.shape[1], a)
+    return _gemm(a, 1, a.shape[1], a.shape[1], b, True, None, b.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
