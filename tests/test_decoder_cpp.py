@@ -108,9 +108,13 @@ def test_threaded_equals_one_thread(cell, opts):
     finally:
         torch.set_num_threads(n)
     for name, want in one.items():
-        if isinstance(want, torch.Tensor):
-            # grad_v sums per-block partials: only its summation order may differ
-            torch.testing.assert_close(two[name], want, rtol=1e-12, atol=1e-12, msg=name)
+        if isinstance(want, torch.Tensor) and want.numel():
+            # not bitwise: grad_v sums per-block partials, and a block's GEMMs may take another
+            # micro-kernel for 10 rows than one call takes for 19 (oneDNN and MKL choose by M), whose
+            # sums round differently: up to 1.7e-12 of the tensor's scale measured on an AMD EPYC
+            # (Zen 5; bitwise equal where the test was written). A race or a wrong block is off by O(scale).
+            scale = want.abs().max().item()
+            torch.testing.assert_close(two[name], want, rtol=0, atol=1e-10 * scale, msg=name)
 
 
 def test_w_feed_row_stride():
