@@ -17,6 +17,11 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "vec_math.h"
 
 #ifdef FASTRNN_MKL
@@ -310,6 +315,189 @@ void transpose(const T* src, int64_t R, int64_t C, T* dst) {
       }
     }
   });
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// bfloat16 operands, float32 accumulation: oneDNN's brgemm bf16 x bf16 -> f32 micro-kernels (AMX
+// tiles where the CPU has them, else AVX512_BF16's vdpbf16ps). brgemm wants B in VNNI layout:
+// pairs of K rows interleaved, element (k, n) of a [K, w] panel at (k/2)*2w + 2n + k%2. K must be
+// even (an odd K raised SIGILL on AMX here), so both operands are zero-padded to Kp = even(K).
+// ---------------------------------------------------------------------------------------------
+using bf16 = at::BFloat16;
+
+inline int64_t even(int64_t k) { return (k + 1) & ~int64_t(1); }
+
+// float -> bf16, round to nearest even (c10::BFloat16's rounding; NaN stays NaN), branch-free so that
+// the conversion loops vectorise: c10's constructor is scalar code, ~4 ns an element, which made
+// rounding h_prev [32, 256] each step cost about what the step's GEMM does.
+FASTRNN_INLINE bf16 to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return bf16((f != f) ? uint16_t(0x7FC0) : uint16_t(r), bf16::from_bits());
+}
+FASTRNN_INLINE bf16 to_bf16(bf16 v) { return v; }
+
+// dst[0:n] = bf16(src[0:n])
+template <typename S>
+FASTRNN_CLONES void to_low_n(int64_t n, const S* __restrict src, bf16* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+}
+
+// Whether bf16 GEMMs run here (probed once): oneDNN's bf16 brgemm needs AVX512_BF16 (vdpbf16ps) or
+// AMX. torch's could_pack(kBFloat16) answers for AMX alone (its packed layout), but our own VNNI
+// panels serve the AVX512_BF16 kernels too (Zen 4/5: about 3x the float32 GEMM's rate, measured).
+// AMX tiles need the kernel's per-process permission, which oneDNN's own primitives request but its
+// micro-kernels do not: without it the first tile instruction is SIGILL. The request is harmless
+// where AMX is absent. The probe's product then checks that the kernel really runs.
+bool low_gemm_usable() {
+#ifdef FASTRNN_NO_BRGEMM
+  return false;
+#endif
+  static const bool ok = [] {
+#if defined(__linux__) && defined(__x86_64__)
+    syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+#endif
+    try {
+#if defined(__GNUC__) && defined(__x86_64__)
+      if (!__builtin_cpu_supports("avx512bf16") && !__builtin_cpu_supports("amx-bf16")) return false;
+#else
+      return false;
+#endif
+      bf16 a[2] = {1.f, 2.f}, b[32];
+      for (int n = 0; n < 16; ++n) b[2 * n] = 3.f, b[2 * n + 1] = 4.f;  // B [2, 16] in VNNI
+      float c[16] = {};
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a, b, c, true);
+      at::native::cpublas::brgemm_release(true);
+      return c[0] == 11.f && c[15] == 11.f;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+void release_low() { at::native::cpublas::brgemm_release(true); }
+
+// dst [m, Kp] bf16 (zero-padded) = src [m, K] (row stride ld), float or bf16.
+template <typename S>
+void to_low_rows(int64_t m, int64_t K, const S* src, int64_t ld, bf16* dst) {
+  const int64_t Kp = even(K);
+  for (int64_t r = 0; r < m; ++r) {
+    to_low_n(K, src + r * ld, dst + r * Kp);
+    if (Kp != K) dst[r * Kp + K] = bf16(0.f);
+  }
+}
+
+// dst [C, Rp] bf16 = src [R, C]^T (row stride C), zero-padded to Rp = even(R); cache-blocked.
+template <typename S>
+void to_low_t(const S* src, int64_t R, int64_t C, bf16* dst) {
+  constexpr int64_t kb = 32;
+  const int64_t Rp = even(R);
+  at::parallel_for(0, (C + kb - 1) / kb, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t c0 = b0 * kb; c0 < std::min(C, b1 * kb); c0 += kb) {
+      const int64_t c1 = std::min(C, c0 + kb);
+      for (int64_t r0 = 0; r0 < R; r0 += kb) {
+        const int64_t r1 = std::min(R, r0 + kb);
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[c * Rp + r] = to_bf16(src[r * C + c]);
+      }
+      if (Rp != R)
+        for (int64_t c = c0; c < c1; ++c) dst[c * Rp + R] = bf16(0.f);
+    }
+  });
+}
+
+// A right operand B [K, N] in bf16 VNNI column panels (panel p: columns [p*NB, p*NB + width)),
+// packed once per call from float or bf16, by rows (B row-major) or by columns (B = W^T for a
+// row-major W, whose rows are B's columns).
+struct PackedLow {
+  int64_t K = 0, Kp = 0, N = 0, NB = 0;
+  Tensor buf;
+
+  PackedLow() = default;
+  PackedLow(int64_t K_, int64_t N_, int64_t NB_) : K(K_), Kp(even(K_)), N(N_), NB(std::max<int64_t>(1, NB_)) {
+    buf = at::empty({std::max<int64_t>(1, Kp * N)}, at::TensorOptions().dtype(at::kBFloat16));
+  }
+  int64_t panels() const { return (N + NB - 1) / NB; }
+  int64_t width(int64_t p) const { return std::min(NB, N - p * NB); }
+  bf16* panel(int64_t p) const { return buf.data_ptr<bf16>() + p * NB * Kp; }
+
+  // panel column n (of w) <- col(n)[0:K], a contiguous source column; the pad row zero
+  template <typename Col>
+  static void fill_cols(bf16* dst, int64_t K, int64_t w, const Col& col) {
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {  // 16 k at a time: the destination lines stay in L1
+      const int64_t k1 = std::min(K, k0 + 16);
+      for (int64_t n = 0; n < w; ++n) {
+        const auto* s = col(n);
+        for (int64_t k = k0; k < k1; ++k) dst[(k >> 1) * 2 * w + 2 * n + (k & 1)] = to_bf16(s[k]);
+      }
+    }
+    if (K & 1)
+      for (int64_t n = 0; n < w; ++n) dst[(K >> 1) * 2 * w + 2 * n + 1] = bf16(0.f);
+  }
+  // B row-major [K, N] with row stride ld
+  template <typename S>
+  static PackedLow rows(const S* b, int64_t K, int64_t N, int64_t ld, int64_t NB) {
+    PackedLow P(K, N, NB);
+    at::parallel_for(0, P.panels(), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * P.NB, w = P.width(p);
+        bf16* dst = P.panel(p);
+        for (int64_t k = 0; k < P.Kp; k += 2) {
+          const S* r0 = b + k * ld + n0;
+          const S* r1 = k + 1 < K ? r0 + ld : nullptr;
+          bf16* d = dst + k * w;
+          for (int64_t n = 0; n < w; ++n)
+            d[2 * n] = to_bf16(r0[n]), d[2 * n + 1] = r1 ? to_bf16(r1[n]) : bf16(0.f);
+        }
+      }
+    });
+    return P;
+  }
+  // B = W^T for W [N, K] row-major
+  template <typename S>
+  static PackedLow transposed(const S* w, int64_t N, int64_t K, int64_t NB) {
+    PackedLow P(K, N, NB);
+    at::parallel_for(0, P.panels(), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        fill_cols(P.panel(p), K, P.width(p), [&](int64_t n) { return w + (p * P.NB + n) * K; });
+    });
+    return P;
+  }
+};
+
+// C[m, w] (+)= A[m, Kp] P (one panel), one thread; K blocked so A's and B's slices stay in L2.
+inline void gemm_low_call(int64_t m, int64_t w, int64_t Kp, const bf16* A, int64_t lda, const bf16* B, float* C,
+                          int64_t ldc, bool add) {
+  constexpr int64_t KB = 512;
+  for (int64_t k0 = 0; k0 < Kp; k0 += KB)
+    at::native::cpublas::brgemm(m, w, std::min(KB, Kp - k0), lda, w, ldc, add || k0 > 0, A + k0, B + k0 * w, C,
+                                true);
+}
+
+// C[M,N] (+)= A[M,Kp] B (+ bias[N] broadcast over rows), bf16 A and B, float C; threads over
+// (row blocks x panels) as gemm_packed.
+inline void gemm_low(int64_t M, const bf16* A, int64_t lda, const PackedLow& B, float* C, int64_t ldc, bool add,
+                     const float* bias = nullptr) {
+  if (M <= 0 || B.N == 0) return;
+  constexpr int64_t MB = 256;
+  const int64_t tm = (M + MB - 1) / MB, tn = B.panels();
+  auto work = [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t r0 = (k / tn) * MB, p = k % tn, rows = std::min(MB, M - r0), w = B.width(p);
+      float* c = C + r0 * ldc + p * B.NB;
+      if (bias)
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias + p * B.NB, sizeof(float) * w);
+      gemm_low_call(rows, w, B.Kp, A + r0 * lda, lda, B.panel(p), c, ldc, add || bias);
+    }
+    release_low();
+  };
+  if (tm * tn > 1 && at::get_num_threads() > 1 && M * B.N * B.K >= (1 << 18))
+    at::parallel_for(0, tm * tn, 1, work);
+  else
+    work(0, tm * tn);
 }
 
 // Which GEMM the kernels use (reported by `python -m fastrnn info`).

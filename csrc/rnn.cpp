@@ -524,11 +524,18 @@ FASTRNN_INLINE void run(const K& k, A... a) {
 // A call with fewer rows x steps than kPackRowSteps (a cell step at batch 1-8) reads W_hh in place
 // instead (`raw`): one chunk of all H units, whose gate-major layout is torch's gate layout, so the
 // product is one dot_rows call into hs [m, G] and the cell kernels run unchanged.
+//
+// A bfloat16 W_hh (float32 loops of a bfloat16 call, see `Low`) is packed into bf16 VNNI panels
+// of the same chunk layout (`L`), always; each step's left operand h_prev is rounded to bf16
+// into `a16` [B, even(Hr)] once, before the chunks' products.
 template <typename T>
 struct ChunkedWeight {
   int64_t ng, H, Hr, CH;
   PackedB<T> B;
   const T* raw = nullptr;  // W_hh read in place (not packed)
+  bool low = false;
+  PackedLow L;
+  Tensor a16;
 
   static int64_t chunk_width(int64_t ng, int64_t H) {
     // panels of ~256 columns (brgemm's sweet spot) and at least two chunks for two threads
@@ -536,9 +543,23 @@ struct ChunkedWeight {
     const int64_t by_threads = ((H + 1) / 2 + 15) / 16 * 16;
     return std::max<int64_t>(16, std::min(by_panel, by_threads));
   }
-  ChunkedWeight(const Tensor& w_hh, int64_t ng_, int64_t H_, bool pack)
-      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(pack ? chunk_width(ng_, H_) : H_) {
+  ChunkedWeight(const Tensor& w_hh, int64_t ng_, int64_t H_, bool pack, int64_t rows)
+      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(pack || w_hh.scalar_type() == at::kBFloat16 ? chunk_width(ng_, H_) : H_) {
     B.K = Hr, B.N = ng * H, B.NB = ng * CH;
+    if (w_hh.scalar_type() == at::kBFloat16) {
+      low = true;
+      L = PackedLow(Hr, ng * H, ng * CH);
+      a16 = at::empty({rows, L.Kp}, w_hh.options());
+      const bf16* w = w_hh.data_ptr<bf16>();
+      at::parallel_for(0, L.panels(), 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t j0 = c * CH, wd = std::min(CH, H - j0);
+          // packed column q*wd + jj of the chunk is W_hh row q*H + j0 + jj
+          PackedLow::fill_cols(L.panel(c), Hr, ng * wd, [&](int64_t n) { return w + (n / wd * H + j0 + n % wd) * Hr; });
+        }
+      });
+      return;
+    }
     if (!pack) {
       raw = w_hh.data_ptr<T>();
       return;
@@ -561,6 +582,26 @@ struct ChunkedWeight {
     });
   }
   int64_t chunks() const { return B.panels(); }
+
+  // hs[0:m, chunk c's columns] (row stride G) = h_prev[0:m] W_hh^T[:, chunk c]; `a` is h_prev
+  // for float / double, a16 (filled by `round`) for bf16
+  void product(int64_t c, int64_t m, const void* a, T* hs, int64_t G) const {
+    const int64_t j0 = c * CH;
+    if constexpr (std::is_same_v<T, float>)
+      if (low)
+        return gemm_low_call(m, L.width(c), L.Kp, (const bf16*)a, L.Kp, L.panel(c), hs + ng * j0, G, false);
+    gemm_block(m, B.width(c), Hr, (const T*)a, Hr, B.panel(c), B.width(c), hs + ng * j0, G, false);
+  }
+  // the left operand of this step's products: h_prev, or h_prev in bf16
+  const void* operand(int64_t m, const T* h_prev) const {
+    if (!low) return h_prev;
+    to_low_rows(m, Hr, h_prev, Hr, a16.data_ptr<bf16>());
+    return a16.data_ptr<bf16>();
+  }
+  void release() const {
+    if (low) release_low();
+    else release_gemm();
+  }
 };
 
 // One forward step: per chunk, hs[0:m, chunk] = h_prev[0:m] W_hh^T[:, chunk] then the gate math
@@ -574,13 +615,14 @@ void fused_step(const ChunkedWeight<T>& W, int64_t m, const T* h_prev, T* hs, co
     for (int64_t b = 0; b < m; ++b) rows(b, 0, W.H);
     return;
   }
+  const void* a = W.operand(m, h_prev);
   auto work = [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j0 = c * W.CH, j1 = std::min(W.H, j0 + W.CH);
-      gemm_block(m, W.B.width(c), W.Hr, h_prev, W.Hr, W.B.panel(c), W.B.width(c), hs + W.ng * j0, G, false);
+      W.product(c, m, a, hs, G);
       for (int64_t b = 0; b < m; ++b) rows(b, j0, j1);
     }
-    release_gemm();
+    W.release();
   };
   if (nch > 1 && at::get_num_threads() > 1 && m * G * W.Hr >= (1 << 16))
     at::parallel_for(0, nch, 1, work);
@@ -606,18 +648,34 @@ void for_rows(int64_t m, int64_t H, const F& f) {
 // The right operand B [K, N] (row-major, row stride ld) of a backward per-step product: packed
 // once per call (threads over panels), or read in place by a call with fewer rows x steps than
 // kPackRowSteps (csrc/gemm.h).
+// A bfloat16 B (W_hh of a bfloat16 call) is packed into bf16 VNNI panels, always, and each
+// product's left operand rounded to bf16 into `a16` [rows, even(K)] first.
 template <typename T>
 struct StepOperand {
-  const T* b;
+  const T* b = nullptr;
   int64_t K, N, ld;
   c10::optional<PackedB<T>> packed;
+  c10::optional<PackedLow> low;
+  Tensor a16;
 
-  StepOperand(const T* b_, int64_t K_, int64_t N_, int64_t ld_, bool pack, const at::TensorOptions& o)
-      : b(b_), K(K_), N(N_), ld(ld_) {
+  // B: a [K, N] view with unit column stride (row stride ld)
+  StepOperand(const Tensor& B, bool pack, int64_t rows, const at::TensorOptions& o)
+      : K(B.size(0)), N(B.size(1)), ld(B.stride(0)) {
+    if (B.scalar_type() == at::kBFloat16) {
+      low.emplace(PackedLow::rows(B.data_ptr<bf16>(), K, N, ld, panel_width(N)));
+      a16 = at::empty({rows, low->Kp}, B.options());
+      return;
+    }
+    b = B.data_ptr<T>();
     if (pack) packed.emplace(PackedB<T>::rows(b, K, N, ld, panel_width(N), o));
   }
   // C[m, N] (+)= A[m, K] B
   void mul(int64_t m, const T* A, int64_t lda, T* C, int64_t ldc, bool add) const {
+    if constexpr (std::is_same_v<T, float>)
+      if (low) {
+        to_low_rows(m, K, A, lda, a16.data_ptr<bf16>());
+        return gemm_low(m, a16.data_ptr<bf16>(), low->Kp, *low, C, ldc, add);
+      }
     if (packed) return gemm_packed(m, A, lda, *packed, C, ldc, add);
     gemm_call(m, N, K, A, lda, b, ld, C, ldc, add);
     release_gemm();
@@ -748,9 +806,9 @@ std::vector<Tensor> forward(Tensor xw, const Tensor& w_hh, const c10::optional<T
   T* c_p = ptr<T>(c);
   const T* bias_p = bias.data_ptr<T>();
   const bool pack = s.T * B >= kPackRowSteps;
-  const ChunkedWeight<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, before ? 2 : ng, H, pack);
+  const ChunkedWeight<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, before ? 2 : ng, H, pack, B);
   c10::optional<ChunkedWeight<T>> Wn;  // kBefore: the n rows, on u
-  if constexpr (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), 1, H, pack);
+  if constexpr (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), 1, H, pack, B);
   c10::optional<PackedB<T>> P;  // W_hr^T [H, Hr]
   if (proj) P.emplace(PackedB<T>::transposed(w_hr->data_ptr<T>(), Hr, H, panel_width(Hr), opts));
 
@@ -849,12 +907,11 @@ std::vector<Tensor> backward(const Tensor& grad_h_seq, const Tensor& grad_h_T, c
   const Tensor ones = before && !v.mask ? at::ones({B, H}, opts) : Tensor();
   // dh_in = grad_hw W_hh: W_hh [G, Hr] is the right operand as it is, packed once (kBefore: the
   // [r, z] rows; the n rows apart, Wn)
-  const T* w = w_hh.data_ptr<T>();
   const bool pack = s.T * B >= kPackRowSteps;
-  const StepOperand<T> W(w, before ? 2 * H : G, Hr, Hr, pack, opts);
+  const StepOperand<T> W(before ? w_hh.narrow(0, 0, 2 * H) : w_hh, pack, B, opts);
   c10::optional<StepOperand<T>> Wn, P;  // P: dhu = grad_hproj W_hr, W_hr [Hr, H]
-  if (before) Wn.emplace(w + 2 * H * H, H, H, H, pack, opts);
-  if (proj) P.emplace(w_hr->data_ptr<T>(), Hr, H, H, pack, opts);
+  if (before) Wn.emplace(w_hh.narrow(0, 2 * H, H), pack, B, opts);
+  if (proj) P.emplace(*w_hr, pack, B, opts);
   T *dh_p = dh.data_ptr<T>(), *dc_p = ptr<T>(dc), *dnew_p = ptr<T>(dnew), *dg_p = ptr<T>(dg);
   T *gx_p = grad_xw.data_ptr<T>(), *gw_p = grad_hw.data_ptr<T>();
   const T *gh_p = grad_h_seq.data_ptr<T>(), *hs_p = h_seq.data_ptr<T>(), *h0_p = h0.data_ptr<T>();
@@ -1137,12 +1194,45 @@ Var<T> make_var(const Tensor& ref, int64_t cell, int64_t steps, int64_t B, int64
   return v;
 }
 
+// A bfloat16 call (W_hh in bf16) runs the float32 loops: W_hh's products in bf16 with float32
+// accumulation (ChunkedWeight, StepOperand), states, gate math and saved tensors in float32. The
+// entry points read the other bf16 inputs (xw may come in float32: the op's input projection
+// accumulates in it) in float32 and return the outputs a caller sees in bf16; what only the
+// backward reads stays float32 (fastrnn/backends/cpp_rnn.py: saved_layout).
+struct Low {
+  bool on;
+  explicit Low(const Tensor& w_hh) : on(w_hh.scalar_type() == at::kBFloat16) {}
+  Tensor up(const Tensor& t) const { return on && t.defined() && t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+  c10::optional<Tensor> up(const c10::optional<Tensor>& t) const {
+    return has(t) ? c10::optional<Tensor>(up(*t)) : t;
+  }
+  VarArgs up(const VarArgs& a) const {
+    return VarArgs{up(a.ln_w), up(a.ln_b), up(a.lnc_w), up(a.lnc_b), up(a.peep), up(a.mask), up(a.zh), up(a.zc),
+                   a.reset, a.reset_after};
+  }
+  void down(std::vector<Tensor>& out, std::initializer_list<size_t> which) const {
+    for (size_t k : which)
+      if (on && k < out.size() && out[k].defined()) out[k] = out[k].to(at::kBFloat16);
+  }
+};
+
+// W_hh: a CPU tensor of ref's dtype, or bf16 with a float32 ref (a bf16 call, see Low).
+void check_w_hh(const Tensor& w_hh, const Tensor& ref) {
+  const bool low = w_hh.scalar_type() == at::kBFloat16 && ref.scalar_type() == at::kFloat;
+  TORCH_CHECK(w_hh.device().is_cpu() && (w_hh.scalar_type() == ref.scalar_type() || low),
+              "fastrnn cpp backend: every tensor must be a CPU ", ref.scalar_type(), " tensor");
+  TORCH_CHECK(w_hh.is_contiguous(), "fastrnn cpp backend: tensors must be contiguous");
+  TORCH_CHECK(!low || low_gemm_usable(), "fastrnn cpp backend: bfloat16 needs oneDNN's bf16 brgemm, which this "
+              "CPU or build does not have (AVX512_BF16 or AMX)");
+}
+
 // The entry points: every check first, then the loops. `va` null: the plain cell.
 std::vector<Tensor> forward_entry(int64_t cell, const Tensor& xw, const Tensor& w_hh, const c10::optional<Tensor>& b_hh,
                                   const Tensor& h0, const c10::optional<Tensor>& c0,
                                   const c10::optional<Tensor>& w_hr, const c10::optional<Tensor>& batch_sizes,
                                   bool reverse, bool training, const VarArgs* va) {
-  check_inputs(xw, {xw, w_hh, b_hh, h0, c0, w_hr});
+  check_inputs(xw, {xw, b_hh, h0, c0, w_hr});
+  check_w_hh(w_hh, xw);
   check_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr);
   return AT_DISPATCH_FLOATING_TYPES(xw.scalar_type(), "fastrnn_rnn_forward", [&] {
     const auto v = va ? make_var<scalar_t>(xw, cell, xw.size(0), xw.size(1), xw.size(2), h0.size(1), *va)
@@ -1160,7 +1250,8 @@ std::vector<Tensor> backward_entry(int64_t cell, const Tensor& grad_h_seq, const
                                    const c10::optional<Tensor>& w_hr, const Tensor& h0,
                                    const c10::optional<Tensor>& c0, const c10::optional<Tensor>& batch_sizes,
                                    bool reverse, const std::vector<Tensor>& saved, const VarArgs* va) {
-  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0});
+  check_inputs(grad_h_seq, {grad_h_seq, grad_h_T, grad_c_T, w_hr, h0, c0});
+  check_w_hh(w_hh, grad_h_seq);
   check_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, saved, va && has(va->ln_w),
                  va && has(va->lnc_w), va && has(va->zh), va && has(va->zc));
   return AT_DISPATCH_FLOATING_TYPES(grad_h_seq.scalar_type(), "fastrnn_rnn_backward", [&] {
@@ -1175,10 +1266,20 @@ std::vector<Tensor> backward_entry(int64_t cell, const Tensor& grad_h_seq, const
   });
 }
 
+// The forward's outputs of a bf16 call: h_seq (also saved[0]), h_T, c_T in bf16.
+std::vector<Tensor> low_outputs(const Low& low, std::vector<Tensor>& out) {
+  low.down(out, {0, 1, 2});
+  if (low.on && out.size() > 3) out[3] = out[0];
+  return out;
+}
+
 std::vector<Tensor> rnn_forward(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
                                 Tensor h0, c10::optional<Tensor> c0, c10::optional<Tensor> w_hr,
                                 c10::optional<Tensor> batch_sizes, bool reverse, bool training) {
-  return forward_entry(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, nullptr);
+  const Low low(w_hh);
+  auto out = forward_entry(cell, low.up(xw), w_hh, low.up(b_hh), low.up(h0), low.up(c0), low.up(w_hr), batch_sizes,
+                           reverse, training, nullptr);
+  return low_outputs(low, out);
 }
 
 std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_T,
@@ -1186,8 +1287,12 @@ std::vector<Tensor> rnn_backward(int64_t cell, Tensor grad_h_seq, Tensor grad_h_
                                  c10::optional<Tensor> w_hr, Tensor h0, c10::optional<Tensor> c0,
                                  c10::optional<Tensor> batch_sizes, bool reverse,
                                  std::vector<Tensor> saved) {
-  return backward_entry(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
-                        nullptr);
+  const Low low(w_hh);
+  if (!saved.empty()) saved[0] = low.up(saved[0]);
+  auto out = backward_entry(cell, low.up(grad_h_seq), low.up(grad_h_T), low.up(grad_c_T), w_hh, low.up(w_hr),
+                            low.up(h0), low.up(c0), batch_sizes, reverse, saved, nullptr);
+  low.down(out, {2, 3});  // grad_h0, grad_c0; grad_xw, grad_hw, grad_hproj feed the op's float32 GEMMs
+  return out;
 }
 
 std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c10::optional<Tensor> b_hh,
@@ -1198,8 +1303,11 @@ std::vector<Tensor> rnn_forward_variant(int64_t cell, Tensor xw, Tensor w_hh, c1
                                         c10::optional<Tensor> peep, c10::optional<Tensor> mask,
                                         c10::optional<Tensor> zh, c10::optional<Tensor> zc,
                                         c10::optional<Tensor> reset, bool reset_after) {
-  const VarArgs va{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after};
-  return forward_entry(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, training, &va);
+  const Low low(w_hh);
+  const VarArgs va = low.up(VarArgs{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after});
+  auto out = forward_entry(cell, low.up(xw), w_hh, low.up(b_hh), low.up(h0), low.up(c0), low.up(w_hr), batch_sizes,
+                           reverse, training, &va);
+  return low_outputs(low, out);
 }
 
 std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor grad_h_T,
@@ -1212,19 +1320,77 @@ std::vector<Tensor> rnn_backward_variant(int64_t cell, Tensor grad_h_seq, Tensor
                                          c10::optional<Tensor> mask, c10::optional<Tensor> zh,
                                          c10::optional<Tensor> zc, c10::optional<Tensor> reset,
                                          bool reset_after) {
-  const VarArgs va{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after};
-  return backward_entry(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved, &va);
+  const Low low(w_hh);
+  const VarArgs va = low.up(VarArgs{ln_w, ln_b, lnc_w, lnc_b, peep, mask, zh, zc, reset, reset_after});
+  if (!saved.empty()) saved[0] = low.up(saved[0]);
+  auto out = backward_entry(cell, low.up(grad_h_seq), low.up(grad_h_T), low.up(grad_c_T), w_hh, low.up(w_hr),
+                            low.up(h0), low.up(c0), batch_sizes, reverse, saved, &va);
+  low.down(out, {2, 3, 5, 6, 7, 8, 9});  // the states' and the variant parameters' gradients
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 // The big GEMMs of the op code (input projection, input and weight gradients), on the same
-// GEMM as the recurrence. 2-D contiguous float32/float64 tensors.
+// GEMM as the recurrence. 2-D contiguous float32/float64 tensors; or bfloat16 products (an
+// operand in bf16, the other bf16 or float32): the float32 operand rounded to bf16, float32
+// accumulation and result (what a bf16 call's op code wants: xw and the gate gradients stay
+// float32 until the parameter gradients are cast to the parameters' dtype).
 // ---------------------------------------------------------------------------------------------
 void check_mat(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), name,
               " must be a contiguous 2-D CPU tensor");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
-              " must be float32 or float64");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
+              name, " must be float32, float64 or bfloat16");
+}
+
+// Whether a product of a and b is a bf16 one (either bf16, the other bf16 or float32); raises
+// for other mixes.
+bool low_product(const Tensor& a, const Tensor& b, const char* what) {
+  const auto ta = a.scalar_type(), tb = b.scalar_type();
+  const bool low = ta == at::kBFloat16 || tb == at::kBFloat16;
+  TORCH_CHECK(ta == tb || (low && (ta == at::kFloat || tb == at::kFloat)), what,
+              ": dtype mismatch (", ta, ", ", tb, ")");
+  TORCH_CHECK(!low || low_gemm_usable(), what, ": bfloat16 needs oneDNN's bf16 brgemm (AVX512_BF16 or AMX)");
+  return low;
+}
+
+// f(pointer) for a float32 or bf16 tensor
+template <typename F>
+void with_data(const Tensor& t, const F& f) {
+  if (t.scalar_type() == at::kBFloat16) f((const bf16*)t.data_ptr<bf16>());
+  else f((const float*)t.data_ptr<float>());
+}
+
+// t [M, K] as a bf16 [M, even(K)] left operand (t itself when it already is one)
+Tensor low_rows(const Tensor& t) {
+  const int64_t M = t.size(0), K = t.size(1);
+  if (t.scalar_type() == at::kBFloat16 && even(K) == K) return t;
+  Tensor out = at::empty({M, even(K)}, t.options().dtype(at::kBFloat16));
+  with_data(t, [&](auto p) { to_low_rows(M, K, p, K, out.data_ptr<bf16>()); });
+  return out;
+}
+
+// t [K, M]^T as a bf16 [M, even(K)] left operand
+Tensor low_t(const Tensor& t) {
+  const int64_t K = t.size(0), M = t.size(1);
+  Tensor out = at::empty({M, even(K)}, t.options().dtype(at::kBFloat16));
+  with_data(t, [&](auto p) { to_low_t(p, K, M, out.data_ptr<bf16>()); });
+  return out;
+}
+
+// b [K, N] as VNNI panels
+PackedLow low_right(const Tensor& b, int64_t M) {
+  PackedLow P;
+  with_data(b, [&](auto p) { P = PackedLow::rows(p, b.size(0), b.size(1), b.size(1), panel_width(b.size(1), M)); });
+  return P;
+}
+
+// out [M, N] float32 = A [M, Kp] (bf16) B
+Tensor low_mm(const Tensor& A, const PackedLow& B, const Tensor& bias = Tensor()) {
+  Tensor out = at::empty({A.size(0), B.N}, A.options().dtype(at::kFloat));
+  gemm_low(A.size(0), A.data_ptr<bf16>(), A.size(1), B, out.data_ptr<float>(), B.N, false,
+           bias.defined() ? bias.data_ptr<float>() : nullptr);
+  return out;
 }
 
 // out [N,G] = x [N,I] w^T (w [G,I]) + b [G] (b may be null). Few rows: w read in place.
@@ -1270,9 +1436,16 @@ void mm_tn_into(int64_t K, int64_t M, int64_t N, const T* a, const T* b, T* out,
 // x [N,I] w [G,I] b [G] -> x w^T + b [N,G]
 Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   check_mat(x, "x"), check_mat(w, "w");
-  TORCH_CHECK(x.size(1) == w.size(1) && w.scalar_type() == x.scalar_type(), "linear: shape/dtype mismatch");
+  TORCH_CHECK(x.size(1) == w.size(1), "linear: shape mismatch");
   const int64_t N = x.size(0), I = x.size(1), G = w.size(0);
   const bool has_b = b.has_value() && b->defined();
+  if (low_product(x, w, "linear")) {
+    TORCH_CHECK(!has_b || (b->numel() == G && b->device().is_cpu() && b->is_floating_point()),
+                "linear: b must be a floating CPU tensor of G = ", G, " elements");
+    PackedLow wt;
+    with_data(w, [&](auto p) { wt = PackedLow::transposed(p, G, I, panel_width(G, N)); });
+    return low_mm(low_rows(x), wt, has_b ? b->to(at::kFloat).contiguous() : Tensor());
+  }
   TORCH_CHECK(!has_b || (b->numel() == G && b->scalar_type() == x.scalar_type() && b->device().is_cpu()),
               "linear: b must be a CPU tensor of G = ", G, " elements and x's dtype");
   Tensor out = at::empty({N, G}, x.options());
@@ -1287,7 +1460,8 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
 // a [M,K] b [K,N] -> a b
 Tensor mm(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
-  TORCH_CHECK(a.size(1) == b.size(0) && a.scalar_type() == b.scalar_type(), "mm: shape/dtype mismatch");
+  TORCH_CHECK(a.size(1) == b.size(0), "mm: shape mismatch");
+  if (low_product(a, b, "mm")) return low_mm(low_rows(a), low_right(b, a.size(0)));
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm", [&] {
     mm_into<scalar_t>(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
@@ -1299,7 +1473,14 @@ Tensor mm(Tensor a, Tensor b) {
 // a [K,M] b [K,N] -> a^T b [M,N]
 Tensor mm_tn(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
-  TORCH_CHECK(a.size(0) == b.size(0) && a.scalar_type() == b.scalar_type(), "mm_tn: shape/dtype mismatch");
+  TORCH_CHECK(a.size(0) == b.size(0), "mm_tn: shape mismatch");
+  if (low_product(a, b, "mm_tn")) {  // as mm_tn_into: the operand with fewer columns is transposed
+    if (a.size(1) < b.size(1)) return low_mm(low_t(a), low_right(b, a.size(1)));
+    const Tensor ct = low_mm(low_t(b), low_right(a, b.size(1)));  // (a^T b)^T [N, M]
+    Tensor out = at::empty({a.size(1), b.size(1)}, ct.options());
+    transpose(ct.data_ptr<float>(), ct.size(0), ct.size(1), out.data_ptr<float>());
+    return out;
+  }
   Tensor out = at::empty({a.size(1), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm_tn", [&] {
     mm_tn_into<scalar_t>(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
@@ -1519,4 +1700,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_create_graph_backward", &fastrnn::set_create_graph_backward,
         "fn(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, needs, grad_h, grad_c) -> 7 gradients, for create_graph=True");
   m.def("gemm_engine", &fastrnn::gemm_engine, "which GEMM the kernels use");
+  m.def("low_gemm", &fastrnn::low_gemm_usable, "whether bfloat16 GEMMs (oneDNN brgemm) run on this CPU");
 }

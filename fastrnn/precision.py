@@ -6,10 +6,14 @@ not compute in.
   torch 2.13, CPU, by running each torch module under autocast; ``AUTOCAST_CPU`` below), so a model
   gives the same dtypes with fastrnn's modules as with torch's. Like torch's autocast, only floating
   tensors other than float64 are cast.
-- **Compute dtype.** A backend that does not compute in a dtype (float16 / bfloat16 on the CPU
-  backends: ``fastrnn.backends.plan``) runs in float32 and the results are cast back to the input
-  dtype, with the casts differentiable (the gradients reach the low-precision leaves in their
-  dtype). Correct, not yet fast: the fused kernels do not have low-precision paths on CPU.
+- **Compute dtype.** A backend computes in the dtypes it lists (``dtypes``): the cpp recurrences in
+  bfloat16 where oneDNN's bf16 brgemm runs (AVX512_BF16 or AMX: bf16 GEMMs with float32
+  accumulation, float32 states and gate math; fastrnn/backends/cpp_rnn.py), triton in float16 and
+  bfloat16 on GPUs. Anything else (float16 on the CPU backends, bfloat16 on numba, on cpp's
+  attention and decoder, or on a CPU without bf16 instructions) runs in float32 and the results are
+  cast back to the input dtype, with the casts differentiable (the gradients reach the
+  low-precision leaves in their dtype): correct, not faster than float32
+  (``fastrnn.backends.plan``; ``python -m fastrnn info`` says which).
 """
 from __future__ import annotations
 

@@ -6,11 +6,20 @@ the per-step GEMM (oneDNN brgemm, chunked per hidden units) and the fused gate m
 tensors contiguous and turns the C++ result lists into the contract's tuples. The plain cell (``variant`` None
 once the contract check has normalised it) calls ``rnn_forward`` / ``rnn_backward``, a variant the ``_variant``
 entry points: the same C++ time loops, specialised at compile time for the variant's options.
+
+bfloat16 (where oneDNN's bf16 brgemm runs: AVX512_BF16 or AMX; ``_C.low_gemm()``): the same float32
+loops with every GEMM in bf16 and float32 accumulation -- the input projection and gradient GEMMs
+(``linear`` / ``mm`` / ``mm_tn`` below return float32 for a bf16 operand) and each step's recurrent
+product (W_hh packed once per call into bf16 panels, h_prev rounded to bf16 per step). States, gate
+math and the saved tensors stay float32 (``saved_layout``: everything after h_seq); h_seq, h_T, c_T
+and the states' gradients are bf16. xw reaches ``rnn_forward`` in float32 from ``linear``.
+float16 is not native here: it computes in float32 (``fastrnn.precision``).
 """
 from __future__ import annotations
 
 import torch
 
+from ..contract import rnn as recurrence
 from ..contract.checks import check_rnn_backward, check_rnn_forward
 from ..contract.rnn import VariantGrads
 
@@ -24,6 +33,18 @@ except ImportError as exc:  # not built (FASTRNN_SKIP_CPP_BUILD, failed compile,
 
 _CELL = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 
+# What the loops compute in (other dtypes: float32, fastrnn.backends.plan)
+dtypes = (torch.float32, torch.float64) + ((torch.bfloat16,) if _C is not None and _C.low_gemm() else ())
+
+
+def saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant=None, state_dtype=None):
+    """The default layout (``fastrnn.contract.rnn.saved_layout``); for bfloat16 everything after
+    h_seq is float32 (the loops' own tensors, kept as they computed them)."""
+    layout = recurrence.saved_layout(cell, T, B, H, Hr, dtype, has_proj, training, variant, state_dtype)
+    if dtype != torch.bfloat16:
+        return layout
+    return layout[:1] + [entry._replace(dtype=torch.float32) for entry in layout[1:]]
+
 
 def availability(device_type: str) -> str | None:
     if _C is None:
@@ -35,7 +56,12 @@ def availability(device_type: str) -> str | None:
 
 
 def info() -> dict:
-    return {"gemm": _C.gemm_engine() if _C is not None else None, "threads": torch.get_num_threads()}
+    low = _C is not None and _C.low_gemm()
+    return {"gemm": _C.gemm_engine() if _C is not None else None, "threads": torch.get_num_threads(),
+            "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+            "bfloat16": "native: oneDNN brgemm bf16 GEMMs, float32 accumulation, states and gate math" if low else
+            "computes in float32 (cast back): no bf16 brgemm on this CPU or build (needs AVX512_BF16 or AMX)",
+            "float16": "computes in float32 (cast back): no fp16 path yet"}
 
 
 def _c(t):
@@ -44,7 +70,7 @@ def _c(t):
 
 # The op code's big GEMMs, on the same GEMM engine as the recurrence (see fastrnn.ops.rnn_layer).
 def linear(x, w, b):
-    """x [N, I], w [G, I], b [G] | None -> x w^T + b [N, G]"""
+    """x [N, I], w [G, I], b [G] | None -> x w^T + b [N, G] (float32 for bfloat16 operands)"""
     return _C.linear(x.contiguous(), w.contiguous(), _c(b))
 
 
@@ -94,7 +120,7 @@ def rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, traini
 def rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse, saved,
                  variant=None):
     variant = check_rnn_backward(cell, grad_h_seq, grad_h_T, grad_c_T, w_hh, w_hr, h0, c0, batch_sizes, reverse,
-                                 saved, variant)
+                                 saved, variant, layout=saved_layout)
     args = (_CELL[cell], _c(grad_h_seq), _c(grad_h_T), _c(grad_c_T), _c(w_hh), _c(w_hr), _c(h0), _c(c0),
             _c(batch_sizes), reverse, [t.contiguous() for t in saved])  # the C++ loops index saved tensors densely
     if variant is None:

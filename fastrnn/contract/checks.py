@@ -44,6 +44,8 @@ import torch
 
 from .rnn import GATES, Saved, Variant, check_cell, check_variant, saved_layout
 
+_LOW = (torch.float16, torch.bfloat16)
+
 # batch_sizes / rows up to this length are read as a Python list (about 1 us); longer ones are
 # checked with torch reductions, whose fixed cost (a few us each) is then the smaller one
 _LIST_LIMIT = 256
@@ -354,7 +356,12 @@ def check_rnn_forward(cell, xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, reverse, 
         if xw.dim() != 3:
             _raise_shape("xw", xw, (0, 0, 0), "[T, B, G]")
         T, B, G = xw.shape
-        H, Hr, variant = _recurrence(cell, T, B, G, "xw", xw, w_hh, b_hh, h0, c0, w_hr, batch_sizes, variant)
+        # a backend's input projection may leave xw in float32 for bfloat16 / float16 weights
+        # (cpp); the recurrence's own tensors then share w_hh's dtype
+        ref_name, ref = ("w_hh", w_hh) if xw.dtype == torch.float32 and w_hh.dtype in _LOW else ("xw", xw)
+        H, Hr, variant = _recurrence(cell, T, B, G, ref_name, ref, w_hh, b_hh, h0, c0, w_hr, batch_sizes, variant)
+        if ref is not xw and xw.device != w_hh.device:
+            raise RuntimeError(f"fastrnn: xw is on {xw.device}, expected {w_hh.device} (the device of w_hh)")
     except AttributeError:
         _raise_not_tensor((("xw", xw, False), ("w_hh", w_hh, False), ("b_hh", b_hh, True), ("h0", h0, False),
                            ("c0", c0, True), ("w_hr", w_hr, True), ("batch_sizes", batch_sizes, True)))

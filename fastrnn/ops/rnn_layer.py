@@ -104,7 +104,9 @@ def _forward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes
     xw = _linear(impl, x.reshape(T * B, I), w_ih, None if ln else b_ih).view(T, B, G)
     extra = []
     if ln:
-        xraw = xw
+        # a backend's projection may be float32 for bfloat16 inputs (cpp): the norm runs in x's
+        # dtype, as on every backend, so that its saved tensors have the layout's dtype
+        xraw = xw.to(x.dtype)
         xw, mean, rstd = torch.native_layer_norm(xraw, [G], ln_ih_weight, ln_ih_bias, LN_EPS)
         if b_ih is not None:
             xw += b_ih
@@ -153,7 +155,7 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
         # (torch 2.13; a strided view, e.g. one vmapped sample's, gives silently wrong gradients)
         xraw, mean, rstd = (t.contiguous() for t in saved[-3:])
         gxr, grads["ln_ih_weight"], grads["ln_ih_bias"] = torch.ops.aten.native_layer_norm_backward(
-            grad_xw, xraw, [G], mean, rstd, ln_ih_weight, ln_ih_bias,
+            grad_xw.to(xraw.dtype), xraw, [G], mean, rstd, ln_ih_weight, ln_ih_bias,
             [need["x"] or need["w_ih"], need["ln_ih_weight"], need["ln_ih_bias"]])
         gx = gxr.reshape(T * B, G) if gxr is not None else None
     if need["x"]:
@@ -176,8 +178,11 @@ def _backward(backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_size
     if vgrads is not None:
         for n in ("ln_hh_weight", "ln_hh_bias", "ln_c_weight", "ln_c_bias", "peephole"):
             grads[n] = getattr(vgrads, n)
-    # contiguous whatever the inputs' strides (batch_first x is a transposed view): the fake says so
-    return [grads[n].contiguous() for _, n in GRAD_ARGS if need[n]]
+    # contiguous whatever the inputs' strides (batch_first x is a transposed view): the fake says so;
+    # in the argument's dtype (a bfloat16 call's GEMMs on cpp return float32)
+    layer = (backend, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, batch_sizes, reverse, ln_ih_weight, ln_ih_bias,
+             *var)
+    return [grads[n].to(layer[pos].dtype).contiguous() for pos, n in GRAD_ARGS if need[n]]
 
 
 def _layer(*args):
