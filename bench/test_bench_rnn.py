@@ -3,13 +3,16 @@
 Groups are "<op> <shape> <mode>", so pytest-benchmark's table compares, within one group,
 fastrnn's backends with nn.LSTM/GRU/RNN and with a Python loop over nn.LSTMCell/GRUCell/RNNCell.
 A correctness gate runs before any timing. Ids look like lstm-T100_B32_I256_H256-train-cpp.
+``test_rnn_bf16``: the same in bfloat16 (groups "<op> <shape> <mode> bf16"), nn.* in bf16 against
+fastrnn's backends (cpp computes in bf16 where the CPU has AVX512_BF16 or AMX, the others in float32:
+``python -m fastrnn info``); its gate compares both with float64 (fastrnn.bench's low-precision gate).
 """
 import pytest
 import torch
 from torch import nn
 
 import fastrnn
-from fastrnn.bench import FULL_SHAPES, QUICK_SHAPES, RNN_OPS, shape_id
+from fastrnn.bench import FULL_SHAPES, QUICK_SHAPES, RNN_OPS, float64_copy, rnn_gate, shape_id
 from fastrnn.testing import max_error
 
 BACKENDS = [b for b in fastrnn.available_backends("cpu", "rnn") if b != "triton"]
@@ -38,17 +41,17 @@ class CellLoop(nn.Module):
         return torch.stack(outs), state
 
 
-def build(op, shape, who):
+def build(op, shape, who, dtype=torch.float32):
     T, B, I, H = shape
     torch.manual_seed(0)
-    ref = getattr(nn, RNN_OPS[op])(I, H)
+    ref = getattr(nn, RNN_OPS[op])(I, H, dtype=dtype)
     if who == "nn":
         return ref, ref
     if who == "cell_loop":
         m = CellLoop(op, I, H)
         m.load_from(ref)
         return ref, m
-    m = getattr(fastrnn, RNN_OPS[op])(I, H, backend=who)
+    m = getattr(fastrnn, RNN_OPS[op])(I, H, backend=who, dtype=dtype)
     m.load_state_dict(ref.state_dict())
     return ref, m
 
@@ -74,8 +77,25 @@ def test_rnn(benchmark, op_shape, mode, who):
     with torch.no_grad():
         err = max_error(m(x)[0], ref(x)[0])
     assert err < 1e-4, f"{who} differs from torch by {err}"
-    benchmark.group = f"{op} {shape_id(*shape)} {mode}"
-    benchmark.extra_info.update(op=op, shape=shape_id(*shape), mode=mode, threads=torch.get_num_threads())
+    _time(benchmark, m, x, f"{op} {shape_id(*shape)} {mode}", op=op, shape=shape_id(*shape), mode=mode)
+
+
+@pytest.mark.parametrize("who", ["nn"] + BACKENDS)
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_rnn_bf16(benchmark, op_shape, mode, who):
+    op, shape = op_shape
+    ref, m = build(op, shape, who, torch.bfloat16)
+    x = torch.randn(shape[0], shape[1], shape[2], dtype=torch.bfloat16)
+    if who != "nn":  # within twice torch's own bf16 error of float64, outputs and every gradient
+        err, ok = rnn_gate(ref, m, x, mode, float64_copy(ref))
+        assert ok, f"{who} bf16: error {err:.3g} against float64, more than twice torch's"
+    _time(benchmark, m, x, f"{op} {shape_id(*shape)} {mode} bf16", op=op, shape=shape_id(*shape), mode=mode,
+          dtype="bfloat16")
+
+
+def _time(benchmark, m, x, group, mode, **info):
+    benchmark.group = group
+    benchmark.extra_info.update(mode=mode, threads=torch.get_num_threads(), **info)
     if mode == "infer":
         def run():
             with torch.no_grad():

@@ -17,6 +17,7 @@ RNN_OPS = ("lstm", "gru", "rnn")
 OPS = RNN_OPS + ("sdpa",)
 BENCH_OPS = OPS + ("decoder",)  # the decoder only when asked for (its numba kernels compile for a minute)
 PROG = "python -m fastrnn"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +87,8 @@ def _passive_wait_if_busy(argv) -> None:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     import fastrnn
     from fastrnn import bench
     device = _device(args.device)
@@ -97,12 +100,14 @@ def cmd_bench(args) -> int:
     grid = "full" if args.full else "quick" if args.quick else "default"
     info = bench.machine()
     load = info["load_average"]
-    print(f"fastrnn bench ({grid} grid) on {info['cpu']} ({info['logical_cpus']} CPUs, torch {info['torch']}, "
+    print(f"fastrnn bench ({grid} grid, {args.dtype}) on {info['cpu']} ({info['logical_cpus']} CPUs, "
+          f"torch {info['torch']}, "
           f"{info['torch_threads']} threads" + (f", load average {load:.1f}" if load is not None else "")
           + (f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info["omp_wait_policy"] else "") + ")",
           flush=True)
     results = bench.run(ops=args.ops, backends=args.backends, modes=args.modes, grid=grid,
-                        rounds=args.rounds, device=device, progress=not args.no_progress)
+                        rounds=args.rounds, device=device, progress=not args.no_progress,
+                        dtype=getattr(torch, args.dtype))
     if not results:
         print("fastrnn bench: no case ran (no usable backend); nothing written", file=sys.stderr)
         return 1
@@ -220,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing rounds per case, median reported (None: 7, or 3 with --quick)")
     b.add_argument("--threads", type=_positive, default=None, help="CPU threads (None: torch's default)")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
+    b.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="the models' and inputs' dtype, torch's too (low precision: the correctness gate "
+                        "compares both with float64)")
     b.add_argument("--out", default="bench/out", help="folder for bench.json, bench.md, bench.png")
     b.add_argument("--no-progress", action="store_true", help="no progress bar or per-case lines")
     b.set_defaults(func=cmd_bench)

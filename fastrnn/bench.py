@@ -13,9 +13,15 @@ is about the timing alone.
 
 Grids: ``default`` (one representative shape per op, minutes), ``full`` (every shape),
 ``quick`` (tiny shapes, a smoke test).
+
+Dtypes: float32 (the default), or bfloat16 / float16 for every model and input, torch's too. A
+low-precision gate cannot use a float32 tolerance (both sides round every GEMM operand): it runs
+the torch model once more in float64 on the same (exactly representable) inputs and asks that
+fastrnn's error against it be at most twice torch's own, tensor by tensor, plus one bfloat16 unit.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -65,6 +71,7 @@ class Result:
     best_speedup: float = 0.0  # torch's fastest round / the backend's fastest round
     extra: dict = field(default_factory=dict)
     torch_spread: float = 0.0  # the same for torch's rounds
+    dtype: str = "float32"
 
     @property
     def noise(self) -> float:
@@ -120,25 +127,51 @@ def _rnn_runner(kind, module, x, mode):
     return run
 
 
-def _rnn_gate(ref, fast, x, mode):
-    """Max error of fastrnn vs torch: outputs and final states; in training also the input and
-    every parameter gradient. Returns (error, within tolerance)."""
-    x1, x2 = (x.detach().clone().requires_grad_(mode == "train") for _ in range(2))
-    (y1, h1), (y2, h2) = ref(x1), fast(x2)
-    s1 = h1 if isinstance(h1, tuple) else (h1,)
-    s2 = h2 if isinstance(h2, tuple) else (h2,)
-    errs = [max_error(y2, y1)] + [max_error(a, b) for a, b in zip(s2, s1)]
+LOW = (torch.bfloat16, torch.float16)
+# the absolute part of the low-precision gate: one unit in the last place of bfloat16 (max_error
+# scales differences by 1 + |expected|)
+LOW_FLOOR = 2.0 ** -8
+
+
+def _gate(fast, ref, exact, tol):
+    """(error, ok) of fastrnn's tensors ``fast`` against torch's ``ref``. float32 / float64
+    (``exact`` None): the largest difference, within ``tol``. Low precision: fastrnn's and torch's
+    errors against ``exact`` (torch's model in float64), fastrnn's at most twice torch's plus
+    LOW_FLOOR for every tensor; the error reported is fastrnn's against float64."""
+    if exact is None:
+        err = max(max_error(a, b) for a, b in zip(fast, ref))
+        return err, err <= tol
+    errs = [(max_error(a, e), max_error(b, e)) for a, b, e in zip(fast, ref, exact)]
+    return max(f for f, _ in errs), all(f <= 2 * t + LOW_FLOOR for f, t in errs)
+
+
+def _outputs(module, x, g, mode, model_inputs=None):
+    """A module's outputs (and, in training, the gradients of <outputs[0], g> for x and every
+    parameter) as a flat list; ``model_inputs``: the call's arguments after x."""
+    xg = x.detach().clone().requires_grad_(mode == "train")
+    out = module(xg, *(model_inputs or ()))
+    flat = [t for o in out for t in (o if isinstance(o, tuple) else (o,)) if isinstance(t, torch.Tensor)]
     if mode == "train":
-        g = torch.randn_like(y1)
         # autograd.grad, not .backward(): the torch module is shared by every backend's gate
-        g1 = torch.autograd.grad((y1 * g).sum(), [x1, *ref.parameters()])
-        g2 = torch.autograd.grad((y2 * g).sum(), [x2, *fast.parameters()])
-        errs += [max_error(a, b) for a, b in zip(g2, g1)]
-    err = max(errs)
+        flat += torch.autograd.grad((flat[0] * g.to(flat[0].dtype)).sum(), [xg, *module.parameters()])
+    return flat
+
+
+def float64_copy(module):
+    """``module`` in float64 (the low-precision gate's reference), or None for float32 / float64."""
+    dtype = next(module.parameters()).dtype
+    return copy.deepcopy(module).double() if dtype in LOW else None
+
+
+def rnn_gate(ref, fast, x, mode, exact=None):
+    """Error of fastrnn vs torch: outputs and final states; in training also the input and every
+    parameter gradient. Returns (error, ok) (``_gate``; ``exact``: ``float64_copy(ref)``)."""
+    g = torch.randn(x.shape[0], x.shape[1], ref.hidden_size, device=x.device, dtype=torch.float64)
+    want = _outputs(exact, x.double(), g, mode) if exact is not None else None
     # float32 with long reductions (T steps, K = I or H): scale the unit tolerance by sqrt(K*T)
     T, _, I = x.shape
     tol = 1e-5 * (max(I, ref.hidden_size) * T) ** 0.5 * (10 if mode == "train" else 1)
-    return err, err <= tol
+    return _gate(_outputs(fast, x, g, mode), _outputs(ref, x, g, mode), want, tol)
 
 
 def time_interleaved(fns: dict, rounds: int, inner: int = 1, device="cpu") -> dict:
@@ -168,7 +201,7 @@ def _spread(ms: list) -> float:
     return (max(ms) - min(ms)) / statistics.median(ms)
 
 
-def _results(op, shape, mode, backends, base, samples, gates) -> list:
+def _results(op, shape, mode, backends, base, samples, gates, dtype) -> list:
     """One Result per backend from the interleaved samples (``base``: torch's key)."""
     t_ref = statistics.median(samples[base])
     out = []
@@ -177,7 +210,7 @@ def _results(op, shape, mode, backends, base, samples, gates) -> list:
         err, ok = gates[b]
         out.append(Result(op, shape, mode, b, t_ref, t, t_ref / t, err, ok, len(samples[b]),
                           _spread(samples[b]), min(samples[base]) / min(samples[b]),
-                          torch_spread=_spread(samples[base])))
+                          torch_spread=_spread(samples[base]), dtype=str(dtype).removeprefix("torch.")))
     return out
 
 
@@ -189,18 +222,18 @@ def run_rnn_case(op, shape, mode, backends, rounds=7, device="cpu", dtype=torch.
     x = torch.randn(T, B, I, device=device, dtype=dtype)
     BASE = "nn"  # the torch.nn baseline (not the "torch" reference backend)
     fns = {BASE: _rnn_runner(op, ref, x, mode)}
-    fast, gates = {}, {}
+    fast, gates, exact = {}, {}, float64_copy(ref)
     for b in backends:
         m = getattr(fastrnn, RNN_OPS[op])(I, H, device=device, dtype=dtype, backend=b)
         m.load_state_dict(ref.state_dict())
         fast[b] = m
-        gates[b] = _rnn_gate(ref, m, x, mode)
+        gates[b] = rnn_gate(ref, m, x, mode, exact)
         fns[b] = _rnn_runner(op, m, x, mode)
     # aim for ~20 ms per sample so timer noise stays small on tiny shapes
     probe = time_interleaved({BASE: fns[BASE]}, 1, 1, device)[BASE][0]
     inner = max(1, min(50, int(20 / max(probe, 1e-3))))
     samples = time_interleaved(fns, rounds, inner, device)
-    return _results(op, shape_id(*shape), mode, backends, BASE, samples, gates)
+    return _results(op, shape_id(*shape), mode, backends, BASE, samples, gates, dtype)
 
 
 # attention: (B, H, L, S, E, causal); the issue's grid, and a small one for --quick
@@ -233,17 +266,20 @@ def run_sdpa_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.flo
             fn(qg, kg, vg).sum().backward()
         return run
 
+    g = torch.randn(B, H, L, E, device=device, dtype=torch.float64)
+
+    def outputs(fn, dt):
+        ins = [t.detach().to(dt).requires_grad_(mode == "train") for t in (q, k, v)]
+        out = fn(*ins)
+        return [out] + (list(torch.autograd.grad((out * g.to(dt)).sum(), ins)) if mode == "train" else [])
+
+    def ref_fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    exact = outputs(ref_fn, torch.float64) if dtype in LOW else None
+
     def gate(fn):
-        ins = [t.detach().clone().requires_grad_(mode == "train") for t in (q, k, v)]
-        ref_ins = [t.detach().clone().requires_grad_(mode == "train") for t in (q, k, v)]
-        out, ref = fn(*ins), F.scaled_dot_product_attention(*ref_ins, is_causal=causal)
-        errs = [max_error(out, ref)]
-        if mode == "train":
-            g = torch.randn_like(ref)
-            errs += [max_error(a, b) for a, b in zip(torch.autograd.grad((out * g).sum(), ins),
-                                                    torch.autograd.grad((ref * g).sum(), ref_ins))]
-        err = max(errs)
-        return err, err <= 1e-5 * (S * E) ** 0.5 * (10 if mode == "train" else 1)
+        return _gate(outputs(fn, dtype), outputs(ref_fn, dtype), exact,
+                     1e-5 * (S * E) ** 0.5 * (10 if mode == "train" else 1))
 
     BASE = "F.sdpa"
     fns = {BASE: runner(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))}
@@ -254,7 +290,7 @@ def run_sdpa_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.flo
         fns[b] = runner(fn)
     samples = time_interleaved(fns, rounds, 1, device)
     flops = 4 * B * H * L * S * E // (2 if causal else 1) * (3.5 if mode == "train" else 1)
-    out = _results("sdpa", sdpa_id(*shape), mode, backends, BASE, samples, gates)
+    out = _results("sdpa", sdpa_id(*shape), mode, backends, BASE, samples, gates, dtype)
     for r in out:
         r.extra = {"gflops_per_s": flops / r.backend_ms / 1e6, "torch_gflops_per_s": flops / r.torch_ms / 1e6}
     return out
@@ -298,22 +334,25 @@ def run_decoder_case(shape, mode, backends, rounds=7, device="cpu", dtype=torch.
             m(x, mem, mask)[0].sum().backward()
         return run
 
+    exact = float64_copy(models[BASE]) if decs else None
+    g = torch.randn(T, B, H, device=device, dtype=torch.float64)
+
+    def outputs(mm, dt):
+        out = mm(x.to(dt), mem.to(dt), mask)[0]
+        if mode == "infer":
+            return [out]
+        grads = torch.autograd.grad((out * g.to(dt)).sum(), list(mm.parameters()))
+        return [out, grads[1]]  # weight_hh_l0 / cells.0.weight_hh
+
     def gate(m):
-        outs = [m(x, mem, mask)[0], models[BASE](x, mem, mask)[0]]
-        errs = [max_error(*outs)]
-        if mode == "train":
-            g = torch.randn_like(outs[1])
-            grads = [torch.autograd.grad((o * g).sum(), list(mm.parameters()))
-                     for o, mm in zip(outs, (m, models[BASE]))]
-            errs.append(max_error(grads[0][1], grads[1][1]))  # weight_hh_l0 / cells.0.weight_hh
-        err = max(errs)
-        return err, err <= 1e-4
+        return _gate(outputs(m, dtype), outputs(models[BASE], dtype),
+                     outputs(exact, torch.float64) if exact is not None else None, 1e-4)
 
     if not decs:
         return []
     gates = {b: gate(m) for b, m in decs.items()}
     samples = time_interleaved({n: runner(m) for n, m in models.items()}, rounds, 1, device)
-    return _results("decoder", decoder_id(*shape), mode, list(decs), BASE, samples, gates)
+    return _results("decoder", decoder_id(*shape), mode, list(decs), BASE, samples, gates, dtype)
 
 
 def family(op: str) -> str:
@@ -340,15 +379,15 @@ def case_id(op, shape) -> str:
     return {"sdpa": sdpa_id, "decoder": decoder_id}.get(family(op), shape_id)(*shape)
 
 
-def _run_case(op, shape, mode, backends, rounds, device):
+def _run_case(op, shape, mode, backends, rounds, device, dtype=torch.float32):
     if op == "sdpa":
-        return run_sdpa_case(shape, mode, backends, rounds, device)
+        return run_sdpa_case(shape, mode, backends, rounds, device, dtype)
     if op == "decoder":
-        return run_decoder_case(shape, mode, backends, rounds, device)
-    return run_rnn_case(op, shape, mode, backends, rounds, device)
+        return run_decoder_case(shape, mode, backends, rounds, device, dtype)
+    return run_rnn_case(op, shape, mode, backends, rounds, device, dtype)
 
 
-def compile_kernels(ops, backends_of, modes, device="cpu") -> list:
+def compile_kernels(ops, backends_of, modes, device="cpu", dtype=torch.float32) -> list:
     """Run every (op, mode) once at the quick grid's size with each backend that compiles on first
     use, so that the timed grid after it measures kernels, not the compiler. Numba compiles
     (tens of seconds a dtype, minutes on a busy machine) only in the first process after a change
@@ -359,14 +398,15 @@ def compile_kernels(ops, backends_of, modes, device="cpu") -> list:
     for op, shape, mode in cases(ops, modes, "quick"):
         bks = [b for b in backends_of(op) if b in jit]
         if bks:
-            _run_case(op, shape, mode, bks, 1, device)
+            _run_case(op, shape, mode, bks, 1, device, dtype)
             ran.update(bks)
     return sorted(ran)
 
 
 def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", rounds=None,
-        device="cpu", progress=True):
-    """Run the benchmark grid (``default``, ``full`` or ``quick``); returns a list of Result.
+        device="cpu", progress=True, dtype=torch.float32):
+    """Run the benchmark grid (``default``, ``full`` or ``quick``) in ``dtype`` (the models' and
+    inputs', torch's too); returns a list of Result.
 
     With ``progress``: a labelled compile stage (if a backend compiles on first use), a tqdm bar
     over the cases and one line per result as it completes, on stderr."""
@@ -384,7 +424,7 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", 
             print("compiling numba kernels (first run only: later runs load them from numba's cache) ...",
                   file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        ran = compile_kernels(ops, backends_of, modes, device)
+        ran = compile_kernels(ops, backends_of, modes, device, dtype)
         if progress:
             print(f"  {', '.join(ran)}: ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     bar = None
@@ -399,7 +439,7 @@ def run(ops=("lstm", "gru", "rnn"), backends=None, modes=MODES, grid="default", 
         name = case_id(op, shape)
         if bar is not None:
             bar.set_postfix_str(f"{op} {name} {mode}")
-        new = _run_case(op, shape, mode, backends_of(op), rounds, device)
+        new = _run_case(op, shape, mode, backends_of(op), rounds, device, dtype)
         results += new
         if progress:
             for line in table(new).splitlines()[2:]:
@@ -431,11 +471,12 @@ def noise_warning(results, info=None) -> str | None:
 
 
 def table(results) -> str:
-    head = (f"{'op':<7} {'shape':<27} {'mode':<6} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} "
+    head = (f"{'op':<7} {'shape':<27} {'mode':<6} {'dtype':<8} {'backend':<7} {'torch ms':>9} {'fastrnn ms':>10} "
             f"{'speedup':>8} {'spread':>7} {'max err':>9}  gate")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.op:<7} {r.shape:<27} {r.mode:<6} {r.backend:<7} {r.torch_ms:>9.3f} {r.backend_ms:>10.3f} "
+        lines.append(f"{r.op:<7} {r.shape:<27} {r.mode:<6} {r.dtype:<8} {r.backend:<7} {r.torch_ms:>9.3f} "
+                     f"{r.backend_ms:>10.3f} "
                      f"{r.speedup:>7.2f}x {r.noise:>7.0%} {r.max_error:>9.1e}  {'ok' if r.gate_ok else 'FAIL'}")
     return "\n".join(lines)
 
@@ -444,11 +485,11 @@ def markdown(results, info) -> str:
     lines = [f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
              f"({info['torch_threads']} threads). Speedup = torch time / fastrnn time, same process. "
              "Spread = (max - min) / median of a case's rounds, the larger of torch's and fastrnn's.", "",
-             "| op | shape | mode | backend | torch ms | fastrnn ms | speedup | spread | max err |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+             "| op | shape | mode | dtype | backend | torch ms | fastrnn ms | speedup | spread | max err |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r.op} | {r.shape} | {r.mode} | {r.backend} | {r.torch_ms:.2f} | {r.backend_ms:.2f} | "
-                     f"**{r.speedup:.2f}x** | {r.noise:.0%} | {r.max_error:.1e} |")
+        lines.append(f"| {r.op} | {r.shape} | {r.mode} | {r.dtype} | {r.backend} | {r.torch_ms:.2f} | "
+                     f"{r.backend_ms:.2f} | **{r.speedup:.2f}x** | {r.noise:.0%} | {r.max_error:.1e} |")
     warning = noise_warning(results, info)
     return "\n".join(lines + ([f"\n{warning}"] if warning else []))
 
