@@ -35,7 +35,7 @@ from torch import nn
 
 import fastrnn
 
-from .testing import max_error
+from .testing import low_precision_errors, max_error
 
 # (T, B, I, H); ids like T100_B32_I256_H256. DEFAULT is FULL's middle: batch 1 is a GEMV per step
 # and the 512-wide shape takes the longest; --full runs them.
@@ -91,7 +91,8 @@ def machine() -> dict:
         flags = []
     out = {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx2", "avx512f", "fma", "amx"))),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx2", "avx512f", "avx512_bf16", "avx512_fp16",
+                                                                "fma", "amx"))),
         "python": sys.version.split()[0], "platform": platform.platform(),
         "torch": torch.__version__, "fastrnn": fastrnn.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -128,21 +129,23 @@ def _rnn_runner(kind, module, x, mode):
 
 
 LOW = (torch.bfloat16, torch.float16)
-# the absolute part of the low-precision gate: one unit in the last place of bfloat16 (max_error
-# scales differences by 1 + |expected|)
+# the absolute part of the low-precision gate: one unit in the last place of bfloat16, of the
+# tensor's scale (1 + its largest value)
 LOW_FLOOR = 2.0 ** -8
 
 
 def _gate(fast, ref, exact, tol):
     """(error, ok) of fastrnn's tensors ``fast`` against torch's ``ref``. float32 / float64
     (``exact`` None): the largest difference, within ``tol``. Low precision: fastrnn's and torch's
-    errors against ``exact`` (torch's model in float64), fastrnn's at most twice torch's plus
-    LOW_FLOOR for every tensor; the error reported is fastrnn's against float64."""
+    largest errors against ``exact`` (torch's model in float64; ``fastrnn.testing``'s rule),
+    fastrnn's at most twice torch's plus LOW_FLOOR of the tensor's scale for every tensor; the
+    error reported is fastrnn's (absolute) against float64."""
     if exact is None:
         err = max(max_error(a, b) for a, b in zip(fast, ref))
         return err, err <= tol
-    errs = [(max_error(a, e), max_error(b, e)) for a, b, e in zip(fast, ref, exact)]
-    return max(f for f, _ in errs), all(f <= 2 * t + LOW_FLOOR for f, t in errs)
+    errs = [low_precision_errors(a, b, e) + (e.abs().max().item() if e.numel() else 0.0,)
+            for a, b, e in zip(fast, ref, exact)]
+    return max(f for f, _, _ in errs), all(f <= 2 * t + LOW_FLOOR * (1 + scale) for f, t, scale in errs)
 
 
 def _outputs(module, x, g, mode, model_inputs=None):

@@ -13,6 +13,7 @@ import fastrnn
 from fastrnn import backends
 from fastrnn.contract.rnn import GATES, Variant
 from fastrnn.ops.rnn_layer import rnn_layer
+from fastrnn.testing import low_precision_errors
 
 import contract_harness as harness
 
@@ -69,37 +70,46 @@ GRID = [("lstm", 0, ""), ("lstm", 5, ""), ("gru", 0, ""), ("rnn_tanh", 0, ""), (
         ("gru", 0, "before,dropout,reset"), ("rnn_tanh", 0, "ln,zoneout,reset")]
 
 
-def _rms(a, b):
-    return (a.double() - b).pow(2).mean().sqrt().item()
-
-
 @pytest.mark.parametrize("cell,proj,opts", GRID, ids=[f"{c}{'-proj' if p else ''}{'-' + o if o else ''}"
                                                       for c, p, o in GRID])
 @pytest.mark.parametrize("packed,reverse", [(False, False), (True, True)], ids=["fwd", "packed-rev"])
 def test_bf16_layer_as_accurate_as_torch(cell, proj, opts, packed, reverse):
-    """Against float64 on the same bf16 values, tensor by tensor (outputs and every gradient), the
-    root-mean-square error is on average (geometric mean over the tensors of two seeds) at most
-    torch's own in bf16, and never above 4x it. Not the max-abs 2x rule of the well-conditioned
-    tests: with layer norm, dropout and resets both sides' errors swing by 3x from seed to seed
-    (measured over 30 seeds: cpp's RMS error is 0.33-0.65x torch's on geometric mean, its worst
-    single tensor 2.85x), and a bug (a wrong operand, stride or rounding) is off by far more."""
-    logs = []
-    for seed in (GRID.index((cell, proj, opts)), 100 + GRID.index((cell, proj, opts))):
+    """Against float64 on the same bf16 values, tensor by tensor (outputs and every gradient): the
+    root-mean-square error at most torch's own in bf16 on geometric mean over the tensors of two
+    seeds, and never 4x it on one tensor. Not design.md's max-error 2x rule: at these test sizes a
+    max is over a handful of values, and torch's is sometimes the luckier -- measured over 60 seeds,
+    plain RNN cells miss the 2x max rule on 5-10% of seeds (worst 3.8x, grad_h0), the variant
+    combinations (layer norm with dropout and resets, whose errors swing 3x from seed to seed) on
+    more, while cpp's RMS error is 0.33-0.65x torch's on geometric mean (worst single tensor 2.85x).
+    A bug (a wrong operand, stride or rounding) is off by far more."""
+    logs, compared = [], 0
+    for seed in range(GRID.index((cell, proj, opts)), 1000, 100):
         case = _case(cell, proj, opts.split(",") if opts else (), packed, seed=seed)
         exact = _run("torch", torch.float64, cell, case, reverse)
         lowp = _run("torch", BF16, cell, case, reverse)
         actual = _run("cpp", BF16, cell, case, reverse)
         assert actual.keys() == exact.keys()
+        # relu's gradient jumps where a pre-activation is 0: one within rounding of it (-0.0017 in
+        # float64, +0.0001 here, measured) passes or stops a whole gradient, whichever side rounds.
+        # Such a seed compares the outputs only.
+        kink = cell == "rnn_relu" and any(not torch.equal(run["h_seq"] > 0, exact["h_seq"] > 0)
+                                          for run in (actual, lowp))
+        compared += not kink
         for name, e in exact.items():
-            if e is None:
+            if e is None or (kink and name.startswith("grad_")):
                 continue
             assert actual[name].dtype == BF16, (name, actual[name].dtype)
             assert torch.isfinite(actual[name]).all(), name
-            ours, theirs = _rms(actual[name], e), max(_rms(lowp[name], e), 1e-6)
+            ours, theirs = low_precision_errors(actual[name], lowp[name], e, rms=True)
+            theirs = max(theirs, 1e-6)
             assert ours <= 4 * theirs, f"seed {seed} {name}: RMS error {ours:.3g} > 4 x torch's {theirs:.3g}"
             logs.append(math.log(ours / theirs))
-    mean = math.exp(sum(logs) / len(logs))
-    assert mean <= 1.0, f"RMS error {mean:.2f}x torch's on geometric mean over {len(logs)} tensors"
+        if compared == 2:
+            break
+    assert compared == 2, "fewer than two seeds in ten without a relu kink between the runs"
+    if logs:
+        mean = math.exp(sum(logs) / len(logs))
+        assert mean <= 1.0, f"RMS error {mean:.2f}x torch's on geometric mean over {len(logs)} tensors"
 
 
 class _Spy:
