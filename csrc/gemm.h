@@ -477,6 +477,16 @@ inline void gemm_low_call(int64_t m, int64_t w, int64_t Kp, const bf16* A, int64
                                 true);
 }
 
+// c[r, 0:w] += v[0:w] for r < rows (row stride ldc)
+template <typename T>
+FASTRNN_CLONES void add_rows(int64_t rows, int64_t w, const T* v, T* c, int64_t ldc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict cr = c + r * ldc;
+    const T* __restrict vr = v;
+    for (int64_t j = 0; j < w; ++j) cr[j] += vr[j];
+  }
+}
+
 // C[M,N] (+)= A[M,Kp] B (+ bias[N] broadcast over rows), bf16 A and B, float C; threads over
 // (row blocks x panels) as gemm_packed.
 inline void gemm_low(int64_t M, const bf16* A, int64_t lda, const PackedLow& B, float* C, int64_t ldc, bool add,
@@ -488,9 +498,10 @@ inline void gemm_low(int64_t M, const bf16* A, int64_t lda, const PackedLow& B, 
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t r0 = (k / tn) * MB, p = k % tn, rows = std::min(MB, M - r0), w = B.width(p);
       float* c = C + r0 * ldc + p * B.NB;
-      if (bias)
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias + p * B.NB, sizeof(float) * w);
-      gemm_low_call(rows, w, B.Kp, A + r0 * lda, lda, B.panel(p), c, ldc, add || bias);
+      gemm_low_call(rows, w, B.Kp, A + r0 * lda, lda, B.panel(p), c, ldc, add);
+      // the bias onto the tile while it is in cache: C initialised with it and accumulated onto
+      // cost 0.8 ms over no bias on a [3200, 256] x [256, 1024] projection, this 0.15 ms (Zen 5)
+      if (bias) add_rows(rows, w, bias + p * B.NB, c, ldc);
     }
     release_low();
   };
