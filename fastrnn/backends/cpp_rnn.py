@@ -56,7 +56,7 @@ def availability(device_type: str) -> str | None:
 
 
 def info() -> dict:
-    low = _C is not None and _C.low_gemm()
+    low = torch.bfloat16 in dtypes
     return {"gemm": _C.gemm_engine() if _C is not None else None, "threads": torch.get_num_threads(),
             "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
             "bfloat16": "native: oneDNN brgemm bf16 GEMMs, float32 accumulation, states and gate math" if low else
