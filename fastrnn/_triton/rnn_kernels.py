@@ -136,9 +136,29 @@ def prune_configs(configs, named_args, **kwargs):
     return keep or tiles[:1] or configs[:1]
 
 
+def _restore_hooks(names):
+    """Autotuner hooks that save the in-place outputs ``names`` before each timed launch and put
+    them back after it. Triton's own ``restore_value`` clones every named argument, and before
+    Triton 3.9 it fails on one passed as ``None`` (an optional input such as ``c0acc_ptr``), so
+    the kernels name theirs here and ``None`` is skipped."""
+    saved = {}
+
+    def pre_hook(kwargs, reset_only=False):
+        if not reset_only:
+            saved.clear()
+            saved.update({n: kwargs[n].clone() for n in names if kwargs[n] is not None})
+
+    def post_hook(kwargs, exception=None):
+        for n, value in saved.items():
+            kwargs[n].copy_(value)
+        saved.clear()
+
+    return dict(pre_hook=pre_hook, post_hook=post_hook) if names else {}
+
+
 def _autotune(restore, key=()):
     # LN is in the key of the kernels that have a row mode: a row config is never reused for a tile launch
-    return triton.autotune(configs=kernel_configs(), key=["B", "N", "K", *key], restore_value=restore,
+    return triton.autotune(configs=kernel_configs(), key=["B", "N", "K", *key], **_restore_hooks(restore),
                            prune_configs_by={"early_config_prune": prune_configs})
 
 
