@@ -52,6 +52,9 @@ CELL_CODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
 LN_EPS = tl.constexpr(1e-5)  # fastrnn.contract.rnn.LN_EPS
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # how the kernels below get decorated
+# Triton before 3.9 cannot lower a float64 tl.dot with the operand layouts below (an MMAv2
+# "largeK" assertion; seen with 3.6 on sm_90): ``_dot_tile`` then multiplies and sums instead
+FP64_DOT = tl.constexpr(tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +211,13 @@ def _dot_tile(acc, a, w_ptr, ks, ns, k_ok, n_ok, stride_k, stride_n, DOT_PRECISI
     """acc += a @ W where W[k, n] = w_ptr[k * stride_k + n * stride_n] (transposed or not)."""
     w = tl.load(w_ptr + ks[:, None] * stride_k + ns[None, :] * stride_n,
                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    return tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    a = a.to(w.dtype)
+    if w.dtype == tl.float64 and not FP64_DOT:
+        # float64 (the exactness tests' dtype) as a broadcast product and sum
+        acc = acc + tl.sum(a[:, :, None] * w[None, :, :], axis=1)
+    else:  # out_dtype: before Triton 3.9 it is float32 unless given, which a float64 acc refuses
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+    return acc
 
 
 @triton.jit

@@ -13,11 +13,11 @@ float64 inputs); ``tl.dot`` operands in the input dtype.
 import triton
 import triton.language as tl
 
-MIX_1: tl.constexpr = 0x21F0AAAD
-MIX_2: tl.constexpr = 0x735A2D97
-MUL_N: tl.constexpr = 0x61C88647
-MUL_I: tl.constexpr = 0x165667B1
-MUL_J: tl.constexpr = 0x27D4EB2F
+MIX_1 = tl.constexpr(0x21F0AAAD)
+MIX_2 = tl.constexpr(0x735A2D97)
+MUL_N = tl.constexpr(0x61C88647)
+MUL_I = tl.constexpr(0x165667B1)
+MUL_J = tl.constexpr(0x27D4EB2F)
 
 
 @triton.jit
