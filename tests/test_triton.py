@@ -57,6 +57,10 @@ def test_cpu_unavailable_without_interpreter(env_value):
 
 def test_cpu_available_with_interpreter():
     backends_line, reason, run = _probe("1")
+    if "triton-lang/triton#9171" in reason:  # an older Triton's interpreter on NumPy >= 2.4
+        assert "triton" not in eval(backends_line)
+        assert run.startswith("RuntimeError") and "#9171" in run, run
+        return
     assert "triton" in eval(backends_line)
     assert reason == "None"
     assert run == "ran"

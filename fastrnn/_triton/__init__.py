@@ -2,6 +2,7 @@
 ``@triton.jit`` reads it when a kernel is decorated, not when it runs."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -27,4 +28,35 @@ def availability(device_type: str, load_kernels) -> str | None:
     if device_type == "cpu" and getattr(kernels, "INTERPRETED", True) is False:
         return ("the triton kernels were already compiled for the GPU: TRITON_INTERPRET=1 was set "
                 "after they were imported")
+    if device_type == "cpu":
+        return _interpreter_defect()
     return None
+
+
+@functools.cache
+def _interpreter_defect() -> str | None:
+    """Why this Triton's interpreter cannot run the kernels, else None. Before the fix of
+    triton-lang/triton#9171 (Triton 3.6 has it, 3.9 does not) the interpreter turns a loop bound
+    into ``int(array)``, which NumPy >= 2.4 refuses for the 1-element arrays it holds: every
+    kernel with a ``range(0, n)`` loop then fails. One loop of that kind tells."""
+    import numpy as np
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop(x_ptr, n):
+        for i in range(0, n):
+            tl.store(x_ptr + i, i + 1)
+
+    x = torch.zeros(2, dtype=torch.int32)
+    try:
+        _loop[(1,)](x, 2)
+        if x.tolist() == [1, 2]:
+            return None
+        problem = f"a two-step loop wrote {x.tolist()}"
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    return (f"the interpreter of triton {triton.__version__} cannot run a loop with numpy "
+            f"{np.__version__} ({problem}; triton-lang/triton#9171): install triton >= 3.9 or "
+            "numpy < 2.4")
