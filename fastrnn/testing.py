@@ -57,10 +57,12 @@ def low_precision_errors(actual, expected_lowp, reference_fp64, rms: bool = Fals
 
 
 def assert_low_precision(actual, expected_lowp, reference_fp64, name: str, factor: float = 2.0,
-                         floor: float = 1e-5):
-    """Flash-attention rule: |actual - ref| <= factor * |torch_lowp - ref| (+ a small floor)."""
-    err, base = low_precision_errors(actual, expected_lowp, reference_fp64)
-    assert err <= factor * base + floor, f"{name}: error {err:.3g} > {factor} x torch's {base:.3g}"
+                         floor: float = 1e-5, rms: bool = False):
+    """Flash-attention rule: |actual - ref| <= factor * |torch_lowp - ref| (+ a small floor), on
+    the largest difference or, with ``rms``, on the root-mean-square one."""
+    err, base = low_precision_errors(actual, expected_lowp, reference_fp64, rms=rms)
+    kind = "RMS error" if rms else "error"
+    assert err <= factor * base + floor, f"{name}: {kind} {err:.3g} > {factor} x torch's {base:.3g}"
 
 
 class LoopAttentionDecoder(nn.Module):
