@@ -117,6 +117,20 @@ def test_kernels_compile_for_sm90_without_gpu():
     assert "bf16: 98 kernels compiled for sm_90" in out.stdout, out.stdout  # 49 distinct launches per dtype
 
 
+def test_attention_and_decoder_kernels_compile_for_sm90_without_gpu():
+    """The same for the attention and decoder kernels, every option on (the attention dropout
+    path once compiled in the interpreter only: Triton 3.6 refused its constants on the H200)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from fastrnn._triton.rnn_compile import compile_ops; "
+            "compile_ops(['sdpa', 'decoder'], ['fp32', 'bf16'], quick=True)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # sdpa: fwd, bwd_dkdv, bwd_dq per dtype; decoder: fwd and bwd, float32 only
+    assert "sdpa bf16: 6 kernels compiled for sm_90" in out.stdout, out.stdout
+    assert "decoder fp32: 8 kernels compiled for sm_90" in out.stdout, out.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # numerics the shared tests do not reach
 # ---------------------------------------------------------------------------------------------

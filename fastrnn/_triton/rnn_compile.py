@@ -6,6 +6,7 @@ catches those on a machine with no GPU:
 
     python -m fastrnn._triton.rnn_compile                 # every configuration, fp32/fp16/bf16/fp64, sm_90
     python -m fastrnn._triton.rnn_compile --quick fp16    # LSTM (+proj) and GRU in training: plain, all options
+    python -m fastrnn._triton.rnn_compile --ops sdpa,decoder fp32 fp64   # the attention and decoder kernels
 
 What is compiled is what the backend launches: the time loops of ``fastrnn.backends.triton_rnn``
 run on small CPU tensors against a stand-in for the kernel module that records every launch's
@@ -51,21 +52,29 @@ def _cases(quick):
                         yield cell, proj, opts, training, bias, tf32
 
 
+def _jit_function(value):
+    """The JITFunction of a kernel (an Autotuner wraps one), else None."""
+    fn = value.fn if hasattr(value, "configs") else value
+    return fn if hasattr(fn, "arg_names") and hasattr(fn, "params") else None
+
+
 class _Recorder:
-    """Stands in for ``rnn_kernels``: ``kernel[grid](**kwargs)`` appends ``(name, kwargs)``."""
+    """Stands in for a kernel module: ``kernel[grid](*args, **kwargs)`` appends ``(name, kwargs)``
+    with the positional arguments named (``num_warps`` and other launch options stay in kwargs)."""
 
     def __init__(self, kernels):
         self.kernels, self.launches = kernels, []
 
     def __getattr__(self, name):
         value = getattr(self.kernels, name)
-        if not hasattr(value, "configs"):  # not an autotuned kernel
+        fn = _jit_function(value)
+        if fn is None:  # not a kernel
             return value
         launches = self.launches
 
         class Launcher:
             def __getitem__(self, grid):
-                return lambda **kwargs: launches.append((name, kwargs))
+                return lambda *args, **kwargs: launches.append((name, {**dict(zip(fn.arg_names, args)), **kwargs}))
         return Launcher()
 
 
@@ -136,7 +145,8 @@ def launches(dtype, quick=False):
     return list(unique.values())
 
 
-TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "uint8": "u8"}
+TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "uint8": "u8",
+                "int64": "i64", "int32": "i32"}
 
 
 def _signature(fn, kwargs):
@@ -150,8 +160,10 @@ def _signature(fn, kwargs):
             signature[name], constexprs[(i,)] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + TRITON_TYPES[str(value.dtype).removeprefix("torch.")]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
-            signature[name] = "i32"
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
     return signature, constexprs
 
 
@@ -160,10 +172,115 @@ def _compile(kernel, kwargs, config, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = kernel.fn  # the Autotuner wraps the JITFunction
+    fn = _jit_function(kernel)
     signature, constexprs = _signature(fn, dict(kwargs, **config.kwargs))
     return triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    old = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+def _sdpa_calls(dtype, quick):
+    """Forward and backward of the attention backend: every mask / causal / dropout combination,
+    E = Ev and E != Ev (GQA group of 2); quick: E != Ev with every option on."""
+    import torch
+
+    from ..backends import triton_sdpa as ts
+    from ..contract.sdpa import SdpaMask
+    N, Nk, L, S = 4, 2, 37, 45
+    for E, Ev in ((8, 5),) if quick else ((64, 64), (8, 5)):
+        q, k, v = torch.randn(N, L, E).to(dtype), torch.randn(Nk, S, E).to(dtype), torch.randn(Nk, S, Ev).to(dtype)
+        g, lse = torch.randn(N, L, Ev).to(dtype), torch.randn(N, L, dtype=torch.float64 if dtype == torch.float64
+                                                              else torch.float32)
+        masked = SdpaMask(torch.randn(1, L, S).to(dtype), torch.zeros(N, dtype=torch.long))
+        for mask in (masked,) if quick else (None, masked):
+            for causal in (True,) if quick else (False, True):
+                for dropout_p, seed in ((0.25, torch.tensor(12345)),) + (() if quick else ((0.0, torch.tensor(0)),)):
+                    ts.sdpa_forward(q, k, v, mask, 0.4, causal, dropout_p, seed)
+                    ts.sdpa_backward(g, q, k, v, g, lse, mask, 0.4, causal, dropout_p, seed)
+
+
+def _decoder_calls(dtype, quick):
+    """Forward (training and inference) and backward of the decoder backend: LSTM and GRU, two
+    layers, additive with feeding, mask and dropout, and dot without them; quick: the LSTM with
+    all of them, training."""
+    import torch
+
+    from ..backends import triton_decoder as td
+    from ..contract.decoder import GATES, DecoderParams
+    Ly, T, B, S, M, H = 2, 3, 5, 7, 6, 16
+    r = lambda *shape: torch.randn(*shape).to(dtype)  # noqa: E731
+    for cell in ("lstm",) if quick else ("lstm", "gru"):
+        G = GATES[cell] * H
+        for full in (True,) if quick else (True, False):
+            params = DecoderParams(r(G, H) if full else None, r(Ly - 1, G, H), r(Ly - 1, G), r(Ly, G, H), r(Ly, G),
+                                   *((r(H, H), r(H), r(H)) if full else (None,) * 3), r(H, M + H))
+            mask = torch.rand(B, S) > 0.4 if full else None
+            drop = r(T, Ly - 1, B, H) if full else None
+            c0 = r(Ly, B, H) if cell == "lstm" else None
+            args = (r(T, B, G), r(B, S, H), r(B, S, M), mask, params, r(Ly, B, H), c0, r(B, H), drop)
+            if not quick:
+                td.decoder_forward(cell, *args, False)
+            out, attn, h_n, c_n, saved = td.decoder_forward(cell, *args, True)
+            td.decoder_backward(cell, r(T, B, H), r(T, B, S), r(Ly, B, H), c0, *args, out, attn, saved)
+
+
+def op_launches(op, dtype, quick=False):
+    """Every distinct launch ``(kernel name, kwargs)`` of the ``"sdpa"`` or ``"decoder"`` backend
+    on a GPU, recorded from CPU tensors with the GPU's block sizes."""
+    import torch
+
+    from ..backends import triton_decoder as td
+    from ..backends import triton_sdpa as ts
+    if op == "sdpa":
+        from . import sdpa_kernels as kernels
+        recorder = _Recorder(kernels)
+        patch = _patched(ts, _kernels_module=recorder, INTERPRETER_BLOCKS=ts.GPU_BLOCKS,
+                         _compute_dtype=lambda *t: (list(t), None))
+        calls = _sdpa_calls
+    else:
+        from . import decoder_kernels as kernels
+        recorder = _Recorder(kernels)
+        patch = _patched(td, _kernels_module=recorder, INTERPRETER_BLOCKS=td.GPU_BLOCKS)
+        calls = _decoder_calls
+    with patch, torch.no_grad():
+        calls(dtype, quick)
+    unique = {}
+    for name, kwargs in recorder.launches:
+        signature, constexprs = _signature(_jit_function(getattr(kernels, name)), kwargs)
+        unique.setdefault((name, *signature.values(), *map(repr, constexprs.values())), (name, kwargs))
+    return kernels, list(unique.values())
+
+
+def compile_ops(ops, dtypes, quick=False, arch=90, log=print):
+    """Compile every launch of the attention (``"sdpa"``) and decoder backends for ``arch``, with
+    the launch's own ``num_warps``; the decoder runs float32 / float64 only."""
+    import torch
+    import triton
+    n, t0 = 0, time.time()
+    for op in ops:
+        for dtype in dtypes:
+            if op == "decoder" and dtype not in ("fp32", "fp64"):
+                continue
+            torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                           "fp64": torch.float64}[dtype]
+            kernels, launches = op_launches(op, torch_dtype, quick)
+            for name, kwargs in launches:
+                config = triton.Config({}, num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 2))
+                _compile(getattr(kernels, name), kwargs, config, arch)
+                n += 1
+            log(f"{op} {dtype}: {n} kernels compiled for sm_{arch} in {time.time() - t0:.0f} s")
+    return n
 
 
 DTYPES = ("fp32", "fp16", "bf16", "fp64")
@@ -200,5 +317,9 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--only", help="compile only the kernels whose name contains this")
+    ap.add_argument("--ops", default="rnn", help="comma list of rnn, sdpa, decoder (default %(default)s)")
     a = ap.parse_args()
-    compile_all(a.dtypes, a.quick, a.arch, only=a.only)
+    ops = a.ops.split(",")
+    if "rnn" in ops:
+        compile_all(a.dtypes, a.quick, a.arch, only=a.only)
+    compile_ops([o for o in ops if o != "rnn"], a.dtypes, a.quick, a.arch)
