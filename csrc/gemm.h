@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -351,6 +352,77 @@ FASTRNN_INLINE bf16 to_bf16(float f) {
 FASTRNN_INLINE bf16 to_bf16(bf16 v) { return v; }
 FASTRNN_INLINE uint32_t low_bits(float f) { return to_bf16(f).x; }
 FASTRNN_INLINE uint32_t low_bits(bf16 v) { return v.x; }
+// bf16 bits -> float (exact): the conversion the loops below vectorise
+FASTRNN_INLINE float from_low(uint16_t v) {
+  const uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Small calls (fewer rows x steps than kPackRowSteps) read bf16 weights in place, converted on
+// the fly, as the float32 ones do (dot_rows, gemm_call): VNNI-packing W_ih and W_hh every call
+// cost a 256-wide bf16 LSTM cell step ~300 us, 4x torch's whole step. The same arithmetic as the
+// packed products but for the order of the sums: the float32 left operand rounded to bf16, exact
+// products, float32 accumulation.
+//
+// C[n, N] (+)= A[n, K] W^T for W [N, K] bf16 (row stride ld): one dot product per output
+FASTRNN_CLONES void low_dot_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
+                                 const bf16* W, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
+  const uint16_t* __restrict w = reinterpret_cast<const uint16_t*>(W);
+  std::vector<float> rounded(n * K);  // A's rows rounded to bf16 once, not once per output
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < K; ++k) rounded[r * K + k] = from_low(uint16_t(low_bits(A[r * lda + k])));
+  constexpr int L = 16;
+  for (int64_t j = 0; j < N; ++j) {
+    const uint16_t* __restrict wj = w + j * ld;
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) {  // four rows per pass: each 16-wide block of the weight row converted once
+      const float *__restrict a0 = rounded.data() + r * K, *__restrict a1 = a0 + K, *__restrict a2 = a1 + K,
+                  *__restrict a3 = a2 + K;
+      float s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};
+      int64_t k = 0;
+      for (; k + L <= K; k += L)
+        for (int l = 0; l < L; ++l) {
+          const float wv = from_low(wj[k + l]);
+          s0[l] += a0[k + l] * wv, s1[l] += a1[k + l] * wv, s2[l] += a2[k + l] * wv, s3[l] += a3[k + l] * wv;
+        }
+      float t[4] = {};
+      for (; k < K; ++k) {
+        const float wv = from_low(wj[k]);
+        t[0] += a0[k] * wv, t[1] += a1[k] * wv, t[2] += a2[k] * wv, t[3] += a3[k] * wv;
+      }
+      for (int l = 0; l < L; ++l) t[0] += s0[l], t[1] += s1[l], t[2] += s2[l], t[3] += s3[l];
+      for (int q = 0; q < 4; ++q) {
+        float* c = C + (r + q) * ldc + j;
+        *c = add ? *c + t[q] : t[q];
+      }
+    }
+    for (; r < n; ++r) {
+      const float* __restrict a = rounded.data() + r * K;
+      const float acc = vm::lane_sum<float>(K, [&](int64_t k) { return a[k] * from_low(wj[k]); });
+      C[r * ldc + j] = add ? C[r * ldc + j] + acc : acc;
+    }
+  }
+}
+
+// C[n, N] (+)= A[n, K] B for B [K, N] bf16 (row stride ld): each row of B read once and added,
+// scaled, into every row of C (which stays in cache: n is small)
+FASTRNN_CLONES void low_axpy_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
+                                  const bf16* B, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
+  const uint16_t* __restrict b = reinterpret_cast<const uint16_t*>(B);
+  if (!add)
+    for (int64_t r = 0; r < n; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint16_t* __restrict bk = b + k * ld;
+    for (int64_t r = 0; r < n; ++r) {
+      const float a = from_low(uint16_t(low_bits(A[r * lda + k])));
+      float* __restrict c = C + r * ldc;
+      FASTRNN_IVDEP
+      for (int64_t j = 0; j < N; ++j) c[j] += a * from_low(bk[j]);
+    }
+  }
+}
 
 // d[2n] = r0[n], d[2n + 1] = r1[n] in bf16 (r1 null: 0), n < w: two rows of a VNNI panel, stored
 // as one 32-bit word per pair so that the loop vectorises (a uint16 interleave did not: the

@@ -526,13 +526,15 @@ FASTRNN_INLINE void run(const K& k, A... a) {
 // product is one dot_rows call into hs [m, G] and the cell kernels run unchanged.
 //
 // A bfloat16 W_hh (float32 loops of a bfloat16 call, see `Low`) is packed into bf16 VNNI panels
-// of the same chunk layout (`L`), always; each step's left operand h_prev is rounded to bf16
-// into `a16` [B, even(Hr)] once, before the chunks' products.
+// of the same chunk layout (`L`); each step's left operand h_prev is rounded to bf16 into `a16`
+// [B, even(Hr)] once, before the chunks' products. A small call reads it in place (`raw16`,
+// low_dot_rows: float32 h_prev, bf16 weights converted on the fly).
 template <typename T>
 struct ChunkedWeight {
   int64_t ng, H, Hr, CH;
   PackedB<T> B;
   const T* raw = nullptr;  // W_hh read in place (not packed)
+  const bf16* raw16 = nullptr;  // bf16 W_hh read in place (a small call: low_dot_rows)
   bool low = false;
   PackedLow L;
   Tensor a16;
@@ -544,8 +546,12 @@ struct ChunkedWeight {
     return std::max<int64_t>(16, std::min(by_panel, by_threads));
   }
   ChunkedWeight(const Tensor& w_hh, int64_t ng_, int64_t H_, bool pack, int64_t rows)
-      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(pack || w_hh.scalar_type() == at::kBFloat16 ? chunk_width(ng_, H_) : H_) {
+      : ng(ng_), H(H_), Hr(w_hh.size(1)), CH(pack ? chunk_width(ng_, H_) : H_) {
     B.K = Hr, B.N = ng * H, B.NB = ng * CH;
+    if (w_hh.scalar_type() == at::kBFloat16 && !pack) {
+      raw16 = w_hh.data_ptr<bf16>();
+      return;
+    }
     if (w_hh.scalar_type() == at::kBFloat16) {
       low = true;
       L = PackedLow(Hr, ng * H, ng * CH);
@@ -610,8 +616,10 @@ struct ChunkedWeight {
 template <typename T, typename Rows>
 void fused_step(const ChunkedWeight<T>& W, int64_t m, const T* h_prev, T* hs, const Rows& rows) {
   const int64_t G = W.ng * W.H, nch = W.chunks();
-  if (W.raw) {
-    dot_rows<T>(m, G, W.Hr, h_prev, W.Hr, W.raw, W.Hr, hs, G, false);
+  if (W.raw || W.raw16) {
+    if constexpr (std::is_same_v<T, float>)
+      if (W.raw16) low_dot_rows(m, G, W.Hr, h_prev, W.Hr, W.raw16, W.Hr, hs, G, false);
+    if (W.raw) dot_rows<T>(m, G, W.Hr, h_prev, W.Hr, W.raw, W.Hr, hs, G, false);
     for (int64_t b = 0; b < m; ++b) rows(b, 0, W.H);
     return;
   }
@@ -648,11 +656,13 @@ void for_rows(int64_t m, int64_t H, const F& f) {
 // The right operand B [K, N] (row-major, row stride ld) of a backward per-step product: packed
 // once per call (threads over panels), or read in place by a call with fewer rows x steps than
 // kPackRowSteps (csrc/gemm.h).
-// A bfloat16 B (W_hh of a bfloat16 call) is packed into bf16 VNNI panels, always, and each
-// product's left operand rounded to bf16 into `a16` [rows, even(K)] first.
+// A bfloat16 B (W_hh of a bfloat16 call) is packed into bf16 VNNI panels and each product's left
+// operand rounded to bf16 into `a16` [rows, even(K)] first; in a small call it is read in place
+// (low_axpy_rows).
 template <typename T>
 struct StepOperand {
   const T* b = nullptr;
+  const bf16* b16 = nullptr;
   int64_t K, N, ld;
   c10::optional<PackedB<T>> packed;
   c10::optional<PackedLow> low;
@@ -661,6 +671,10 @@ struct StepOperand {
   // B: a [K, N] view with unit column stride (row stride ld)
   StepOperand(const Tensor& B, bool pack, int64_t rows, const at::TensorOptions& o)
       : K(B.size(0)), N(B.size(1)), ld(B.stride(0)) {
+    if (B.scalar_type() == at::kBFloat16 && !pack) {
+      b16 = B.data_ptr<bf16>();
+      return;
+    }
     if (B.scalar_type() == at::kBFloat16) {
       low.emplace(PackedLow::rows(B.data_ptr<bf16>(), K, N, ld, panel_width(N)));
       a16 = at::empty({rows, low->Kp}, B.options());
@@ -671,11 +685,13 @@ struct StepOperand {
   }
   // C[m, N] (+)= A[m, K] B
   void mul(int64_t m, const T* A, int64_t lda, T* C, int64_t ldc, bool add) const {
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
+      if (b16) return low_axpy_rows(m, N, K, A, lda, b16, ld, C, ldc, add);
       if (low) {
         to_low_rows(m, K, A, lda, a16.data_ptr<bf16>());
         return gemm_low(m, a16.data_ptr<bf16>(), low->Kp, *low, C, ldc, add);
       }
+    }
     if (packed) return gemm_packed(m, A, lda, *packed, C, ldc, add);
     gemm_call(m, N, K, A, lda, b, ld, C, ldc, add);
     release_gemm();
@@ -1442,6 +1458,16 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
   if (low_product(x, w, "linear")) {
     TORCH_CHECK(!has_b || (b->numel() == G && b->device().is_cpu() && b->is_floating_point()),
                 "linear: b must be a floating CPU tensor of G = ", G, " elements");
+    if (N < kPackRowSteps) {  // a small call: weights in place (low_dot_rows)
+      // both operands' values in bf16 (as the packed product rounds them), held in float32
+      const Tensor xf = x.to(at::kBFloat16).to(at::kFloat);
+      const Tensor wf = w.scalar_type() == at::kFloat ? w.to(at::kBFloat16).to(at::kFloat) : Tensor();
+      Tensor out = at::empty({N, G}, x.options().dtype(at::kFloat));
+      if (wf.defined()) linear_into<float>(N, I, G, xf.data_ptr<float>(), wf.data_ptr<float>(), nullptr,
+                                           out.data_ptr<float>(), out.options());
+      else low_dot_rows(N, G, I, xf.data_ptr<float>(), I, w.data_ptr<bf16>(), I, out.data_ptr<float>(), G, false);
+      return has_b ? out.add_(b->to(at::kFloat)) : out;
+    }
     PackedLow wt;
     with_data(w, [&](auto p) { wt = PackedLow::transposed(p, G, I, panel_width(G, N)); });
     return low_mm(low_rows(x), wt, has_b ? b->to(at::kFloat).contiguous() : Tensor());
@@ -1461,7 +1487,17 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
 Tensor mm(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
   TORCH_CHECK(a.size(1) == b.size(0), "mm: shape mismatch");
-  if (low_product(a, b, "mm")) return low_mm(low_rows(a), low_right(b, a.size(0)));
+  if (low_product(a, b, "mm")) {
+    if (a.size(0) < kPackRowSteps) {  // a small call: b in place (low_axpy_rows rounds a to bf16)
+      const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+      const Tensor af = a.to(at::kBFloat16).to(at::kFloat);
+      if (b.scalar_type() == at::kFloat) return fastrnn::mm(af, b.to(at::kBFloat16).to(at::kFloat));
+      Tensor out = at::empty({M, N}, af.options());
+      low_axpy_rows(M, N, K, af.data_ptr<float>(), K, b.data_ptr<bf16>(), N, out.data_ptr<float>(), N, false);
+      return out;
+    }
+    return low_mm(low_rows(a), low_right(b, a.size(0)));
+  }
   Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "fastrnn_mm", [&] {
     mm_into<scalar_t>(a.size(0), a.size(1), b.size(1), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
@@ -1474,6 +1510,8 @@ Tensor mm(Tensor a, Tensor b) {
 Tensor mm_tn(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
   TORCH_CHECK(a.size(0) == b.size(0), "mm_tn: shape mismatch");
+  if (low_product(a, b, "mm_tn") && a.size(0) < kPackRowSteps)  // a small call's few rows: the bf16 values
+    return fastrnn::mm_tn(a.to(at::kBFloat16).to(at::kFloat), b.to(at::kBFloat16).to(at::kFloat));  // in float32
   if (low_product(a, b, "mm_tn")) {  // as mm_tn_into: the operand with fewer columns is transposed
     if (a.size(1) < b.size(1)) return low_mm(low_t(a), low_right(b, a.size(1)));
     const Tensor ct = low_mm(low_t(b), low_right(a, b.size(1)));  // (a^T b)^T [N, M]
@@ -1497,8 +1535,8 @@ Tensor mm_tn(Tensor a, Tensor b) {
 // ---------------------------------------------------------------------------------------------
 
 // Whether (x [B,I], h [B,H], c [B,H] (LSTM) | none, w_ih [G,I], w_hh [G,H], b_ih, b_hh [G] | none)
-// is a well-formed plain step this path runs: one dtype (float32 / float64), CPU, contiguous,
-// every size positive. Anything else is the general path's (which checks it and raises torch's
+// is a well-formed plain step this path runs: one dtype (float32 / float64, or bfloat16 where the
+// bf16 GEMMs run), CPU, contiguous, every size positive. Anything else is the general path's (which checks it and raises torch's
 // errors, or handles it: other dtypes, strides, devices, empty batches).
 bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c, const Tensor& w_ih,
                 const Tensor& w_hh, const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
@@ -1506,7 +1544,7 @@ bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optio
       x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 || h.dim() != 2)
     return false;
   const auto dt = x.scalar_type();
-  if (dt != at::kFloat && dt != at::kDouble) return false;
+  if (dt != at::kFloat && dt != at::kDouble && !(dt == at::kBFloat16 && low_gemm_usable())) return false;
   const int64_t ng = cell == kLSTM ? 4 : cell == kGRU ? 3 : 1, B = x.size(0), I = x.size(1), H = w_hh.size(1);
   const int64_t G = ng * H;
   // dense CPU memory that holds the values as they are: no lazy negation or conjugation bit, no
@@ -1527,6 +1565,20 @@ std::vector<Tensor> step_forward(int64_t cell, const Tensor& x, const Tensor& h,
                                  const Tensor& w_ih, const Tensor& w_hh, const c10::optional<Tensor>& b_ih,
                                  const c10::optional<Tensor>& b_hh, bool training) {
   const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0);
+  if (x.scalar_type() == at::kBFloat16) {
+    // what the general path computes for a bf16 layer at T = 1 (rnn_forward above, the op's
+    // `linear`): xw in float32 from bf16 operands, the float32 loop with W_hh's product in bf16,
+    // h' and c' in bf16; the saved tuple stays float32 but for h_seq, which that path saves
+    // rounded to bf16 (low_outputs) and its backward reads back in float32
+    const Low low(w_hh);
+    const Tensor xw = fastrnn::linear(x, w_ih, b_ih).view({1, B, G});
+    std::vector<Tensor> out = forward_entry(cell, xw, w_hh, low.up(b_hh), low.up(h), low.up(c), c10::nullopt,
+                                            c10::nullopt, false, training, nullptr);
+    low.down(out, {1, 2});
+    if (out.size() > 3) out[3] = out[3].to(at::kBFloat16).to(at::kFloat);
+    out.erase(out.begin());
+    return out;
+  }
   Tensor xw = at::empty({1, B, G}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_forward", [&] {
     linear_into<scalar_t>(B, I, G, x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
@@ -1545,6 +1597,34 @@ std::vector<Tensor> cell_forward(int64_t cell, Tensor x, Tensor h, c10::optional
   return step_forward(cell, x, h, c, w_ih, w_hh, b_ih, b_hh, training);
 }
 
+// cell_backward of a bf16 step: what the general path computes for a bf16 layer at T = 1
+// (rnn_backward above, then the op's float32-returning `mm` / `mm_tn` on the bf16 operands and
+// the bias sums in float32), every gradient cast to bf16 at the end as the op does.
+std::vector<Tensor> low_step_backward(int64_t cell, const c10::optional<Tensor>& grad_h,
+                                      const c10::optional<Tensor>& grad_c, const Tensor& x, const Tensor& h,
+                                      const c10::optional<Tensor>& c, const Tensor& w_ih, const Tensor& w_hh,
+                                      const std::vector<Tensor>& saved, const std::vector<bool>& needs) {
+  const int64_t B = x.size(0), G = w_ih.size(0), H = h.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto grad = [&](const c10::optional<Tensor>& g) { return has(g) ? g->to(at::kFloat).contiguous() : at::zeros({B, H}, f32); };
+  const Low low(w_hh);
+  std::vector<Tensor> r = backward_entry(cell, grad(grad_h).view({1, B, H}), at::zeros({B, H}, f32),
+                                         cell == kLSTM ? c10::optional<Tensor>(grad(grad_c)) : c10::nullopt, w_hh,
+                                         c10::nullopt, low.up(h), low.up(c), c10::nullopt, false, saved, nullptr);
+  const Tensor gx = r[0].view({B, G}), gw = r[1].view({B, G});
+  std::vector<Tensor> out(7);
+  out[1] = r[2];
+  if (cell == kLSTM) out[2] = r[3];
+  if (needs[0]) out[0] = fastrnn::mm(gx, w_ih);  // qualified: at::mm is found by argument lookup
+  if (needs[3]) out[3] = fastrnn::mm_tn(gx, x);
+  if (needs[4]) out[4] = fastrnn::mm_tn(gw, h);
+  if (needs[5]) out[5] = gx.sum(0);
+  if (needs[6]) out[6] = gw.sum(0);
+  for (Tensor& t : out)
+    if (t.defined()) t = t.to(at::kBFloat16);
+  return out;
+}
+
 // Gradients of one plain step, from what cell_forward saved: grad_h, grad_c [B,H] (undefined:
 // zero) -> [dx, dh, dc, dW_ih, dW_hh, db_ih, db_hh], each undefined unless its `needs` entry is set.
 std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c10::optional<Tensor> grad_c, Tensor x,
@@ -1554,6 +1634,7 @@ std::vector<Tensor> cell_backward(int64_t cell, c10::optional<Tensor> grad_h, c1
               "fastrnn cpp backend: cell_backward needs the arguments of a plain cell_forward step");
   TORCH_CHECK(needs.size() == 7, "fastrnn cpp backend: cell_backward needs 7 flags, got ", needs.size());
   const int64_t B = x.size(0), I = x.size(1), G = w_ih.size(0), H = h.size(1);
+  if (x.scalar_type() == at::kBFloat16) return low_step_backward(cell, grad_h, grad_c, x, h, c, w_ih, w_hh, saved, needs);
   auto grad = [&](const c10::optional<Tensor>& g) { return has(g) ? g->contiguous() : at::zeros({B, H}, x.options()); };
   const Tensor zeros = at::zeros({B, H}, x.options());
   std::vector<Tensor> r = backward_entry(cell, grad(grad_h).view({1, B, H}), zeros,

@@ -112,6 +112,23 @@ def test_gradcheck_and_gradgradcheck(cell):
     assert gradgradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.skipif(isinstance(cpp, str) or torch.bfloat16 not in cpp.dtypes, reason="no bf16 GEMMs on this CPU")
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_bf16_step_equals_the_general_path(cell, monkeypatch):
+    """A bf16 cell takes the step too, and gives the general path's numbers bit for bit (both
+    compute in float32 around bf16 GEMMs: csrc/rnn.cpp, Low)."""
+    _, fast = _pair(CELLS[cell], cell, torch.bfloat16)
+    x, state = _inputs((B,), cell, torch.bfloat16, (B, H))
+    step = _run(fast, x, state)
+    names = _ranges(lambda: _run(fast, x, state))
+    assert f"fastrnn::{cell}_cell_fwd[cpp]" in names and f"fastrnn::{cell}_layer_fwd[cpp]" not in names
+    monkeypatch.setattr(fastrnn.ops.small_calls, "step", lambda *a, **k: None)
+    general = _run(fast, x, state)
+    assert f"fastrnn::{cell}_layer_fwd[cpp]" in _ranges(lambda: _run(fast, x, state))
+    for k, (a, b) in enumerate(zip(step[0] + list(step[1]), general[0] + list(general[1]))):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b), f"{cell} {k}"
+
+
 def test_path_turned_down_runs_or_raises_as_torch():
     ref, fast = _pair("LSTMCell", "lstm")
     x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)

@@ -16,9 +16,9 @@ under ``torch.compile``, which sees the registered op, nor torch.func transforms
 op's vmap rules, nor a dispatch or function mode or the TorchScript tracer, which must see every
 op), autocast off, plain tensors (no subclass), a backend that has ``cell_step`` (cpp), and
 arguments that ``cell_step`` accepts (it returns ``[]`` for anything but one dtype among float32 /
-float64, dense CPU memory holding the values as they are, contiguous, well-formed sizes). Every
-other call, and every call with a variant option, takes the general path, which validates it and
-raises torch's errors. The kernels are the layer's (csrc/rnn.cpp at T = 1), so the numbers are the
+float64 / bfloat16 (where the cpp bf16 GEMMs run), dense CPU memory holding the values as they
+are, contiguous, well-formed sizes). Every other call, and every call with a variant option, takes
+the general path, which validates it and raises torch's errors. The kernels are the layer's (csrc/rnn.cpp at T = 1), so the numbers are the
 same bit for bit.
 
 Double backward (``create_graph=True``): the node calls ``create_graph_backward`` below, which
