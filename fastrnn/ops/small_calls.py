@@ -18,8 +18,8 @@ op), autocast off, plain tensors (no subclass), a backend that has ``cell_step``
 arguments that ``cell_step`` accepts (it returns ``[]`` for anything but one dtype among float32 /
 float64 / bfloat16 (where the cpp bf16 GEMMs run), dense CPU memory holding the values as they
 are, contiguous, well-formed sizes). Every other call, and every call with a variant option, takes
-the general path, which validates it and raises torch's errors. The kernels are the layer's (csrc/rnn.cpp at T = 1), so the numbers are the
-same bit for bit.
+the general path, which validates it and raises torch's errors. The kernels are the layer's
+(csrc/rnn.cpp at T = 1), so the numbers are the same bit for bit.
 
 Double backward (``create_graph=True``): the node calls ``create_graph_backward`` below, which
 recomputes the step with the reference backend's equations under autograd, as the layer op's
