@@ -451,9 +451,22 @@ def _f(x, spec=".2f"):
 
 
 def _last_line(text, n=160):
-    """The line of an error message that says what happened (the last), fit for a table cell."""
-    line = (text or "").strip().splitlines()[-1:] or [""]
+    """The line of an error message that says what happened, fit for a table cell: the first of
+    pytest's "E" lines that names an error (the root of a chain: a compiler's CompilationError
+    ends with a source caret, which says nothing), else the last line."""
+    lines = (text or "").strip().splitlines()
+    named = [ln for ln in lines if ln.startswith("E ") and ("Error" in ln or "Exception" in ln or "assert" in ln)]
+    line = named[:1] or lines[-1:] or [""]
     return line[0][:n].replace("|", "/")
+
+
+def _failure_text(text, errors=80, tail=15):
+    """What a failed test's report keeps: pytest's "E" lines of every exception in the chain
+    (the first says why: run 2 on the H200 kept only the last 15 lines of a chained Triton
+    compile error, which showed where but not why), then the last lines."""
+    lines = text.strip().splitlines()
+    e_lines = [ln for ln in lines if ln.startswith("E ")][:errors]
+    return "\n".join(e_lines + ["---"] + lines[-tail:]) if e_lines else "\n".join(lines[-tail:])
 
 
 def markdown(r):
@@ -842,7 +855,7 @@ def pytest_runtest_logreport(report):
     if report.skipped and isinstance(report.longrepr, tuple):
         message = report.longrepr[2].removeprefix("Skipped: ")
     else:
-        message = None if report.passed else "\n".join(report.longreprtext.strip().splitlines()[-15:])
+        message = None if report.passed else _failure_text(report.longreprtext)
     _log(nodeid=report.nodeid, when=report.when, outcome=report.outcome, seconds=round(report.duration, 2),
          message=message)
 
