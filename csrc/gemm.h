@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
-#include <vector>
 
 #if defined(__linux__) && defined(__x86_64__)
 #include <sys/syscall.h>
@@ -360,26 +359,32 @@ FASTRNN_INLINE float from_low(uint16_t v) {
   return f;
 }
 
+// float -> the nearest bf16 value, held in a float; rows [m, K] (row stride ld) into dst [m, K]
+FASTRNN_INLINE float round_low(float f) { return from_low(uint16_t(low_bits(f))); }
+FASTRNN_CLONES inline void round_low_rows(int64_t m, int64_t K, const float* __restrict src, int64_t ld,
+                                          float* __restrict dst) {
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t k = 0; k < K; ++k) dst[r * K + k] = round_low(src[r * ld + k]);
+}
+
 // Small calls (fewer rows x steps than kPackRowSteps) read bf16 weights in place, converted on
 // the fly, as the float32 ones do (dot_rows, gemm_call): VNNI-packing W_ih and W_hh every call
 // cost a 256-wide bf16 LSTM cell step ~300 us, 4x torch's whole step. The same arithmetic as the
-// packed products but for the order of the sums: the float32 left operand rounded to bf16, exact
-// products, float32 accumulation.
+// packed products but for the order of the sums when the caller hands A already rounded to bf16
+// values (round_low_rows; the packed path rounds its left operand too): exact products, float32
+// accumulation.
 //
 // C[n, N] (+)= A[n, K] W^T for W [N, K] bf16 (row stride ld): one dot product per output
-FASTRNN_CLONES void low_dot_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
-                                 const bf16* W, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
+FASTRNN_CLONES inline void low_dot_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
+                                        const bf16* W, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
   const uint16_t* __restrict w = reinterpret_cast<const uint16_t*>(W);
-  std::vector<float> rounded(n * K);  // A's rows rounded to bf16 once, not once per output
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t k = 0; k < K; ++k) rounded[r * K + k] = from_low(uint16_t(low_bits(A[r * lda + k])));
   constexpr int L = 16;
   for (int64_t j = 0; j < N; ++j) {
     const uint16_t* __restrict wj = w + j * ld;
     int64_t r = 0;
     for (; r + 4 <= n; r += 4) {  // four rows per pass: each 16-wide block of the weight row converted once
-      const float *__restrict a0 = rounded.data() + r * K, *__restrict a1 = a0 + K, *__restrict a2 = a1 + K,
-                  *__restrict a3 = a2 + K;
+      const float *__restrict a0 = A + r * lda, *__restrict a1 = a0 + lda, *__restrict a2 = a1 + lda,
+                  *__restrict a3 = a2 + lda;
       float s0[L] = {}, s1[L] = {}, s2[L] = {}, s3[L] = {};
       int64_t k = 0;
       for (; k + L <= K; k += L)
@@ -399,7 +404,7 @@ FASTRNN_CLONES void low_dot_rows(int64_t n, int64_t N, int64_t K, const float* _
       }
     }
     for (; r < n; ++r) {
-      const float* __restrict a = rounded.data() + r * K;
+      const float* __restrict a = A + r * lda;
       const float acc = vm::lane_sum<float>(K, [&](int64_t k) { return a[k] * from_low(wj[k]); });
       C[r * ldc + j] = add ? C[r * ldc + j] + acc : acc;
     }
@@ -408,15 +413,15 @@ FASTRNN_CLONES void low_dot_rows(int64_t n, int64_t N, int64_t K, const float* _
 
 // C[n, N] (+)= A[n, K] B for B [K, N] bf16 (row stride ld): each row of B read once and added,
 // scaled, into every row of C (which stays in cache: n is small)
-FASTRNN_CLONES void low_axpy_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
-                                  const bf16* B, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
+FASTRNN_CLONES inline void low_axpy_rows(int64_t n, int64_t N, int64_t K, const float* __restrict A, int64_t lda,
+                                         const bf16* B, int64_t ld, float* __restrict C, int64_t ldc, bool add) {
   const uint16_t* __restrict b = reinterpret_cast<const uint16_t*>(B);
   if (!add)
     for (int64_t r = 0; r < n; ++r) std::fill(C + r * ldc, C + r * ldc + N, 0.0f);
   for (int64_t k = 0; k < K; ++k) {
     const uint16_t* __restrict bk = b + k * ld;
     for (int64_t r = 0; r < n; ++r) {
-      const float a = from_low(uint16_t(low_bits(A[r * lda + k])));
+      const float a = A[r * lda + k];
       float* __restrict c = C + r * ldc;
       FASTRNN_IVDEP
       for (int64_t j = 0; j < N; ++j) c[j] += a * from_low(bk[j]);

@@ -537,7 +537,7 @@ struct ChunkedWeight {
   const bf16* raw16 = nullptr;  // bf16 W_hh read in place (a small call: low_dot_rows)
   bool low = false;
   PackedLow L;
-  Tensor a16;
+  Tensor a16;  // the step's left operand in bf16: [rows, even(Hr)] bf16 (packed), [rows, Hr] float (raw16)
 
   static int64_t chunk_width(int64_t ng, int64_t H) {
     // panels of ~256 columns (brgemm's sweet spot) and at least two chunks for two threads
@@ -550,6 +550,7 @@ struct ChunkedWeight {
     B.K = Hr, B.N = ng * H, B.NB = ng * CH;
     if (w_hh.scalar_type() == at::kBFloat16 && !pack) {
       raw16 = w_hh.data_ptr<bf16>();
+      a16 = at::empty({rows, Hr}, w_hh.options().dtype(at::kFloat));
       return;
     }
     if (w_hh.scalar_type() == at::kBFloat16) {
@@ -600,6 +601,11 @@ struct ChunkedWeight {
   }
   // the left operand of this step's products: h_prev, or h_prev in bf16
   const void* operand(int64_t m, const T* h_prev) const {
+    if constexpr (std::is_same_v<T, float>)
+      if (raw16) {
+        round_low_rows(m, Hr, h_prev, Hr, a16.data_ptr<float>());
+        return a16.data_ptr<float>();
+      }
     if (!low) return h_prev;
     to_low_rows(m, Hr, h_prev, Hr, a16.data_ptr<bf16>());
     return a16.data_ptr<bf16>();
@@ -618,7 +624,7 @@ void fused_step(const ChunkedWeight<T>& W, int64_t m, const T* h_prev, T* hs, co
   const int64_t G = W.ng * W.H, nch = W.chunks();
   if (W.raw || W.raw16) {
     if constexpr (std::is_same_v<T, float>)
-      if (W.raw16) low_dot_rows(m, G, W.Hr, h_prev, W.Hr, W.raw16, W.Hr, hs, G, false);
+      if (W.raw16) low_dot_rows(m, G, W.Hr, (const float*)W.operand(m, h_prev), W.Hr, W.raw16, W.Hr, hs, G, false);
     if (W.raw) dot_rows<T>(m, G, W.Hr, h_prev, W.Hr, W.raw, W.Hr, hs, G, false);
     for (int64_t b = 0; b < m; ++b) rows(b, 0, W.H);
     return;
@@ -673,6 +679,7 @@ struct StepOperand {
       : K(B.size(0)), N(B.size(1)), ld(B.stride(0)) {
     if (B.scalar_type() == at::kBFloat16 && !pack) {
       b16 = B.data_ptr<bf16>();
+      a16 = at::empty({rows, K}, B.options().dtype(at::kFloat));  // the left operand's bf16 values
       return;
     }
     if (B.scalar_type() == at::kBFloat16) {
@@ -686,7 +693,10 @@ struct StepOperand {
   // C[m, N] (+)= A[m, K] B
   void mul(int64_t m, const T* A, int64_t lda, T* C, int64_t ldc, bool add) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (b16) return low_axpy_rows(m, N, K, A, lda, b16, ld, C, ldc, add);
+      if (b16) {
+        round_low_rows(m, K, A, lda, a16.data_ptr<float>());
+        return low_axpy_rows(m, N, K, a16.data_ptr<float>(), K, b16, ld, C, ldc, add);
+      }
       if (low) {
         to_low_rows(m, K, A, lda, a16.data_ptr<bf16>());
         return gemm_low(m, a16.data_ptr<bf16>(), low->Kp, *low, C, ldc, add);
@@ -1370,6 +1380,9 @@ bool low_product(const Tensor& a, const Tensor& b, const char* what) {
   return low;
 }
 
+// t's values rounded to bf16, as float32 (a small call's operands: what the packed product reads)
+Tensor low_values(const Tensor& t) { return t.to(at::kBFloat16).to(at::kFloat); }
+
 // f(pointer) for a float32 or bf16 tensor
 template <typename F>
 void with_data(const Tensor& t, const F& f) {
@@ -1459,9 +1472,7 @@ Tensor linear(Tensor x, Tensor w, c10::optional<Tensor> b) {
     TORCH_CHECK(!has_b || (b->numel() == G && b->device().is_cpu() && b->is_floating_point()),
                 "linear: b must be a floating CPU tensor of G = ", G, " elements");
     if (N < kPackRowSteps) {  // a small call: weights in place (low_dot_rows)
-      // both operands' values in bf16 (as the packed product rounds them), held in float32
-      const Tensor xf = x.to(at::kBFloat16).to(at::kFloat);
-      const Tensor wf = w.scalar_type() == at::kFloat ? w.to(at::kBFloat16).to(at::kFloat) : Tensor();
+      const Tensor xf = low_values(x), wf = w.scalar_type() == at::kFloat ? low_values(w) : Tensor();
       Tensor out = at::empty({N, G}, x.options().dtype(at::kFloat));
       if (wf.defined()) linear_into<float>(N, I, G, xf.data_ptr<float>(), wf.data_ptr<float>(), nullptr,
                                            out.data_ptr<float>(), out.options());
@@ -1488,10 +1499,10 @@ Tensor mm(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
   TORCH_CHECK(a.size(1) == b.size(0), "mm: shape mismatch");
   if (low_product(a, b, "mm")) {
-    if (a.size(0) < kPackRowSteps) {  // a small call: b in place (low_axpy_rows rounds a to bf16)
+    if (a.size(0) < kPackRowSteps) {  // a small call: b in place (low_axpy_rows)
       const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-      const Tensor af = a.to(at::kBFloat16).to(at::kFloat);
-      if (b.scalar_type() == at::kFloat) return fastrnn::mm(af, b.to(at::kBFloat16).to(at::kFloat));
+      const Tensor af = low_values(a);
+      if (b.scalar_type() == at::kFloat) return fastrnn::mm(af, low_values(b));
       Tensor out = at::empty({M, N}, af.options());
       low_axpy_rows(M, N, K, af.data_ptr<float>(), K, b.data_ptr<bf16>(), N, out.data_ptr<float>(), N, false);
       return out;
@@ -1510,9 +1521,8 @@ Tensor mm(Tensor a, Tensor b) {
 Tensor mm_tn(Tensor a, Tensor b) {
   check_mat(a, "a"), check_mat(b, "b");
   TORCH_CHECK(a.size(0) == b.size(0), "mm_tn: shape mismatch");
-  if (low_product(a, b, "mm_tn") && a.size(0) < kPackRowSteps)  // a small call's few rows: the bf16 values
-    return fastrnn::mm_tn(a.to(at::kBFloat16).to(at::kFloat), b.to(at::kBFloat16).to(at::kFloat));  // in float32
   if (low_product(a, b, "mm_tn")) {  // as mm_tn_into: the operand with fewer columns is transposed
+    if (a.size(0) < kPackRowSteps) return fastrnn::mm_tn(low_values(a), low_values(b));  // a small call's few rows
     if (a.size(1) < b.size(1)) return low_mm(low_t(a), low_right(b, a.size(1)));
     const Tensor ct = low_mm(low_t(b), low_right(a, b.size(1)));  // (a^T b)^T [N, M]
     Tensor out = at::empty({a.size(1), b.size(1)}, ct.options());
@@ -1536,8 +1546,9 @@ Tensor mm_tn(Tensor a, Tensor b) {
 
 // Whether (x [B,I], h [B,H], c [B,H] (LSTM) | none, w_ih [G,I], w_hh [G,H], b_ih, b_hh [G] | none)
 // is a well-formed plain step this path runs: one dtype (float32 / float64, or bfloat16 where the
-// bf16 GEMMs run), CPU, contiguous, every size positive. Anything else is the general path's (which checks it and raises torch's
-// errors, or handles it: other dtypes, strides, devices, empty batches).
+// bf16 GEMMs run), CPU, contiguous, every size positive. Anything else is the general path's
+// (which checks it and raises torch's errors, or handles it: other dtypes, strides, devices,
+// empty batches).
 bool plain_step(int64_t cell, const Tensor& x, const Tensor& h, const c10::optional<Tensor>& c, const Tensor& w_ih,
                 const Tensor& w_hh, const c10::optional<Tensor>& b_ih, const c10::optional<Tensor>& b_hh) {
   if (cell < kLSTM || cell > kRNNRelu || !x.defined() || !h.defined() || !w_ih.defined() || !w_hh.defined() ||
@@ -1575,7 +1586,7 @@ std::vector<Tensor> step_forward(int64_t cell, const Tensor& x, const Tensor& h,
     std::vector<Tensor> out = forward_entry(cell, xw, w_hh, low.up(b_hh), low.up(h), low.up(c), c10::nullopt,
                                             c10::nullopt, false, training, nullptr);
     low.down(out, {1, 2});
-    if (out.size() > 3) out[3] = out[3].to(at::kBFloat16).to(at::kFloat);
+    if (out.size() > 3) out[3] = low_values(out[3]);
     out.erase(out.begin());
     return out;
   }
